@@ -1,0 +1,32 @@
+# Thin wrappers: every target calls a `python -m ...` CLI. Override variables on the command line:
+#   make export MODEL=facebook/deit-small-distilled-patch16-224 OUT=artifacts/
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL ?= facebook/deit-base-distilled-patch16-224
+OUT ?= artifacts
+ARTIFACT ?= $(OUT)/$(notdir $(MODEL))
+# Real photos to verify the export on, when this checkout sits beside the shared test data.
+VERIFY_IMAGES ?= $(wildcard ../shared/imagenet-sample)
+VERIFY := $(if $(VERIFY_IMAGES),--verify-images $(VERIFY_IMAGES),)
+
+.PHONY: install test export
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+
+test:
+	$(PY) -m pytest -q
+
+# Exit code 3 means "the Hub cannot be reached": fall back, loudly, to synthetic weights.
+export:
+	@$(PY) -m export --model $(MODEL) --out $(OUT) $(VERIFY); rc=$$?; \
+	if [ $$rc -eq 3 ]; then \
+	  echo ""; echo "************************************************************************"; \
+	  echo "WARNING: $(MODEL) could not be downloaded; exporting SYNTHETIC (random)"; \
+	  echo "weights of the same architecture. Fine for latency, NOT a classifier."; \
+	  echo "************************************************************************"; echo ""; \
+	  $(PY) -m export --model $(MODEL) --out $(OUT) --weights synthetic $(VERIFY); \
+	else exit $$rc; fi

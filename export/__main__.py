@@ -1,0 +1,64 @@
+"""`python -m export`: export a DeiT checkpoint to a verified artifact folder.
+
+Exit status: 0 exported, 1 failed (one-line reason), 2 usage, 3 Hub unreachable (try --weights synthetic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from export.onnx_export import ExportError
+from export.pipeline import ExportOptions, export_checkpoint
+from runtime.artifact import SYNTHETIC_WARNING, ArtifactError
+from runtime.checkpoints import CheckpointError, HubUnreachable
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    p.add_argument("--model", default="facebook/deit-base-distilled-patch16-224", help="hub id or local save_pretrained folder")
+    p.add_argument("--out", type=Path, default=Path("artifacts"), help="artifact root (a folder per model is made inside)")
+    p.add_argument("--weights", choices=["pretrained", "synthetic"], default="pretrained",
+                   help="synthetic: random weights of the published architecture (offline; not a classifier)")
+    p.add_argument("--task", choices=["classification", "features"], default="classification")
+    p.add_argument("--attention", choices=["fused", "decomposed"], default="fused",
+                   help="fused: opset-23 ONNX Attention op; decomposed: opset-18 MatMul/Softmax (TensorRT < 10.14)")
+    p.add_argument("--no-fp16", dest="fp16", action="store_false", help="skip model.fp16.onnx")
+    p.add_argument("--verify-images", type=Path, help="folder of photos to verify on, besides random tensors")
+    p.add_argument("--verify-limit", type=int, default=32, help="at most this many photos (default 32)")
+    p.add_argument("--name", help="artifact folder name (default: the checkpoint's name)")
+    args = p.parse_args(argv)
+    if args.verify_images is not None and not args.verify_images.is_dir():
+        p.error(f"--verify-images {args.verify_images}: no such folder")
+
+    opts = ExportOptions(
+        source=args.model, out_root=args.out, weights=args.weights, task=args.task, attention=args.attention,
+        fp16=args.fp16, verify_images=args.verify_images, verify_limit=args.verify_limit, name=args.name,
+    )
+    try:
+        report = export_checkpoint(opts)
+    except (CheckpointError, ExportError, ArtifactError) as err:
+        print(f"export: error: {err}", file=sys.stderr)
+        return 3 if isinstance(err, HubUnreachable) else 1
+    print_report(report)
+    return 0
+
+
+def print_report(report: dict) -> None:
+    if report["weights"] == "synthetic":
+        print(SYNTHETIC_WARNING, file=sys.stderr)
+    print(f"exported {report['checkpoint']} ({report['architecture']}, {report['weights']} weights) -> {report['artifact_dir']}")
+    for name, info in report["files"].items():
+        print(f"  {name:18s} {info['bytes'] / 2**20:8.1f} MiB")
+    print(f"  attention: {report['attention']} (opset {report['opset']}), ops: {report['ops']}")
+    for check, r in report["verification"].items():
+        print(f"  {check}: max |diff| {r['max_abs_diff']:.2e}, top-1 agreement {r['top1_agreement']:.1%}, "
+              f"min cosine {r['min_cosine']:.6f} on {r['samples']} inputs ({r['photos']} photos)")
+    print(f"  time: {report['timings_s']['total']:.1f} s  {report['timings_s']}")
+    if report["removed_stale"]:
+        print(f"  removed files built from the previous model: {', '.join(report['removed_stale'])}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

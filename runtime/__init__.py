@@ -1,0 +1,1 @@
+"""What a deployment needs: preprocessing, labels, artifact metadata, and the inference backends."""
