@@ -187,3 +187,12 @@ def test_failed_verification_writes_nothing_and_keeps_the_previous_artifact(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-deit"], "no staging leftovers"
     assert sorted(p.name for p in (tmp_path / "tiny-deit").iterdir()) == ["export.json", "model.onnx"]
     assert (tmp_path / "tiny-deit" / "model.onnx").read_bytes() == before
+
+
+def test_export_time_benchmark_reports_time_and_memory(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from benchmarks.export_time import measure_export
+
+    result = measure_export(str(tiny_checkpoint), "pretrained", None, tmp_path)
+    assert result["wall_s"] > result["steps_s"]["export"] > 0
+    assert 100 < result["peak_rss_mib"] < 16_000
+    assert result["verification"]["fp32_vs_torch"]["max_abs_diff"] <= 1e-4

@@ -1,0 +1,1 @@
+"""Benchmarks: the runtime's backends timed side by side, plus the export's own cost."""
