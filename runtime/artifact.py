@@ -20,6 +20,8 @@ from runtime.preprocess import Preprocessing
 
 METADATA_KEY = "deit"
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+# int8 built for ONNX Runtime CPU speed (model.int8.onnx is the TensorRT Q/DQ one); ort-cpu prefers it.
+INT8_CPU_FILE = "model.int8-cpu.onnx"
 SYNTHETIC_WARNING = (
     "WARNING: this model has SYNTHETIC (random) weights: fine for latency and numerics, "
     "but its predictions and labels are meaningless."

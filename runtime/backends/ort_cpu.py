@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from runtime.artifact import ArtifactError
+from runtime.artifact import INT8_CPU_FILE, ArtifactError
 from runtime.backends.base import Backend
 
 
@@ -19,6 +20,15 @@ class OrtCpuBackend(Backend):
         super().__init__(*args, **kwargs)
         self.threads = threads or len(os.sched_getaffinity(0))
         self.session: Any = None
+
+    @classmethod
+    def model_file_for(cls, artifact_dir: Path, precision: str) -> Path:
+        """On the CPU provider alone, int8 prefers the CPU-tuned variant (faster there, same accuracy
+        gate); GPU subclasses keep the Q/DQ model."""
+        cpu = Path(artifact_dir) / INT8_CPU_FILE
+        if precision == "int8" and cls.providers == ("CPUExecutionProvider",) and cpu.is_file():
+            return cpu
+        return super().model_file_for(artifact_dir, precision)
 
     def session_options(self) -> Any:
         import onnxruntime as ort

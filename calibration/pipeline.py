@@ -1,0 +1,157 @@
+"""artifact + photos -> model.int8.onnx (explicit Q/DQ), model.int8-cpu.onnx, calibration.json, gated on agreement."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from calibration.data import Batch, DataError, balanced_order, discover, load_batch
+from calibration.evaluate import compare_to_fp32, run_logits
+from calibration.quantize import METHODS, amax_table, collect_stats, insert_qdq, plan_qdq, quantize_dynamic_cpu
+from runtime.artifact import INT8_CPU_FILE, MODEL_FILES, ArtifactMeta, atomic_path, read_onnx_meta, set_onnx_meta, write_json
+
+DEFAULT_METHOD = "max"  # measured: see README "Calibration" (max >= entropy/percentile on agreement here)
+
+
+@dataclass
+class CalibrationOptions:
+    artifact_dir: Path
+    calib_dir: Path
+    eval_dir: Path | None = None  # default: the calibration folder, minus the calibration images
+    labels_file: Path | None = None  # for a flat val-style eval folder
+    num_images: int = 512
+    num_eval: int = 500
+    method: str = DEFAULT_METHOD
+    percentile: float = 99.99
+    attention_qdq: bool = False
+    compare_methods: bool = False
+    cpu_variant: bool = True
+    min_agreement: float = 0.99
+    seed: int = 0
+    batch: int = 8
+    cache_dir: Path | None = None  # default: <artifact>/.calib-cache
+    progress: bool = True
+
+
+def calibrate(opts: CalibrationOptions) -> dict[str, Any]:
+    """Calibrate, quantize, evaluate, gate; write the files only when the gate passes.
+
+    Returns the report (also written as calibration.json when it passed). `report["passed"]` is
+    False when int8 disagreed with fp32 too often; nothing is written then and earlier files stay.
+    """
+    if opts.method not in METHODS:
+        raise ValueError(f"unknown calibration method {opts.method!r}; choose one of {', '.join(METHODS)}")
+    t0 = time.perf_counter()
+    fp32_path = opts.artifact_dir / MODEL_FILES["fp32"]
+    meta = read_onnx_meta(fp32_path)
+    model = onnx.load(str(fp32_path))
+    warnings: list[str] = []
+    cache = None if opts.cache_dir == Path("") else (opts.cache_dir or opts.artifact_dir / ".calib-cache")
+
+    calib = load_batch(balanced_order(discover(opts.calib_dir), opts.seed), opts.num_images, meta.preprocessing, cache, opts.progress)
+    _check_count(calib, opts.num_images, opts.calib_dir, "calibration", warnings)
+    eval_pool = discover(opts.eval_dir or opts.calib_dir, opts.labels_file)
+    eval_order = balanced_order(eval_pool, opts.seed + 1, exclude={Path(f) for f in calib.files} | {Path(f) for f in calib.skipped})
+    if not eval_order:
+        raise DataError(f"{opts.eval_dir or opts.calib_dir}: no images left for evaluation after taking {len(calib.files)} "
+                        "for calibration; pass --eval-dir or lower --num-images")
+    evals = load_batch(eval_order, opts.num_eval, meta.preprocessing, cache, opts.progress)
+    _check_count(evals, opts.num_eval, opts.eval_dir or opts.calib_dir, "evaluation", warnings)
+    labels = evals.labels if evals.labelled else None
+    t_data = time.perf_counter()
+
+    plan = plan_qdq(model, opts.attention_qdq)
+    batches = [calib.x[i : i + opts.batch] for i in range(0, len(calib.x), opts.batch)]
+    hists = collect_stats(model, plan.activations, batches, len(batches), opts.progress)
+    t_calib = time.perf_counter()
+
+    fp32_logits = run_logits(model, evals.x, opts.batch, "fp32", opts.progress)
+    methods = METHODS if opts.compare_methods else (opts.method,)
+    candidates: dict[str, onnx.ModelProto] = {}
+    comparison: dict[str, Any] = {}
+    for method in methods:
+        amax = amax_table(hists, method, opts.percentile)
+        candidates[method] = insert_qdq(model, plan, amax)
+        comparison[method] = compare_to_fp32(fp32_logits, run_logits(candidates[method], evals.x, opts.batch, method, opts.progress), labels)
+        comparison[method]["scales"] = amax
+    shipped = {MODEL_FILES["int8"]: candidates[opts.method]}
+    accuracy = {MODEL_FILES["int8"]: {k: v for k, v in comparison[opts.method].items() if k != "scales"}}
+    if opts.cpu_variant:
+        shipped[INT8_CPU_FILE] = quantize_dynamic_cpu(model)
+        accuracy[INT8_CPU_FILE] = compare_to_fp32(fp32_logits, run_logits(shipped[INT8_CPU_FILE], evals.x, opts.batch, "int8-cpu", opts.progress), labels)
+    t_eval = time.perf_counter()
+
+    failures = [f"{name}: top-1 agreement with fp32 {acc['top1_agreement']:.2%} < {opts.min_agreement:.2%}"
+                for name, acc in accuracy.items() if acc["top1_agreement"] < opts.min_agreement]
+    if meta.synthetic:
+        warnings.append("synthetic (random) weights: accuracy figures are printed but not gated")
+    passed = meta.synthetic or not failures
+    amax = comparison[opts.method]["scales"]
+    report: dict[str, Any] = {
+        "artifact_dir": str(opts.artifact_dir),
+        "checkpoint": meta.checkpoint,
+        "weights": meta.weights,
+        "attention": meta.attention,
+        "method": opts.method,
+        "percentile": opts.percentile if opts.method == "percentile" else None,
+        "attention_qdq": opts.attention_qdq,
+        "placement": plan.counts(),
+        "calibration_images": _batch_info(calib, opts.calib_dir, opts.num_images, opts.seed),
+        "evaluation_images": _batch_info(evals, opts.eval_dir or opts.calib_dir, opts.num_eval, opts.seed + 1),
+        "scales": {"amax": amax, "summary": _summary(list(amax.values()))},
+        "accuracy": accuracy,
+        "method_comparison": {m: {k: v for k, v in r.items() if k != "scales"} | {"amax_summary": _summary(list(r["scales"].values()))}
+                              for m, r in comparison.items()} if opts.compare_methods else None,
+        "gate": {"min_agreement": opts.min_agreement, "applied": not meta.synthetic, "failures": failures},
+        "passed": passed,
+        "warnings": warnings,
+        "timings_s": {"data": round(t_data - t0, 2), "calibrate": round(t_calib - t_data, 2), "quantize_and_evaluate": round(t_eval - t_calib, 2)},
+    }
+    if passed:
+        report["files"] = _write(opts.artifact_dir, meta, shipped, report)
+    return report
+
+
+def _check_count(batch: Batch, wanted: int, folder: Path, what: str, warnings: list[str]) -> None:
+    if not batch.files:
+        raise DataError(f"{folder}: no usable {what} images ({len(batch.skipped)} unreadable)")
+    if len(batch.files) < wanted:
+        warnings.append(f"{what}: only {len(batch.files)} usable images of {wanted} asked for in {folder}")
+
+
+def _batch_info(batch: Batch, folder: Path, wanted: int, seed: int) -> dict[str, Any]:
+    labels = batch.labels[batch.labels >= 0]
+    return {
+        "dir": str(folder), "requested": wanted, "used": len(batch.files), "seed": seed, "labelled": batch.labelled,
+        "classes": int(len(np.unique(labels))), "from_cache": batch.cached, "skipped": batch.skipped, "files": batch.files,
+    }
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    v = np.asarray(values, dtype=np.float64)
+    return {"count": int(v.size), "min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
+
+
+def _write(artifact_dir: Path, meta: ArtifactMeta, shipped: dict[str, onnx.ModelProto], report: dict[str, Any]) -> list[str]:
+    for name, model in shipped.items():
+        meta_q = ArtifactMeta.from_json(meta.to_json())
+        meta_q.precision = "int8"
+        meta_q.extra = {"quantization": {
+            "file_role": "tensorrt-qdq" if name == MODEL_FILES["int8"] else "ort-cpu-dynamic",
+            "scheme": "static Q/DQ, symmetric int8, per-channel weights" if name == MODEL_FILES["int8"]
+            else "ONNX Runtime quantize_dynamic: int8 per-channel weights, per-batch activations",
+            "method": report["method"] if name == MODEL_FILES["int8"] else "dynamic",
+            "placement": report["placement"] if name == MODEL_FILES["int8"] else {"ops": ["MatMul", "Gemm"]},
+            "calibration_images": report["calibration_images"]["used"],
+            "accuracy": report["accuracy"][name],
+        }}
+        set_onnx_meta(model, meta_q)
+        with atomic_path(artifact_dir / name) as tmp:
+            onnx.save(model, str(tmp))
+    write_json(artifact_dir / "calibration.json", report)
+    return [*shipped, "calibration.json"]
