@@ -10,7 +10,7 @@ ARTIFACT ?= $(OUT)/$(notdir $(MODEL))
 VERIFY_IMAGES ?= $(wildcard ../shared/imagenet-sample)
 VERIFY := $(if $(VERIFY_IMAGES),--verify-images $(VERIFY_IMAGES),)
 
-.PHONY: install test export
+.PHONY: install test export bench
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,9 @@ export:
 	  echo "************************************************************************"; echo ""; \
 	  $(PY) -m export --model $(MODEL) --out $(OUT) --weights synthetic $(VERIFY); \
 	else exit $$rc; fi
+
+# Every backend at batch 1,2,4,8 on $(ARTIFACT); those that cannot run here are listed with the reason.
+BENCH_OUT ?= benchmarks/results
+bench:
+	$(PY) -m benchmarks --model $(ARTIFACT) --batch-sizes 1,2,4,8 --out $(BENCH_OUT) \
+	  $(if $(VERIFY_IMAGES),--agreement-images $(VERIFY_IMAGES),)

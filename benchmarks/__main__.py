@@ -1,0 +1,78 @@
+"""`python -m benchmarks`: time the backends side by side on one artifact, check their answers, report.
+
+Writes results.json, results.md and latency.png to --out. Exit status: 0 measured (flagged backends
+are reported, not fatal), 1 the artifact or the reference backend could not be used, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from benchmarks.harness import Settings, default_labels, resolve, run_benchmark
+from benchmarks.report import write_report
+from runtime.artifact import SYNTHETIC_WARNING, ArtifactError, find_artifact
+from runtime.backends import BackendUnavailable
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = Settings()
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="artifact folder (default: the newest under artifacts/)")
+    p.add_argument("--batch-sizes", type=_ints, default=defaults.batch_sizes, help="e.g. 1,2,4,8 (default)")
+    p.add_argument("--backends", default=",".join(default_labels()),
+                   help="comma-separated; a registry name, optionally with -fp16/-int8, or ort-cpu-optimum-style "
+                        "(default: all; those that cannot run here are listed with the reason)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--threads", type=int, default=defaults.threads, help=f"CPU threads per backend (default {defaults.threads})")
+    p.add_argument("--warmup", type=int, default=defaults.warmup)
+    p.add_argument("--min-iters", type=int, default=defaults.min_iters)
+    p.add_argument("--min-time", type=float, default=defaults.min_time_s, help="minimum seconds measured per cell")
+    p.add_argument("--reference", default=defaults.reference, help="fp32 backend the others are compared with")
+    p.add_argument("--agreement-images", type=Path, help="photos added to the shared correctness batch")
+    p.add_argument("--min-agreement", type=float, default=defaults.min_agreement, help="flag backends below this top-1 agreement")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.agreement_images is not None and not args.agreement_images.is_dir():
+        p.error(f"--agreement-images {args.agreement_images}: no such folder")
+    try:
+        specs = [resolve(label.strip()) for label in args.backends.split(",") if label.strip()]
+        resolve(args.reference)
+    except ValueError as err:
+        p.error(str(err))
+    settings = Settings(
+        batch_sizes=args.batch_sizes, warmup=args.warmup, min_iters=args.min_iters, min_time_s=args.min_time,
+        threads=args.threads, reference=args.reference, agreement_images=args.agreement_images,
+        min_agreement=args.min_agreement,
+    )
+    try:
+        artifact = find_artifact(args.model)
+        results = run_benchmark(artifact, specs, settings, progress=not args.no_progress)
+    except (ArtifactError, BackendUnavailable) as err:
+        print(f"benchmarks: error: {err}", file=sys.stderr)
+        return 1
+    paths = write_report(results, args.out)
+    if results["model"]["synthetic"]:
+        print(SYNTHETIC_WARNING, file=sys.stderr)
+    print(paths["markdown"].read_text())
+    for row in results["backends"]:
+        if (row.get("agreement") or {}).get("flagged"):
+            print(f"WARNING: {row['label']} disagrees with {settings.reference}: "
+                  f"top-1 agreement {row['agreement']['top1_agreement']:.0%}", file=sys.stderr)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
