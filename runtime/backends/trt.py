@@ -1,0 +1,294 @@
+"""TensorRT engines (`model.fp16.plan`, `model.int8.plan`) run through the TensorRT Python runtime.
+
+An engine only runs on the TensorRT version and GPU architecture it was built for, and a wrong or
+truncated plan can crash the process inside TensorRT. So every engine has a JSON sidecar written by
+`export/engines.py`, and the backend checks it (size, sha256, TensorRT version, compute capability)
+before handing the bytes to TensorRT, turning those cases into a one-line "rebuild it" error.
+
+CUDA goes through `runtime.backends.cudart` (cuda-python, as TensorRT's own samples since 10.14;
+pycuda is source-only and needs the CUDA toolkit to install). TensorRT and CUDA are imported lazily.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from runtime.artifact import ArtifactError, ArtifactMeta
+from runtime.backends import cudart
+from runtime.backends.base import Backend, BackendUnavailable
+
+if TYPE_CHECKING:  # typed from tensorrt-stubs; imported for real only inside activate()
+    import tensorrt as trt
+
+ENGINE_FILES = {"fp16": "model.fp16.plan", "int8": "model.int8.plan"}
+SIDECAR_FORMAT = 1
+SIDECAR_KEYS = ("format", "tensorrt_version", "gpu", "precision", "profile", "engine_bytes", "engine_sha256", "artifact_meta")
+REBUILD = "rebuild it with `make engines`"
+
+
+class EngineError(ArtifactError):
+    """An engine or its sidecar cannot be used here; the message names the file and says to rebuild."""
+
+
+def engine_path(artifact_dir: str | Path, precision: str) -> Path:
+    if precision not in ENGINE_FILES:
+        raise ArtifactError(f"no TensorRT engine for precision {precision!r}; choose one of {', '.join(ENGINE_FILES)}")
+    return Path(artifact_dir) / ENGINE_FILES[precision]
+
+
+def sidecar_path(plan: str | Path) -> Path:
+    return Path(f"{plan}.json")
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
+def require_tensorrt() -> str:
+    """The installed TensorRT version, or BackendUnavailable saying how to get TensorRT.
+
+    Callers then `import tensorrt` themselves, so that the checker types it from `tensorrt-stubs`.
+    Those stubs make `import tensorrt` succeed with an empty namespace package, so a missing
+    `__version__` also means "not installed".
+    """
+    try:
+        import tensorrt
+    except ImportError:
+        raise BackendUnavailable(f"TensorRT is not installed; {cudart.INSTALL_HINT}") from None
+    version = getattr(tensorrt, "__version__", None)
+    if not isinstance(version, str):
+        raise BackendUnavailable(f"TensorRT is not installed (only its type stubs are); {cudart.INSTALL_HINT}")
+    return version
+
+
+def tensorrt_unavailable_reason() -> str | None:
+    try:
+        require_tensorrt()
+    except BackendUnavailable as err:
+        return str(err)
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_sidecar(plan: str | Path) -> dict[str, Any]:
+    path = sidecar_path(plan)
+    if not path.is_file():
+        raise EngineError(f"{path}: engine sidecar is missing; {REBUILD}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EngineError(f"{path}: unreadable engine sidecar ({err}); {REBUILD}") from None
+    missing = [k for k in SIDECAR_KEYS if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise EngineError(f"{path}: not an engine sidecar of this project (missing {', '.join(missing)}); {REBUILD}")
+    if data["format"] != SIDECAR_FORMAT:
+        raise EngineError(f"{path}: sidecar format {data['format']} is not {SIDECAR_FORMAT}; {REBUILD}")
+    return data
+
+
+def check_engine(plan: str | Path, sidecar: dict[str, Any], trt_version: str, gpu: cudart.GpuInfo) -> list[str]:
+    """Refuse (EngineError) an engine TensorRT must not deserialize here; returns warnings for lesser mismatches.
+
+    TensorRT engines are specific to the TensorRT version and the GPU architecture; a truncated plan
+    is caught by its size and hash before TensorRT reads it.
+    """
+    plan = Path(plan)
+    if not plan.is_file():
+        raise EngineError(f"{plan}: no such engine file; build it with `make engines`")
+    size = plan.stat().st_size
+    if size != sidecar["engine_bytes"]:
+        raise EngineError(f"{plan}: truncated or replaced ({size} bytes, its sidecar says {sidecar['engine_bytes']}); {REBUILD}")
+    if file_sha256(plan) != sidecar["engine_sha256"]:
+        raise EngineError(f"{plan}: contents differ from what its sidecar recorded (sha256 mismatch); {REBUILD}")
+    if sidecar["tensorrt_version"] != trt_version:
+        raise EngineError(f"{plan}: built with TensorRT {sidecar['tensorrt_version']}, this machine has "
+                          f"TensorRT {trt_version}; {REBUILD}")
+    built = sidecar["gpu"]
+    if built.get("compute_capability") != gpu.compute_capability:
+        raise EngineError(f"{plan}: built for {built.get('name')} (compute capability {built.get('compute_capability')}), "
+                          f"this GPU is {gpu.name} ({gpu.compute_capability}); {REBUILD}")
+    if built.get("name") != gpu.name:
+        return [f"{plan}: built on {built.get('name')}, running on {gpu.name} (same compute capability); "
+                "rebuild for best speed"]
+    return []
+
+
+class TensorRTBackend(Backend):
+    """Device buffers sized once for the largest batch, page-locked host buffers, one stream.
+
+    With `cuda_graphs` (default) the enqueue for each batch size is captured once into a CUDA graph
+    and replayed, which removes per-layer launch overhead from small batches.
+    """
+
+    name = "trt"
+    default_precision = "fp16"
+    device = "cuda"
+
+    def __init__(self, *args: Any, cuda_graphs: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cuda_graphs = cuda_graphs
+        self.warnings: list[str] = []
+        self.graph_error: str | None = None  # why graphs were turned off, if they were
+        self._reset()
+
+    def _reset(self) -> None:
+        self._trt_runtime: trt.Runtime | None = None
+        self._engine: trt.ICudaEngine | None = None
+        self._context: trt.IExecutionContext | None = None
+        self._stream: Any = None
+        self._device: dict[str, int] = {}
+        self._pinned: dict[str, tuple[int, np.ndarray]] = {}
+        self._graphs: dict[int, Any] = {}
+        self._batch: int | None = None
+        self.output_names: list[str] = []
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return tensorrt_unavailable_reason() or cudart.gpu_unavailable_reason()
+
+    @classmethod
+    def model_file_for(cls, artifact_dir: Path, precision: str) -> Path:
+        return engine_path(artifact_dir, precision)
+
+    @classmethod
+    def missing_files(cls, artifact_dir: Path, precision: str | None = None) -> str | None:
+        plan = cls.model_file_for(artifact_dir, precision or cls.default_precision)
+        absent = [p for p in (plan, sidecar_path(plan)) if not p.is_file()]
+        return f"{absent[0]} not found; build it with `make engines`" if absent else None
+
+    def read_meta(self) -> ArtifactMeta:
+        return ArtifactMeta.from_json(json.dumps(read_sidecar(self.model_file)["artifact_meta"]))
+
+    def activate(self) -> None:
+        try:
+            self._activate()
+        except BaseException:
+            self.deactivate()  # __exit__ does not run when __enter__ fails
+            raise
+
+    def _activate(self) -> None:
+        require_tensorrt()
+        import tensorrt as trt
+
+        sidecar = read_sidecar(self.model_file)
+        self.warnings = check_engine(self.model_file, sidecar, trt.__version__, cudart.gpu_info())
+        runtime = self._trt_runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(self.model_file.read_bytes())
+        if engine is None:
+            raise EngineError(f"{self.model_file}: TensorRT {trt.__version__} could not deserialize it; {REBUILD}")
+        self._engine = engine
+        context = self._context = engine.create_execution_context()
+        self._stream = cudart.stream_create()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        if inputs != [self.input.name]:
+            raise EngineError(f"{self.model_file}: engine inputs {inputs}, expected ['{self.input.name}']; {REBUILD}")
+        profile_max = engine.get_tensor_profile_shape(self.input.name, 0)[2]
+        self.max_batch = min(self.max_batch, int(profile_max[0]))
+        self._set_batch(self.max_batch)
+        self.output_names = [n for n in names if n not in inputs]
+        for name in names:
+            shape = context.get_tensor_shape(name)
+            dims = tuple(int(shape[i]) for i in range(len(shape)))
+            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            self._pinned[name] = cudart.pinned_empty(dims, dtype)
+            self._device[name] = cudart.device_alloc(self._pinned[name][1].nbytes)
+            if not context.set_tensor_address(name, self._device[name]):
+                raise EngineError(f"{self.model_file}: TensorRT refused the buffer for tensor {name!r}")
+
+    @property
+    def _ctx(self) -> trt.IExecutionContext:
+        if self._context is None:
+            raise RuntimeError(f"backend {self.name!r} used outside its `with` block")
+        return self._context
+
+    def _set_batch(self, n: int) -> None:
+        if self._batch != n:
+            if not self._ctx.set_input_shape(self.input.name, (n, *self.input.shape[1:])):
+                raise EngineError(f"{self.model_file}: TensorRT refused batch size {n} (engine profile max {self.max_batch})")
+            self._batch = n
+
+    def _execute(self, n: int) -> None:
+        """Enqueue the engine for batch `n` on the stream: a CUDA graph replay when one is captured."""
+        self._set_batch(n)
+        if self.cuda_graphs and n not in self._graphs:
+            self._capture(n)
+        if n in self._graphs:
+            cudart.graph_launch(self._graphs[n], self._stream)
+        elif not self._ctx.execute_async_v3(int(self._stream)):
+            raise EngineError(f"{self.model_file}: TensorRT execute_async_v3 failed at batch {n}")
+
+    def _capture(self, n: int) -> None:
+        # TensorRT does shape-dependent setup on the first enqueue after a shape change; that must
+        # happen outside the capture.
+        if not self._ctx.execute_async_v3(int(self._stream)):
+            raise EngineError(f"{self.model_file}: TensorRT execute_async_v3 failed at batch {n}")
+        cudart.stream_synchronize(self._stream)
+        cudart.capture_begin(self._stream)
+        ok = self._ctx.execute_async_v3(int(self._stream))
+        try:
+            graph = cudart.capture_end(self._stream)
+        except cudart.CudaError as err:
+            self.cuda_graphs, self.graph_error = False, f"CUDA graph capture failed, running without graphs ({err})"
+            return
+        if not ok:
+            cudart.graph_destroy(graph)
+            raise EngineError(f"{self.model_file}: TensorRT execute_async_v3 failed during CUDA graph capture")
+        self._graphs[n] = graph
+
+    def _enqueue(self, pixel_values: np.ndarray) -> int:
+        """Copy in, run and copy out asynchronously; returns the batch size."""
+        n = len(pixel_values)
+        in_ptr, in_host = self._pinned[self.input.name]
+        np.copyto(in_host[:n], pixel_values)
+        cudart.copy_to_device(self._device[self.input.name], in_ptr, in_host[:n].nbytes, self._stream)
+        self._execute(n)
+        for name in self.output_names:
+            ptr, host = self._pinned[name]
+            cudart.copy_to_host(ptr, self._device[name], host[:n].nbytes, self._stream)
+        return n
+
+    def run(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        n = self._enqueue(pixel_values)
+        cudart.stream_synchronize(self._stream)
+        return {name: self._pinned[name][1][:n].astype(np.float32) for name in self.output_names}
+
+    def time_runs(self, pixel_values: np.ndarray, iterations: int) -> list[float]:
+        """GPU milliseconds per run (copy in, execute, copy out), measured with CUDA events."""
+        start, end = cudart.event_create(), cudart.event_create()
+        try:
+            times = []
+            for _ in range(iterations):
+                cudart.event_record(start, self._stream)
+                self._enqueue(pixel_values)
+                cudart.event_record(end, self._stream)
+                times.append(cudart.event_elapsed_ms(start, end))
+            return times
+        finally:
+            cudart.event_destroy(start)
+            cudart.event_destroy(end)
+
+    def deactivate(self) -> None:
+        if self._stream is not None:
+            cudart.stream_synchronize(self._stream)
+        for graph in self._graphs.values():
+            cudart.graph_destroy(graph)
+        for ptr in self._device.values():
+            cudart.device_free(ptr)
+        for ptr, _ in self._pinned.values():
+            cudart.pinned_free(ptr)
+        if self._stream is not None:
+            cudart.stream_destroy(self._stream)
+        self._reset()

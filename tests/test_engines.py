@@ -1,0 +1,302 @@
+"""TensorRT engines and the trt / ort-trt backends.
+
+Everything that needs no GPU runs here on real files (a tiny exported DeiT, fake plan bytes with real
+sidecars): sidecar reading, the one-line errors, feature detection, `make engines` exit status.
+Building and running engines is marked `gpu` and skips with the reason on a machine without one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.engines import attention_note, count_fused_attention, missing_prerequisites, plan_engines
+from runtime.artifact import ArtifactError, model_path, read_onnx_meta
+from runtime.backends import BackendUnavailable, backend_class, pick_auto
+from runtime.backends import cudart
+from runtime.backends.trt import (
+    TensorRTBackend,
+    EngineError,
+    check_engine,
+    engine_path,
+    file_sha256,
+    read_sidecar,
+    require_tensorrt,
+    sidecar_path,
+    tensorrt_unavailable_reason,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+H100 = cudart.GpuInfo("NVIDIA H100 80GB HBM3", "9.0", 80 * 2**30)
+TRT_VERSION = "10.14.1.48"
+GPU_REASON = tensorrt_unavailable_reason() or cudart.gpu_unavailable_reason()
+needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"needs TensorRT and an NVIDIA GPU: {GPU_REASON}")
+
+
+def fake_engine(artifact: Path, precision: str = "fp16", payload: bytes = b"\x00plan" * 100,
+                gpu: cudart.GpuInfo = H100, trt_version: str = TRT_VERSION) -> Path:
+    """A plan file of arbitrary bytes with the sidecar export/engines.py would write for it."""
+    plan = engine_path(artifact, precision)
+    plan.write_bytes(payload)
+    meta = read_onnx_meta(model_path(artifact, precision))
+    sidecar = {
+        "format": 1, "engine": plan.name, "engine_bytes": len(payload), "engine_sha256": file_sha256(plan),
+        "tensorrt_version": trt_version, "gpu": gpu.to_dict(), "precision": precision,
+        "profile": {"input": "pixel_values", "min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [8, 3, 32, 32]},
+        "artifact_meta": json.loads(meta.to_json()),
+    }
+    sidecar_path(plan).write_text(json.dumps(sidecar))
+    return plan
+
+
+@pytest.fixture
+def artifact(tiny_artifact: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny artifact's ONNX files, so engines written here stay here."""
+    out = tmp_path / "tiny-deit"
+    out.mkdir()
+    for precision in ("fp32", "fp16"):
+        src = model_path(tiny_artifact, precision)
+        (out / src.name).write_bytes(src.read_bytes())
+    return out
+
+
+def one_line(err: pytest.ExceptionInfo[BaseException]) -> str:
+    text = str(err.value)
+    assert "\n" not in text
+    return text
+
+
+def test_sidecar_is_read_and_a_matching_engine_passes(artifact: Path) -> None:
+    plan = fake_engine(artifact)
+    sidecar = read_sidecar(plan)
+    assert sidecar["tensorrt_version"] == TRT_VERSION and sidecar["gpu"]["compute_capability"] == "9.0"
+    assert check_engine(plan, sidecar, TRT_VERSION, H100) == []
+
+
+def test_same_architecture_other_gpu_model_only_warns(artifact: Path) -> None:
+    plan = fake_engine(artifact)
+    warnings = check_engine(plan, read_sidecar(plan), TRT_VERSION, cudart.GpuInfo("NVIDIA H200", "9.0", 0))
+    assert len(warnings) == 1 and "NVIDIA H200" in warnings[0] and "H100" in warnings[0]
+
+
+def test_missing_sidecar_says_rebuild(artifact: Path) -> None:
+    plan = fake_engine(artifact)
+    sidecar_path(plan).unlink()
+    with pytest.raises(EngineError) as err:
+        read_sidecar(plan)
+    assert "model.fp16.plan.json" in one_line(err) and "sidecar is missing" in str(err.value)
+    assert "make engines" in str(err.value)
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 1, "engine": "x"}), "[]"])
+def test_unreadable_or_foreign_sidecar(artifact: Path, content: str) -> None:
+    plan = fake_engine(artifact)
+    sidecar_path(plan).write_text(content)
+    with pytest.raises(EngineError) as err:
+        read_sidecar(plan)
+    assert "model.fp16.plan.json" in one_line(err) and "make engines" in str(err.value)
+
+
+def test_truncated_engine(artifact: Path) -> None:
+    plan = fake_engine(artifact)
+    sidecar = read_sidecar(plan)
+    plan.write_bytes(plan.read_bytes()[:100])
+    with pytest.raises(EngineError) as err:
+        check_engine(plan, sidecar, TRT_VERSION, H100)
+    assert "truncated" in one_line(err) and "100 bytes" in str(err.value) and str(plan) in str(err.value)
+
+
+def test_modified_engine_of_the_same_size(artifact: Path) -> None:
+    plan = fake_engine(artifact)
+    sidecar = read_sidecar(plan)
+    plan.write_bytes(b"\xff" * plan.stat().st_size)
+    with pytest.raises(EngineError) as err:
+        check_engine(plan, sidecar, TRT_VERSION, H100)
+    assert "sha256" in one_line(err)
+
+
+def test_engine_from_another_tensorrt_version(artifact: Path) -> None:
+    plan = fake_engine(artifact, trt_version="10.13.0.35")
+    with pytest.raises(EngineError) as err:
+        check_engine(plan, read_sidecar(plan), "11.1.0.4", H100)
+    text = one_line(err)
+    assert "TensorRT 10.13.0.35" in text and "TensorRT 11.1.0.4" in text and "make engines" in text
+
+
+def test_engine_for_another_gpu_architecture(artifact: Path) -> None:
+    plan = fake_engine(artifact, gpu=cudart.GpuInfo("NVIDIA A100-SXM4-40GB", "8.0", 40 * 2**30))
+    with pytest.raises(EngineError) as err:
+        check_engine(plan, read_sidecar(plan), TRT_VERSION, H100)
+    text = one_line(err)
+    assert "A100" in text and "8.0" in text and "H100" in text and "9.0" in text
+
+
+def test_missing_engine_file(artifact: Path) -> None:
+    plan = fake_engine(artifact)
+    sidecar = read_sidecar(plan)
+    plan.unlink()
+    with pytest.raises(EngineError, match="no such engine file"):
+        check_engine(plan, sidecar, TRT_VERSION, H100)
+
+
+def test_trt_backend_reads_meta_from_the_sidecar(artifact: Path) -> None:
+    plan = fake_engine(artifact)
+    backend = TensorRTBackend(artifact, precision="fp16")
+    assert backend.model_file == plan
+    assert backend.meta == read_onnx_meta(model_path(artifact, "fp16"))
+    assert backend.input.shape == ("batch", 3, 32, 32)
+    assert TensorRTBackend.missing_files(artifact) is None
+    assert "model.int8.plan not found" in (TensorRTBackend.missing_files(artifact, "int8") or "")
+
+
+def test_trt_backend_without_sidecar_fails_at_construction(artifact: Path) -> None:
+    sidecar_path(fake_engine(artifact)).unlink()
+    assert "model.fp16.plan.json not found" in (TensorRTBackend.missing_files(artifact) or "")
+    with pytest.raises(ArtifactError, match="sidecar is missing"):
+        TensorRTBackend(artifact)
+
+
+@pytest.mark.skipif(GPU_REASON is None, reason="this machine has TensorRT and a GPU")
+def test_feature_detection_without_gpu(artifact: Path) -> None:
+    assert TensorRTBackend.unavailable_reason() == GPU_REASON
+    fake_engine(artifact)
+    with pytest.raises(BackendUnavailable, match="backend 'trt' is unavailable") as err:
+        with TensorRTBackend(artifact):
+            pass
+    assert "make install-gpu" in str(err.value) or "GPU" in str(err.value)
+    name, skipped = pick_auto(artifact)
+    assert name not in ("trt",) and skipped["trt"] == GPU_REASON
+
+
+def test_tensorrt_stubs_are_not_mistaken_for_tensorrt() -> None:
+    try:
+        import tensorrt
+    except ImportError:
+        pytest.skip("neither tensorrt nor tensorrt-stubs is installed")
+    if isinstance(getattr(tensorrt, "__version__", None), str):
+        assert require_tensorrt() == tensorrt.__version__
+    else:
+        with pytest.raises(BackendUnavailable, match="only its type stubs"):
+            require_tensorrt()
+
+
+def test_cuda_status_is_checked() -> None:
+    rt = pytest.importorskip("cuda.bindings.runtime")
+    assert cudart._check("cudaRuntimeGetVersion", (rt.cudaError_t.cudaSuccess, 13040)) == 13040
+    with pytest.raises(cudart.CudaError, match="cudaMalloc failed: cudaErrorMemoryAllocation"):
+        cudart._check("cudaMalloc", (rt.cudaError_t.cudaErrorMemoryAllocation, None))
+    reason = cudart.gpu_unavailable_reason()
+    if reason is not None:
+        assert "cudaGetDeviceCount" in reason or "GPU" in reason
+
+
+def test_ort_trt_says_what_is_missing() -> None:
+    cls = backend_class("ort-trt")
+    reason = cls.unavailable_reason()
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        assert reason is not None and "TensorrtExecutionProvider" in reason and "make install-gpu" in reason
+
+
+def test_int8_engine_waits_for_calibration(artifact: Path) -> None:
+    todo, notes = plan_engines(artifact, ("fp16", "int8"))
+    assert todo == [("fp16", model_path(artifact, "fp16"))]
+    assert len(notes) == 1 and "model.int8.onnx not found" in notes[0] and "make calibrate" in notes[0]
+
+
+def test_attention_path_depends_on_tensorrt_version(artifact: Path) -> None:
+    meta = read_onnx_meta(model_path(artifact, "fp16"))
+    assert meta.attention == "fused"
+    assert "IAttention" in attention_note("10.14.1.48", meta, artifact)
+    assert "IAttention" in attention_note("11.1.0", meta, artifact)
+    with pytest.raises(EngineError, match="--attention decomposed") as err:
+        attention_note("10.13.0.35", meta, artifact)
+    assert meta.checkpoint in one_line(err)
+    meta.attention = "decomposed"
+    assert "TensorRT 10.8.0 < 10.14" in attention_note("10.8.0", meta, artifact)
+
+
+def test_fused_attention_is_counted_from_types_and_kernels_not_names() -> None:
+    layers = [
+        {"Name": "/encoder/layer.0/attention/MatMul", "LayerType": "MatrixMultiply", "TacticName": "sm90_xmma_gemm"},
+        {"Name": "node_scaled_dot_product_attention_3", "LayerType": "kgen", "TacticName": "__myl_Tra"},
+        {"Name": "__mye12", "LayerType": "kgen", "TacticName": "_gemm_mha_v2_fp16"},
+        {"Name": "attn_1", "LayerType": "Attention", "TacticName": ""},
+    ]
+    info = count_fused_attention(json.dumps({"Layers": layers}))
+    assert info["fused_attention_layers"] == 2 and info["layers"] == 4 and info["layer_types"]["kgen"] == 2
+    assert count_fused_attention(json.dumps({"Layers": ["a", "b"]}))["fused_attention_layers"] == 0
+
+
+@pytest.mark.skipif(GPU_REASON is None, reason="this machine has TensorRT and a GPU")
+def test_make_engines_exits_2_saying_what_is_missing(artifact: Path) -> None:
+    assert len(missing_prerequisites(artifact)) >= 1
+    cli = subprocess.run([sys.executable, "-m", "export.engines", "--model", str(artifact)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2 and GPU_REASON in cli.stderr, cli.stderr
+    proc = subprocess.run(["make", "-s", "engines", f"PY={sys.executable}", f"ARTIFACT={artifact}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert GPU_REASON in proc.stderr
+    assert not engine_path(artifact, "fp16").exists()
+
+
+# ---- on a GPU machine only -------------------------------------------------------------------
+
+
+@pytest.fixture
+def built(artifact: Path) -> Path:
+    from export.engines import EngineOptions, build_engines
+
+    report = build_engines(artifact, ("fp16",), EngineOptions(max_batch=4, progress=False))
+    assert set(report["engines"]) == {"fp16"}
+    return artifact
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_engine_matches_onnx_runtime(built: Path) -> None:
+    from runtime.backends.ort_cpu import OrtCpuBackend
+
+    sidecar = read_sidecar(engine_path(built, "fp16"))
+    assert sidecar["profile"]["max"][0] == 4 and sidecar["source_sha256"] == file_sha256(model_path(built, "fp16"))
+    x = np.random.default_rng(0).standard_normal((7, 3, 32, 32)).astype(np.float32)
+    with OrtCpuBackend(built, precision="fp32") as ref:
+        expected = ref.infer(x)
+    for graphs in (True, False):
+        with TensorRTBackend(built, cuda_graphs=graphs) as trt_backend:
+            assert trt_backend.max_batch == 4
+            got = trt_backend.infer(x)
+            got_again = trt_backend.infer(x[:3])
+        for name, value in expected.items():
+            np.testing.assert_allclose(got[name], value, atol=2e-2, rtol=2e-2)
+            np.testing.assert_allclose(got_again[name], got[name][:3], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_real_truncated_engine_is_refused(built: Path) -> None:
+    plan = engine_path(built, "fp16")
+    plan.write_bytes(plan.read_bytes()[:1000])
+    with pytest.raises(EngineError, match="truncated"):
+        with TensorRTBackend(built):
+            pass
+
+
+def test_gpu_check_table_and_exit_status_without_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.gpu_check import Step, format_table, main
+
+    table = format_table([Step("export", "PASS", 31.2, "synthetic weights -> x"),
+                          Step("infer trt fp16 vs ORT fp32", "FAIL", 2.0, "top-1 agreement 97.00% < 99.5%")])
+    lines = table.splitlines()
+    assert len(lines) == 4 and "PASS" in lines[2] and "31.2s" in lines[2] and "FAIL" in lines[3]
+    if GPU_REASON is not None:
+        assert main(["--out", "/nonexistent/never-written"]) == 2
+        assert GPU_REASON in capsys.readouterr().err
+        assert not Path("/nonexistent/never-written").exists()
