@@ -10,12 +10,21 @@ ARTIFACT ?= $(OUT)/$(notdir $(MODEL))
 VERIFY_IMAGES ?= $(wildcard ../shared/imagenet-sample)
 VERIFY := $(if $(VERIFY_IMAGES),--verify-images $(VERIFY_IMAGES),)
 
-.PHONY: install test export bench
+.PHONY: install test export bench install-gpu engines gpu-check
 
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# Type stubs of the TensorRT 10.13 API for the type-check test; --no-deps: they depend on the real TensorRT.
+	$(PY) -m pip install --quiet --no-deps tensorrt-stubs
+
+# NVIDIA GPU machines: the gpu extra (tensorrt, cuda-python, onnxruntime-gpu). onnxruntime and
+# onnxruntime-gpu share the `onnxruntime` folder, so the CPU one is removed and the GPU one rewritten.
+install-gpu: install
+	$(PY) -m pip install --quiet -e '.[gpu]'
+	$(PY) -m pip uninstall --quiet --yes onnxruntime
+	$(PY) -m pip install --quiet --force-reinstall --no-deps 'onnxruntime-gpu>=1.27'
 
 test:
 	$(PY) -m pytest -q
@@ -36,3 +45,11 @@ BENCH_OUT ?= benchmarks/results
 bench:
 	$(PY) -m benchmarks --model $(ARTIFACT) --batch-sizes 1,2,4,8 --out $(BENCH_OUT) \
 	  $(if $(VERIFY_IMAGES),--agreement-images $(VERIFY_IMAGES),)
+
+# TensorRT engines beside the ONNX files; exit status 2 (with what is missing) without TensorRT or a GPU.
+engines:
+	$(PY) -m export.engines --model $(ARTIFACT)
+
+# export -> calibrate -> engines -> infer -> bench on a small published architecture, PASS/FAIL per step.
+gpu-check:
+	$(PY) -m benchmarks.gpu_check --out $(OUT)/gpu-check $(if $(VERIFY_IMAGES),--images $(VERIFY_IMAGES),)

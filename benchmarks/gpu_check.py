@@ -120,9 +120,10 @@ def run_gpu_check(out: Path, model: str = DEFAULT_MODEL, images: Path | None = N
         steps.append(_timed(f"attention fused ({precision})", lambda p=precision: _attention(artifact, p)))
         steps.append(_timed(f"infer trt {precision} vs ORT fp32",
                             lambda p=precision: _agreement(artifact, p, images, limit)))
+    backends = ",".join(["trt", *(["trt-int8"] if "int8" in precisions else []), "ort-trt", "ort-cuda", "ort-cpu"])
     steps.append(_timed("bench", lambda: _run_cli(
-        ["benchmarks", "--model", str(artifact), "--batch-sizes", "1,2,4,8",
-         "--backends", "trt,ort-trt,ort-cuda,ort-cpu", "--out", str(out / "bench")])))
+        ["benchmarks", "--model", str(artifact), "--batch-sizes", "1,2,4,8", "--backends", backends,
+         "--out", str(out / "bench")])))
     return steps
 
 
