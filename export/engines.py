@@ -192,9 +192,9 @@ def build_engine(onnx_path: Path, plan: Path, precision: str, opts: EngineOption
     if not cache_reused:  # absent, or from another TensorRT/GPU: start a fresh one
         config.set_timing_cache(config.create_timing_cache(b""), False)
 
-    bar = None
-    if opts.progress:
-        config.progress_monitor, bar = _progress_monitor(f"engine {plan.name}")
+    monitor, bar = _progress_monitor(f"engine {plan.name}") if opts.progress else (None, None)
+    if monitor is not None:  # TensorRT needs the monitor alive for the whole build: `monitor` keeps it
+        config.progress_monitor = monitor
     t0 = time.perf_counter()
     try:
         serialized = builder.build_serialized_network(network, config)

@@ -236,9 +236,9 @@ class TensorRTBackend(Backend):
         if not self._ctx.execute_async_v3(int(self._stream)):
             raise EngineError(f"{self.model_file}: TensorRT execute_async_v3 failed at batch {n}")
         cudart.stream_synchronize(self._stream)
-        cudart.capture_begin(self._stream)
-        ok = self._ctx.execute_async_v3(int(self._stream))
         try:
+            cudart.capture_begin(self._stream)
+            ok = self._ctx.execute_async_v3(int(self._stream))
             graph = cudart.capture_end(self._stream)
         except cudart.CudaError as err:
             self.cuda_graphs, self.graph_error = False, f"CUDA graph capture failed, running without graphs ({err})"
