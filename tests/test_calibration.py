@@ -1,0 +1,235 @@
+"""Calibration on a tiny DeiT trained (for a few seconds) on a synthetic 4-class image task (where is the blob).
+
+Random weights give near-tied logits where any quantization noise flips the top-1, so the accuracy
+gate is exercised on a model with trained statistics: its int8 versions must keep top-1 accuracy
+within 1 point of fp32 and agree with fp32 on >= 98% of held-out images.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from calibration.__main__ import main as calibration_cli
+from calibration.data import DataError, balanced_order, discover, load_batch
+from calibration.pipeline import CalibrationOptions, calibrate
+from calibration.quantize import AbsHistogram, insert_qdq, plan_qdq
+from conftest import TINY, TINY_PREPROCESSOR
+from runtime.artifact import INT8_CPU_FILE, MODEL_FILES, read_onnx_meta
+from runtime.backends.ort_cpu import OrtCpuBackend
+from runtime.labels import imagenet_classes
+from runtime.preprocess import Preprocessing, load_and_preprocess
+
+WNIDS = [wnid for wnid, _ in imagenet_classes()[:4]]  # class folders named like ImageNet's first 4 classes
+PER_CLASS = 90
+
+
+def _pattern(kind: int, rng: np.random.Generator, size: int = 40) -> np.ndarray:
+    """A bright blob in quadrant `kind` over a dark striped background, random colours and noise."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    half = size // 2
+    cy = rng.uniform(5, half - 5) + half * (kind // 2)
+    cx = rng.uniform(5, half - 5) + half * (kind % 2)
+    r = rng.uniform(3, 7)
+    blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None]
+    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * (xx * rng.uniform(-1, 1) + yy) / rng.uniform(4, 9))[..., None]
+    background = stripes * rng.uniform(0, 110, 3) + (1 - stripes) * rng.uniform(0, 110, 3)
+    img = blob * rng.uniform(150, 255, 3) + (1 - blob) * background + rng.normal(0, 10, size=(size, size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def pattern_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ImageNet train-style folder: <wnid>/<n>.png, PER_CLASS images per class."""
+    root = tmp_path_factory.mktemp("patterns")
+    rng = np.random.default_rng(0)
+    for label, wnid in enumerate(WNIDS):
+        (root / wnid).mkdir()
+        for i in range(PER_CLASS):
+            Image.fromarray(_pattern(label, rng)).save(root / wnid / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_artifact(pattern_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Train a tiny DeiT (both heads) on the patterns for 400 steps, save it, export it."""
+    import torch
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    from export.pipeline import ExportOptions, export_checkpoint
+
+    spec = Preprocessing.from_hf_config(TINY_PREPROCESSOR)
+    samples = discover(pattern_dir)
+    x = torch.from_numpy(np.stack([load_and_preprocess(s.path, spec) for s in samples]))
+    y = torch.tensor([s.label for s in samples])
+    torch.manual_seed(0)
+    cfg = DeiTConfig(**TINY, id2label={i: w for i, w in enumerate(WNIDS)}, architectures=["DeiTForImageClassificationWithTeacher"])
+    model = DeiTForImageClassificationWithTeacher(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(400):
+        idx = torch.randint(0, len(x), (32,), generator=gen)
+        out = model(pixel_values=x[idx])
+        loss = torch.nn.functional.cross_entropy(out.cls_logits, y[idx]) + torch.nn.functional.cross_entropy(out.distillation_logits, y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    ckpt = tmp_path_factory.mktemp("trained") / "patterns-deit"
+    model.save_pretrained(ckpt)
+    (ckpt / "preprocessor_config.json").write_text(json.dumps(TINY_PREPROCESSOR))
+    out_root = tmp_path_factory.mktemp("trained-artifacts")
+    export_checkpoint(ExportOptions(str(ckpt), out_root=out_root, fp16=False, progress=False))
+    return out_root / "patterns-deit"
+
+
+@pytest.fixture(scope="session")
+def calibrated(trained_artifact: Path, pattern_dir: Path) -> dict:
+    opts = CalibrationOptions(trained_artifact, pattern_dir, num_images=64, num_eval=280, compare_methods=True,
+                              min_agreement=0.98, progress=False)
+    return calibrate(opts)
+
+
+def test_int8_keeps_the_trained_models_accuracy(calibrated: dict, trained_artifact: Path) -> None:
+    assert calibrated["passed"], calibrated["gate"]
+    results = {**calibrated["accuracy"], **{f"method {m}": r for m, r in calibrated["method_comparison"].items()}}
+    for name, acc in results.items():
+        assert acc["fp32_top1"] >= 0.9, f"the fixture model did not learn the task ({acc['fp32_top1']:.1%})"
+        assert acc["top1_drop"] <= 0.01, f"{name}: top-1 {acc['fp32_top1']:.1%} -> {acc['int8_top1']:.1%}"
+        assert acc["top1_agreement"] >= 0.98, f"{name}: agreement {acc['top1_agreement']:.1%}"
+    cal, ev = calibrated["calibration_images"], calibrated["evaluation_images"]
+    assert cal["used"] == 64 and cal["classes"] == 4 and ev["used"] == 280
+    assert not set(cal["files"]) & set(ev["files"]), "evaluation images overlap the calibration images"
+    assert Counter(Path(f).parent.name for f in cal["files"]) == {w: 16 for w in WNIDS}  # class-balanced
+    for name in (MODEL_FILES["int8"], INT8_CPU_FILE):
+        meta = read_onnx_meta(trained_artifact / name)
+        assert meta.precision == "int8" and meta.extra["quantization"]["accuracy"] == calibrated["accuracy"][name]
+    written = json.loads((trained_artifact / "calibration.json").read_text())
+    assert written["accuracy"] == calibrated["accuracy"]
+
+
+def test_qdq_model_is_symmetric_per_channel_and_placed_for_tensorrt(calibrated: dict, trained_artifact: Path) -> None:
+    model = onnx.load(str(trained_artifact / MODEL_FILES["int8"]))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    produced_by = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert inits[node.input[2]].dtype == np.int8 and not inits[node.input[2]].any()  # symmetric int8
+        if node.op_type in ("MatMul", "Gemm", "Conv"):
+            kinds = [produced_by[i].op_type if i in produced_by else "initializer" for i in node.input[:2]]
+            assert kinds == ["DequantizeLinear", "DequantizeLinear"], f"{node.name} inputs: {kinds}"
+            weight_scale = inits[produced_by[node.input[1]].input[1]]
+            assert weight_scale.ndim == 1 and weight_scale.size > 1  # per output channel
+        if node.op_type in ("LayerNormalization", "Gelu", "Softmax", "Add", "Attention"):
+            assert all(produced_by.get(i) is None or produced_by[i].op_type != "DequantizeLinear" for i in node.input), node.name
+
+
+def test_decomposed_attention_quantizes_both_attention_matmuls(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from export.pipeline import ExportOptions, export_checkpoint
+
+    export_checkpoint(ExportOptions(str(tiny_checkpoint), out_root=tmp_path, attention="decomposed", fp16=False, progress=False))
+    model = onnx.load(str(tmp_path / "tiny-deit" / MODEL_FILES["fp32"]))
+    inits = {i.name for i in model.graph.initializer}
+    attention_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and not set(n.input) & inits]
+    assert len(attention_matmuls) == 2 * TINY["num_hidden_layers"]
+    plan = plan_qdq(model)
+    for node in attention_matmuls:  # Q x K^T and probabilities x V (softmax output, via the exporter's IsNaN/Where)
+        assert set(node.input) <= set(plan.activations)
+    softmax_inputs = {n.input[0] for n in model.graph.node if n.op_type in ("Softmax", "LayerNormalization")}
+    assert not softmax_inputs & set(plan.activations)
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    quantized = insert_qdq(model, plan, {t: 4.0 for t in plan.activations})
+    onnx.checker.check_model(quantized)
+    import onnxruntime as ort
+
+    out = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})
+    assert np.all(np.isfinite(out[0])) and out[0].shape == (4, 10)
+
+
+def test_ort_cpu_int8_prefers_the_cpu_variant(calibrated: dict, trained_artifact: Path, pattern_dir: Path) -> None:
+    assert OrtCpuBackend.model_file_for(trained_artifact, "int8").name == INT8_CPU_FILE
+    spec = read_onnx_meta(trained_artifact / MODEL_FILES["fp32"]).preprocessing
+    x = np.stack([load_and_preprocess(pattern_dir / w / "089.png", spec) for w in WNIDS])
+    with OrtCpuBackend(trained_artifact, precision="int8") as backend:
+        assert backend.meta.precision == "int8"
+        assert list(backend.infer(x)["logits"].argmax(1)) == [0, 1, 2, 3]
+
+
+def test_gate_failure_writes_nothing_and_cli_says_why(trained_artifact: Path, pattern_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    artifact = tmp_path / "a"
+    artifact.mkdir()
+    (artifact / MODEL_FILES["fp32"]).write_bytes((trained_artifact / MODEL_FILES["fp32"]).read_bytes())
+    argv = ["--model", str(artifact), "--calib-dir", str(pattern_dir), "--num-images", "16", "--num-eval", "40"]
+    assert calibration_cli(argv + ["--min-agreement", "1.01"]) == 4
+    assert "accuracy gate failed" in capsys.readouterr().err
+    assert sorted(p.name for p in artifact.iterdir()) == [".calib-cache", MODEL_FILES["fp32"]]
+    assert calibration_cli(argv + ["--min-agreement", "0.9", "--method", "percentile"]) == 0
+    out = capsys.readouterr().out
+    assert "from cache" in out and "gate: agreement >= 90.00%: passed" in out
+    assert (artifact / MODEL_FILES["int8"]).is_file() and (artifact / INT8_CPU_FILE).is_file()
+    assert calibration_cli(argv[:2] + ["--calib-dir", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.endswith("nope: no such folder")
+
+
+def test_layouts_labels_and_balanced_sampling(tmp_path: Path) -> None:
+    img = Image.new("RGB", (8, 8), (10, 20, 30))
+    flat = tmp_path / "val"
+    flat.mkdir()
+    for i in range(6):
+        img.save(flat / f"ILSVRC2012_val_{i:08d}.JPEG")
+    (flat / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\n" + "".join(f"ILSVRC2012_val_{i:08d},{WNIDS[i % 3]} 1 2 3 4\n" for i in range(6)))
+    assert [s.label for s in discover(flat)] == [0, 1, 2, 0, 1, 2]
+    named = tmp_path / "named"
+    named.mkdir()
+    for i, wnid in enumerate(WNIDS):
+        img.save(named / f"{wnid}_thing{i}.JPEG")
+    img.save(named / "holiday.png")
+    assert sorted((s.path.name[:9], s.label) for s in discover(named)) == sorted([("holiday.p", None)] + [(w, i) for i, w in enumerate(WNIDS)])
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a.jpg notaclass\n")
+    with pytest.raises(DataError, match="bad.txt:1: 'notaclass'"):
+        discover(named, bad)
+    samples = discover(flat)
+    first, again = balanced_order(samples, seed=3), balanced_order(samples, seed=3)
+    assert first == again and {s.label for s in first[:3]} == {0, 1, 2}
+    assert not {s.path for s in balanced_order(samples, 3, exclude={s.path for s in first[:2]})} & {s.path for s in first[:2]}
+
+
+def test_unreadable_files_are_skipped_with_names(tmp_path: Path, tiny_artifact: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (i * 50, 0, 0)).save(folder / f"ok{i}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (folder / "notes.png").write_text("not a picture")
+    spec = Preprocessing.from_hf_config(TINY_PREPROCESSOR)
+    batch = load_batch(balanced_order(discover(folder), 0), 4, spec, cache_dir=None, progress=False)
+    assert len(batch.files) == 3 and batch.x.shape == (3, 3, 32, 32) and not batch.labelled
+    assert sorted(Path(f).name for f in batch.skipped) == ["broken.jpg", "notes.png"]
+    for i in range(3):
+        (folder / f"ok{i}.png").unlink()
+    with pytest.raises(DataError, match=r"photos: no usable calibration images \(2 unreadable\)"):
+        calibrate(CalibrationOptions(tiny_artifact, folder, cache_dir=Path(""), progress=False))
+
+
+def test_histogram_methods_clip_outliers() -> None:
+    rng = np.random.default_rng(0)
+    h = AbsHistogram()
+    for _ in range(4):
+        h.add(rng.standard_normal(50_000).astype(np.float32))
+    h.add(np.array([40.0], np.float32))  # one outlier grows the histogram 10x
+    assert h.amax_for("max") == 40.0
+    assert 3.5 < h.amax_for("percentile", 99.99) < 4.5
+    assert 2.0 < h.amax_for("entropy") < 6.0
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        h.amax_for("mse")
