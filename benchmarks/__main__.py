@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.harness import Settings, default_labels, resolve, run_benchmark
-from benchmarks.report import write_report
+from benchmarks.report import contended, write_report
 from runtime.artifact import SYNTHETIC_WARNING, ArtifactError, find_artifact
 from runtime.backends import BackendUnavailable
 
@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         if (row.get("agreement") or {}).get("flagged"):
             print(f"WARNING: {row['label']} disagrees with {settings.reference}: "
                   f"top-1 agreement {row['agreement']['top1_agreement']:.0%}", file=sys.stderr)
+    suspect = [f"{row['label']}@{t['batch_size']}" for row in results["backends"] for t in row.get("timings", []) if contended(t)]
+    if suspect:
+        print(f"WARNING: other processes loaded the CPU during {', '.join(suspect)}: those timings are suspect",
+              file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

@@ -34,6 +34,7 @@ from runtime.backends import BACKENDS, Backend, BackendUnavailable, backend_clas
 # Backends that exist only to be compared against (not part of the runtime registry).
 BENCH_ONLY: dict[str, str] = {"ort-cpu-optimum-style": "benchmarks.optimum_style:OptimumStyleBackend"}
 DEFAULT_REFERENCE = "torch-eager"
+CONTENDED = 0.25  # cores of other processes' load during a cell that make its timing suspect
 
 
 @runtime_checkable
@@ -81,6 +82,8 @@ class Timing:
     mean_ms: float
     min_ms: float
     images_per_s: float
+    # Cores other processes kept busy while this cell was measured: above CONTENDED the number is suspect.
+    other_load_cores: float | None = None
 
 
 def resolve(label: str) -> BenchSpec:
@@ -119,11 +122,15 @@ def time_batches(backend: Backend, buffers: list[np.ndarray], settings: Settings
     for i in range(settings.warmup):
         run(buffers[i % len(buffers)])
     samples: list[float] = []
-    start = time.perf_counter()
+    start, busy_start, own_start = time.perf_counter(), _cpu_busy_s(), _own_cpu_s()
     while len(samples) < settings.min_iters or (
         time.perf_counter() - start < settings.min_time_s and len(samples) < settings.max_iters
     ):
         samples.append(run(buffers[len(samples) % len(buffers)]))
+    wall, busy_end = time.perf_counter() - start, _cpu_busy_s()
+    other = None
+    if busy_start is not None and busy_end is not None:
+        other = round(max(0.0, (busy_end - busy_start) - (_own_cpu_s() - own_start)) / wall, 2)
     ms = np.asarray(samples)
     median = float(np.median(ms))
     batch = len(buffers[0])
@@ -136,7 +143,23 @@ def time_batches(backend: Backend, buffers: list[np.ndarray], settings: Settings
         mean_ms=round(float(ms.mean()), 4),
         min_ms=round(float(ms.min()), 4),
         images_per_s=round(batch * 1000.0 / median, 2),
+        other_load_cores=other,
     )
+
+
+def _cpu_busy_s() -> float | None:
+    """CPU seconds the whole machine has been busy (all processes), from /proc/stat; None elsewhere."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def clock_name(backend: Backend) -> str:
@@ -304,6 +327,7 @@ def environment(threads: int) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "gpu": _gpu_name(),
         "threads": threads,
+        "loadavg_at_start": [round(v, 2) for v in os.getloadavg()],
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": versions,

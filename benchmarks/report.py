@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import CONTENDED
 from runtime.artifact import atomic_path, write_json
 
 BASELINE = "torch-eager"
@@ -67,10 +68,18 @@ def _latency_table(rows: list[dict[str, Any]]) -> list[str]:
         cells = []
         for row in rows:
             ms = row["timings"][i]["median_ms"]
-            cells.append(f"{ms:.1f} ({base_ms[batch] / ms:.2f}x)" if batch in base_ms else f"{ms:.1f}")
+            cell = f"{ms:.1f} ({base_ms[batch] / ms:.2f}x)" if batch in base_ms else f"{ms:.1f}"
+            cells.append(cell + (" †" if contended(row["timings"][i]) else ""))
         lines.append(f"| {batch} | " + " | ".join(cells) + " |")
     lines.append("| top-1 agreement | " + " | ".join(_agreement_cell(row) for row in rows) + " |")
+    if any(contended(t) for row in rows for t in row["timings"]):
+        lines += ["", f"† other processes kept more than {CONTENDED} cores busy while this cell was measured: "
+                      "the number is suspect; measure again on a quiet machine."]
     return lines
+
+
+def contended(timing: dict[str, Any]) -> bool:
+    return (timing.get("other_load_cores") or 0.0) > CONTENDED
 
 
 def _header(row: dict[str, Any]) -> str:
@@ -105,12 +114,15 @@ def _correctness_table(results: dict[str, Any], rows: list[dict[str, Any]]) -> l
 
 
 def _detail_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| Backend | Batch | Median ms | p90 ms | p99 ms | Images/s | Runs |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| Backend | Batch | Median ms | p90 ms | p99 ms | Images/s | Runs | Other load (cores) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
         for t in row["timings"]:
             lines.append(
                 f"| {row['label']} | {t['batch_size']} | {t['median_ms']:.2f} | {t['p90_ms']:.2f} | {t['p99_ms']:.2f} | "
-                f"{t['images_per_s']:.1f} | {t['iterations']} |"
+                f"{t['images_per_s']:.1f} | {t['iterations']} | {t.get('other_load_cores')} |"
             )
     return lines
 
