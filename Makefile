@@ -44,7 +44,7 @@ export:
 BENCH_OUT ?= benchmarks/results
 bench:
 	$(PY) -m benchmarks --model $(ARTIFACT) --batch-sizes 1,2,4,8 --out $(BENCH_OUT) \
-	  $(if $(VERIFY_IMAGES),--agreement-images $(VERIFY_IMAGES),)
+	  $(if $(VERIFY_IMAGES),--agreement-images $(VERIFY_IMAGES) --end-to-end $(VERIFY_IMAGES),)
 
 # TensorRT engines beside the ONNX files; exit status 2 (with what is missing) without TensorRT or a GPU.
 engines:

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks.harness import Settings, default_labels, resolve, run_benchmark
+from benchmarks.harness import Settings, default_labels, end_to_end, resolve, run_benchmark
 from benchmarks.report import contended, write_report
 from runtime.artifact import SYNTHETIC_WARNING, ArtifactError, find_artifact
 from runtime.backends import BackendUnavailable
@@ -42,13 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", default=defaults.reference, help="fp32 backend the others are compared with")
     p.add_argument("--agreement-images", type=Path, help="photos added to the shared correctness batch")
     p.add_argument("--min-agreement", type=float, default=defaults.min_agreement, help="flag backends below this top-1 agreement")
+    p.add_argument("--end-to-end", type=Path, metavar="DIR",
+                   help="also time runtime.classify on this folder of photos (decode + preprocess + infer)")
+    p.add_argument("--end-to-end-backends", default="ort-cpu", help="comma-separated (default ort-cpu)")
+    p.add_argument("--end-to-end-limit", type=int, default=200, help="at most this many photos (default 200)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.agreement_images is not None and not args.agreement_images.is_dir():
-        p.error(f"--agreement-images {args.agreement_images}: no such folder")
+    for flag, folder in (("--agreement-images", args.agreement_images), ("--end-to-end", args.end_to_end)):
+        if folder is not None and not folder.is_dir():
+            p.error(f"{flag} {folder}: no such folder")
     try:
         specs = [resolve(label.strip()) for label in args.backends.split(",") if label.strip()]
-        resolve(args.reference)
+        e2e_labels = [label.strip() for label in args.end_to_end_backends.split(",") if label.strip()]
+        for label in [args.reference, *e2e_labels]:
+            resolve(label)
     except ValueError as err:
         p.error(str(err))
     settings = Settings(
@@ -59,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         artifact = find_artifact(args.model)
         results = run_benchmark(artifact, specs, settings, progress=not args.no_progress)
-    except (ArtifactError, BackendUnavailable) as err:
+        if args.end_to_end is not None:
+            results["end_to_end"] = end_to_end(
+                artifact, args.end_to_end, e2e_labels, settings, args.end_to_end_limit, progress=not args.no_progress
+            )
+    except (ArtifactError, BackendUnavailable, ValueError) as err:
         print(f"benchmarks: error: {err}", file=sys.stderr)
         return 1
     paths = write_report(results, args.out)

@@ -289,6 +289,35 @@ def run_benchmark(
     }
 
 
+def end_to_end(
+    artifact_dir: str | Path, images: Path, labels: list[str], settings: Settings, limit: int | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """What the whole pipeline (decode + preprocess + infer, `runtime.classify`) delivers, images/s per backend.
+
+    Uses the runtime engineer's `benchmarks.pipeline_throughput.measure_pipeline`, which also times
+    the model alone on the same images, so the two numbers are directly comparable.
+    """
+    from benchmarks.pipeline_throughput import measure_pipeline
+
+    rows: list[dict[str, Any]] = []
+    for label in labels:
+        spec = resolve(label)
+        reason = unavailable_reason(spec, Path(artifact_dir))
+        if not reason and spec.cls is not None and spec.cls.name not in BACKENDS:
+            reason = "end-to-end mode runs registry backends only"
+        if reason:
+            rows.append({"label": label, "status": "unavailable", "reason": reason})
+            continue
+        assert spec.cls is not None
+        result = measure_pipeline(
+            artifact_dir, images, backend=spec.cls.name, precision=spec.precision, batch_size=max(settings.batch_sizes),
+            threads=settings.threads, limit=limit, repeats=1, progress=progress,
+        )
+        rows.append({"label": label, "status": "ok", "images_dir": str(images)} | result)
+    return rows
+
+
 def agreement(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], min_agreement: float) -> dict[str, Any]:
     """How far a backend's first output is from the reference's, and whether that is too far to trust."""
     key = next(iter(reference))

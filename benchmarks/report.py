@@ -51,6 +51,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _latency_table(rows) + [""]
         lines += _correctness_table(results, rows) + [""]
         lines += _detail_table(rows) + [""]
+    if results.get("end_to_end"):
+        lines += _end_to_end_table(results["end_to_end"]) + [""]
     skipped = [row for row in results["backends"] if row["status"] != "ok"]
     if skipped:
         lines += ["Not measured here:", ""]
@@ -124,6 +126,25 @@ def _detail_table(rows: list[dict[str, Any]]) -> list[str]:
                 f"| {row['label']} | {t['batch_size']} | {t['median_ms']:.2f} | {t['p90_ms']:.2f} | {t['p99_ms']:.2f} | "
                 f"{t['images_per_s']:.1f} | {t['iterations']} | {t.get('other_load_cores')} |"
             )
+    return lines
+
+
+def _end_to_end_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "End to end: `runtime.classify` on a folder of photos (decode + preprocess + infer), against the model alone "
+        "on the same decoded images; best of the passes.",
+        "",
+        "| Backend | Photos | Batch | Decode workers | Model only, images/s | End to end, images/s | Ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(f"| {row['label']} | {row['status']}: {row['reason']} | | | | | |")
+            continue
+        lines.append(
+            f"| {row['label']} | {row['decoded']} | {row['batch_size']} | {row['decode_workers']} | "
+            f"{row['model_only_images_per_s']:.1f} | {row['end_to_end_images_per_s']:.1f} | {row['end_to_end_ratio']:.0%} |"
+        )
     return lines
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from benchmarks.__main__ import main as bench_main
+from conftest import SAMPLE_DIR, needs_sample
 from benchmarks.harness import CONTENDED, BenchSpec, Settings, default_labels, resolve, run_benchmark, time_batches
 from benchmarks.report import markdown, write_report
 from runtime.backends.ort_cpu import OrtCpuBackend
@@ -158,6 +159,21 @@ def test_other_processes_load_is_measured_and_marked(tiny_artifact: Path, result
     md = markdown(loaded)
     row1 = next(line for line in md.splitlines() if line.startswith("| 1 |")).split(" | ")
     assert row1[3].endswith(" †") and "† other processes kept" in md
+
+
+@needs_sample()
+def test_end_to_end_mode(tiny_artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "e2e"
+    args = ["--model", str(tiny_artifact), "--batch-sizes", "4", "--backends", "ort-cpu", "--min-iters", "2",
+            "--min-time", "0", "--out", str(out), "--no-progress", "--end-to-end", str(SAMPLE_DIR),
+            "--end-to-end-backends", "ort-cpu,ort-cpu-optimum-style", "--end-to-end-limit", "12"]
+    assert bench_main(args) == 0
+    rows = {row["label"]: row for row in json.loads((out / "results.json").read_text())["end_to_end"]}
+    assert rows["ort-cpu"]["status"] == "ok" and rows["ort-cpu"]["decoded"] == 12 and rows["ort-cpu"]["batch_size"] == 4
+    assert rows["ort-cpu"]["end_to_end_images_per_s"] > 0 and rows["ort-cpu"]["backend_threads"] == Settings().threads
+    assert rows["ort-cpu-optimum-style"]["status"] == "unavailable"
+    md = (out / "results.md").read_text()
+    assert "End to end:" in md and "| ort-cpu | 12 | 4 |" in md
 
 
 def test_resolve_names() -> None:
