@@ -10,7 +10,7 @@ ARTIFACT ?= $(OUT)/$(notdir $(MODEL))
 VERIFY_IMAGES ?= $(wildcard ../shared/imagenet-sample)
 VERIFY := $(if $(VERIFY_IMAGES),--verify-images $(VERIFY_IMAGES),)
 
-.PHONY: install test export bench install-gpu engines gpu-check
+.PHONY: install test export bench install-gpu engines gpu-check calibrate
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -53,3 +53,9 @@ engines:
 # export -> calibrate -> engines -> infer -> bench on a small published architecture, PASS/FAIL per step.
 gpu-check:
 	$(PY) -m benchmarks.gpu_check --out $(OUT)/gpu-check $(if $(VERIFY_IMAGES),--images $(VERIFY_IMAGES),)
+
+# int8: make calibrate CALIB_DIR=/data/imagenet/train [CALIB_ARGS="--num-images 512 --eval-dir ..."]
+CALIB_DIR ?=
+calibrate:
+	@test -n "$(CALIB_DIR)" || { echo "make calibrate: set CALIB_DIR=<folder of photos> (ImageNet train/val or any photos)" >&2; exit 2; }
+	$(PY) -m calibration --model $(ARTIFACT) --calib-dir $(CALIB_DIR) $(CALIB_ARGS)
