@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=defaults.warmup)
     p.add_argument("--min-iters", type=int, default=defaults.min_iters)
     p.add_argument("--min-time", type=float, default=defaults.min_time_s, help="minimum seconds measured per cell")
+    p.add_argument("--retries", type=int, default=defaults.retries,
+                   help="re-measure a cell disturbed by other processes up to this often (default %(default)s)")
     p.add_argument("--reference", default=defaults.reference, help="fp32 backend the others are compared with")
     p.add_argument("--agreement-images", type=Path, help="photos added to the shared correctness batch")
     p.add_argument("--min-agreement", type=float, default=defaults.min_agreement, help="flag backends below this top-1 agreement")
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(err))
     settings = Settings(
         batch_sizes=args.batch_sizes, warmup=args.warmup, min_iters=args.min_iters, min_time_s=args.min_time,
-        threads=args.threads, reference=args.reference, agreement_images=args.agreement_images,
+        threads=args.threads, retries=args.retries, reference=args.reference, agreement_images=args.agreement_images,
         min_agreement=args.min_agreement,
     )
     try:

@@ -70,6 +70,7 @@ class Settings:
     agreement_limit: int = 32
     min_agreement: float = 0.9  # a backend whose top-1 agrees less often than this is flagged
     seed: int = 0
+    retries: int = 2  # re-measure a cell that other processes disturbed (see CONTENDED) up to this often
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Timing:
     images_per_s: float
     # Cores other processes kept busy while this cell was measured: above CONTENDED the number is suspect.
     other_load_cores: float | None = None
+    attempts: int = 1  # how many times the cell was measured (see `least_disturbed`)
 
 
 def resolve(label: str) -> BenchSpec:
@@ -145,6 +147,23 @@ def time_batches(backend: Backend, buffers: list[np.ndarray], settings: Settings
         images_per_s=round(batch * 1000.0 / median, 2),
         other_load_cores=other,
     )
+
+
+def least_disturbed(backend: Backend, buffers: list[np.ndarray], settings: Settings) -> Timing:
+    """Time a cell again while other processes loaded the CPU during it; keep the quietest attempt.
+
+    On a shared machine a neighbour's burst can double a latency; a retry is cheaper than a wrong
+    table. The attempt kept still records the load it saw, so a cell that never got quiet shows it.
+    """
+    best = time_batches(backend, buffers, settings)
+    attempts = 1
+    while attempts <= settings.retries and best.other_load_cores is not None and best.other_load_cores > CONTENDED:
+        again = time_batches(backend, buffers, settings)
+        attempts += 1
+        if again.other_load_cores is not None and again.other_load_cores < best.other_load_cores:
+            best = again
+    best.attempts = attempts
+    return best
 
 
 def _cpu_busy_s() -> float | None:
@@ -224,7 +243,7 @@ def measure(
             for batch in settings.batch_sizes:
                 if progress is not None:
                     progress.set_postfix_str(f"{spec.label} batch {batch}")
-                timings.append(asdict(time_batches(backend, make_buffers(backend.meta, batch, settings), settings)))
+                timings.append(asdict(least_disturbed(backend, make_buffers(backend.meta, batch, settings), settings)))
                 if progress is not None:
                     progress.update(1)
     except (BackendUnavailable, OSError, RuntimeError, ValueError) as err:

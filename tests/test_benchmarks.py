@@ -16,7 +16,9 @@ import pytest
 
 from benchmarks.__main__ import main as bench_main
 from conftest import SAMPLE_DIR, needs_sample
-from benchmarks.harness import CONTENDED, BenchSpec, Settings, default_labels, resolve, run_benchmark, time_batches
+from benchmarks.harness import (
+    CONTENDED, BenchSpec, Settings, default_labels, least_disturbed, resolve, run_benchmark, time_batches,
+)
 from benchmarks.report import markdown, write_report
 from runtime.backends.ort_cpu import OrtCpuBackend
 
@@ -149,11 +151,12 @@ def test_other_processes_load_is_measured_and_marked(tiny_artifact: Path, result
     try:
         time.sleep(0.2)
         with OrtCpuBackend(tiny_artifact, threads=1) as backend:
-            timing = time_batches(backend, buffers, Settings(**QUICK | {"min_time_s": 1.0}))
+            timing = least_disturbed(backend, buffers, Settings(**QUICK | {"min_time_s": 0.7, "retries": 1}))
     finally:
         hog.kill()
         hog.wait()
     assert timing.other_load_cores is not None and timing.other_load_cores > CONTENDED
+    assert timing.attempts == 2  # measured again because the first attempt was disturbed
     loaded = _quiet(results)
     _rows(loaded)["ort-cpu"]["timings"][0] = asdict(timing) | {"batch_size": 1}
     md = markdown(loaded)
