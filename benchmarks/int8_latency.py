@@ -28,7 +28,7 @@ from runtime.backends.ort_cpu import OrtCpuBackend
 FILES = (MODEL_FILES["fp32"], MODEL_FILES["int8"], INT8_CPU_FILE)
 
 
-def measure(artifact: Path, batches: list[int], rounds: int = 10, warmup: int = 2) -> dict[str, Any]:
+def measure(artifact: Path, batches: list[int], rounds: int = 20, warmup: int = 3) -> dict[str, Any]:
     """Median milliseconds per batch for each file present, plus speed-ups over fp32."""
     with ExitStack() as stack:
         backends = {}
@@ -57,10 +57,10 @@ def measure(artifact: Path, batches: list[int], rounds: int = 10, warmup: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.int8_latency", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.int8_latency", description=(__doc__ or "").split("\n")[0])
     p.add_argument("artifacts", nargs="+", type=Path, help="artifact folders (calibrated: python -m calibration)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     results = []

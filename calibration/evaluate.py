@@ -20,7 +20,7 @@ def run_logits(model: onnx.ModelProto, x: np.ndarray, batch: int = 8, desc: str 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     name, out = session.get_inputs()[0].name, session.get_outputs()[0].name
     chunks = [
-        session.run([out], {name: x[i : i + batch]})[0]
+        np.asarray(session.run([out], {name: x[i : i + batch]})[0])
         for i in tqdm(range(0, len(x), batch), desc=desc, unit="batch", disable=not progress, leave=False)
     ]
     return np.concatenate(chunks).astype(np.float32)

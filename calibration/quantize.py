@@ -182,7 +182,7 @@ def collect_stats(
             if t in graph_inputs:
                 hists[t].add(x)
         for name, value in zip(wanted, session.run(wanted, {graph_inputs[0]: x})):
-            hists[name].add(value)
+            hists[name].add(np.asarray(value))
     return hists
 
 
@@ -198,7 +198,7 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, amax: dict[str, float]) ->
     graph.initializer.append(numpy_helper.from_array(np.zeros((), np.int8), zero))
     for t in plan.activations:
         scale = f"{t}_scale"
-        graph.initializer.append(numpy_helper.from_array(np.float32(max(amax[t], 1e-8) / INT8_MAX), scale))
+        graph.initializer.append(numpy_helper.from_array(np.array(max(amax[t], 1e-8) / INT8_MAX, np.float32), scale))
         q, dq = f"{t}_quantized", f"{t}_dequantized"
         nodes = [
             helper.make_node("QuantizeLinear", [t, scale, zero], [q], name=f"{t}_QuantizeLinear"),
