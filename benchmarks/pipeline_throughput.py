@@ -118,7 +118,7 @@ def measure_pipeline(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline_throughput", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline_throughput", description=(__doc__ or "").split("\n")[0])
     p.add_argument("model", help="artifact folder (or its model.onnx)")
     p.add_argument("images", help="folder of images (searched recursively)")
     p.add_argument("--backend", default="ort-cpu")

@@ -122,6 +122,8 @@ def _load(path: Path, spec: Preprocessing, draft: bool) -> np.ndarray | str:
 def _lower_priority(nice: int) -> None:
     """Make the calling thread nicer: when decoding and inference want the same cores, inference wins,
     and decoding runs in the gaps (it needs a few percent of the CPU the model needs)."""
+    if nice == 0:
+        return
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: keep the default
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
 
@@ -131,7 +133,7 @@ def decoded(
 ) -> Iterator[tuple[Path, np.ndarray | str]]:
     """(file, pixels or error) in input order, decoded by `workers` threads at most `prefetch` files ahead."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode",
-                            initializer=_lower_priority if nice else None, initargs=(nice,)) as pool:
+                            initializer=_lower_priority, initargs=(nice,)) as pool:
         pending: deque[tuple[Path, Future[np.ndarray | str]]] = deque()
         it = iter(files)
         try:

@@ -35,8 +35,9 @@ class UsageError(Exception):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m runtime.infer", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    title, _, usage = (__doc__ or "").partition("\n")
+    p = argparse.ArgumentParser(prog="python -m runtime.infer", description=title, epilog=usage,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", type=Path, help="image files and/or folders")
     p.add_argument("--model", help="artifact folder or .onnx file (default: the newest under --artifacts)")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where to look for the newest artifact")

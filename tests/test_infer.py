@@ -362,6 +362,22 @@ def test_batches_split_and_partial_batches_give_the_same_answers(backend, tiny_a
         assert np.allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["torch-eager", "torch-sdpa"])
+def test_torch_backends_give_the_same_predictions(backend, tiny_artifact: Path, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
+    files = []
+    for i in range(3):
+        photo(i).save(tmp_path / f"{i}.png")
+        files.append(tmp_path / f"{i}.png")
+    want: list[Prediction] = []
+    got: list[Prediction] = []
+    classify(files, backend, ClassifyOptions(topk=3), want.append)
+    with create(name, tiny_artifact) as torch_backend:
+        classify(files, torch_backend, ClassifyOptions(topk=3), got.append)
+    for g, w in zip(got, want, strict=True):
+        assert [i for i, _, _ in g.top or []] == [i for i, _, _ in w.top or []]
+        assert np.allclose([p for _, _, p in g.top or []], [p for _, _, p in w.top or []], atol=1e-5)
+
+
 def test_decoding_reads_at_most_prefetch_files_ahead(backend, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """An endless stream of files must work in bounded memory: never more than `prefetch` pending."""
     photo().save(tmp_path / "x.png")

@@ -53,7 +53,7 @@ class OrtCudaBackend(OrtCpuBackend):
         if batch not in self.bindings:
             import onnxruntime as ort
 
-            shape = (batch, *self.input.shape[1:])
+            shape = (batch, 3, *self.meta.preprocessing.input_size)
             x_gpu = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda", self.device_id)
             io = self.session.io_binding()
             io.bind_ortvalue_input(self.input.name, x_gpu)
