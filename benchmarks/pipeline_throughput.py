@@ -54,7 +54,6 @@ def measure_pipeline(
     limit: int | None = None,
     repeats: int = 2,
     progress: bool = True,
-    decode_nice: int = ClassifyOptions.decode_nice,
 ) -> dict[str, Any]:
     """End-to-end vs model-only images/s (exact and draft decoding) and draft mode's pixel difference.
 
@@ -69,8 +68,7 @@ def measure_pipeline(
     takes_threads = "threads" in inspect.signature(cls.__init__).parameters  # ort-cpu, torch-*; not GPU backends
     extra = {"threads": threads} if threads and takes_threads else {}
     be = cls(find_artifact(artifact_dir), precision=precision, max_batch=batch_size, **extra)
-    opts = {draft: ClassifyOptions(batch_size=batch_size, workers=workers, draft=draft, decode_nice=decode_nice)
-            for draft in (False, True)}
+    opts = {draft: ClassifyOptions(batch_size=batch_size, workers=workers, draft=draft) for draft in (False, True)}
     best: dict[str, float] = {"model_only": 0.0, "end_to_end": 0.0, "end_to_end_draft": 0.0}
     with be:
         spec = be.meta.preprocessing
@@ -98,7 +96,6 @@ def measure_pipeline(
         "precision": be.precision,
         "batch_size": batch_size,
         "decode_workers": workers,
-        "decode_nice": decode_nice,
         "backend_threads": getattr(be, "threads", None),
         "images": len(files),
         "decoded": len(exact),
@@ -126,18 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, help="decode threads (default: one per core)")
     p.add_argument("--threads", type=int, help="backend intra-op threads (default: the backend's own)")
-    p.add_argument("--decode-nice", type=int, default=ClassifyOptions.decode_nice,
-                   help="how much nicer decode threads are than inference (0: equal)")
     p.add_argument("--limit", type=int, help="use only the first N images")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     r = measure_pipeline(args.model, args.images, args.backend, args.precision, args.batch_size, args.workers,
-                         args.threads, args.limit, args.repeats, decode_nice=args.decode_nice)
+                         args.threads, args.limit, args.repeats)
     if r["synthetic_weights"]:
         print(SYNTHETIC_WARNING, file=sys.stderr)
     print(f"{r['model']} on {r['backend']} ({r['precision']}), batch {r['batch_size']}, {r['images']} images, "
-          f"{r['decode_workers']} decode workers (nice +{r['decode_nice']}), {r['backend_threads']} backend threads")
+          f"{r['decode_workers']} decode workers, {r['backend_threads']} backend threads")
     print(f"  model only:         {r['model_only_images_per_s']:8.2f} images/s")
     print(f"  end to end:         {r['end_to_end_images_per_s']:8.2f} images/s  ({r['end_to_end_ratio']:.1%} of model only)")
     print(f"  end to end (draft): {r['end_to_end_draft_images_per_s']:8.2f} images/s")

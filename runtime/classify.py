@@ -8,10 +8,8 @@ file that cannot be read becomes a `Prediction` with an `error` instead of stopp
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -40,7 +38,6 @@ class ClassifyOptions:
     workers: int = field(default_factory=default_workers)
     draft: bool = False  # decode big JPEGs at reduced scale (>= 2x the resize target): faster, not exact
     prefetch: int | None = None  # files decoded ahead of the model; default 4 batches
-    decode_nice: int = 10  # decode threads yield the CPU to inference threads (Linux: per-thread nice)
 
 
 @dataclass(frozen=True)
@@ -119,21 +116,11 @@ def _load(path: Path, spec: Preprocessing, draft: bool) -> np.ndarray | str:
         return f"{display_path(path)}: {type(err).__name__}: {err}"
 
 
-def _lower_priority(nice: int) -> None:
-    """Make the calling thread nicer: when decoding and inference want the same cores, inference wins,
-    and decoding runs in the gaps (it needs a few percent of the CPU the model needs)."""
-    if nice == 0:
-        return
-    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: keep the default
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
-
-
 def decoded(
-    files: Iterable[Path], spec: Preprocessing, workers: int, prefetch: int, draft: bool = False, nice: int = 0
+    files: Iterable[Path], spec: Preprocessing, workers: int, prefetch: int, draft: bool = False
 ) -> Iterator[tuple[Path, np.ndarray | str]]:
     """(file, pixels or error) in input order, decoded by `workers` threads at most `prefetch` files ahead."""
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode",
-                            initializer=_lower_priority, initargs=(nice,)) as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         pending: deque[tuple[Path, Future[np.ndarray | str]]] = deque()
         it = iter(files)
         try:
@@ -187,7 +174,7 @@ def iter_predictions(
         waiting.clear()
 
     spec = backend.meta.preprocessing
-    for path, result in decoded(files, spec, opts.workers, prefetch, opts.draft, opts.decode_nice):
+    for path, result in decoded(files, spec, opts.workers, prefetch, opts.draft):
         if isinstance(result, str):
             waiting.append(Prediction(path, error=result))
         else:
