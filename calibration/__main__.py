@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cpu-variant", dest="cpu_variant", action="store_false", help="skip model.int8-cpu.onnx")
     p.add_argument("--min-agreement", type=float, default=0.99, help="fail below this top-1 agreement with fp32 (default 0.99)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", type=Path, help="where preprocessed tensors are cached (default <model>/.calib-cache; '' = off)")
+    p.add_argument("--cache-dir", type=Path, help="where preprocessed tensors are cached (default <model>/.calib-cache)")
+    p.add_argument("--no-cache", dest="cache", action="store_false", help="decode every image, cache nothing")
     args = p.parse_args(argv)
     for flag, value in (("--num-images", args.num_images), ("--num-eval", args.num_eval)):
         if value < 1:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             artifact_dir=artifact, calib_dir=args.calib_dir, eval_dir=args.eval_dir, labels_file=args.labels,
             num_images=args.num_images, num_eval=args.num_eval, method=args.method, percentile=args.percentile,
             attention_qdq=args.attention_qdq, compare_methods=args.compare_methods, cpu_variant=args.cpu_variant,
-            min_agreement=args.min_agreement, seed=args.seed, cache_dir=args.cache_dir,
+            min_agreement=args.min_agreement, seed=args.seed, cache_dir=args.cache_dir, cache=args.cache,
         ))
     except (ArtifactError, DataError) as err:
         print(f"calibration: error: {err}", file=sys.stderr)

@@ -35,6 +35,7 @@ class CalibrationOptions:
     seed: int = 0
     batch: int = 8
     cache_dir: Path | None = None  # default: <artifact>/.calib-cache
+    cache: bool = True
     progress: bool = True
 
 
@@ -51,7 +52,7 @@ def calibrate(opts: CalibrationOptions) -> dict[str, Any]:
     meta = read_onnx_meta(fp32_path)
     model = onnx.load(str(fp32_path))
     warnings: list[str] = []
-    cache = None if opts.cache_dir == Path("") else (opts.cache_dir or opts.artifact_dir / ".calib-cache")
+    cache = (opts.cache_dir or opts.artifact_dir / ".calib-cache") if opts.cache else None
 
     calib = load_batch(balanced_order(discover(opts.calib_dir), opts.seed), opts.num_images, meta.preprocessing, cache, opts.progress)
     _check_count(calib, opts.num_images, opts.calib_dir, "calibration", warnings)

@@ -221,7 +221,7 @@ def test_unreadable_files_are_skipped_with_names(tmp_path: Path, tiny_artifact: 
     for i in range(3):
         (folder / f"ok{i}.png").unlink()
     with pytest.raises(DataError, match=r"photos: no usable calibration images \(2 unreadable\)"):
-        calibrate(CalibrationOptions(tiny_artifact, folder, cache_dir=Path(""), progress=False))
+        calibrate(CalibrationOptions(tiny_artifact, folder, cache=False, progress=False))
 
 
 def test_histogram_methods_clip_outliers() -> None:
