@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from runtime.artifact import atomic_path
 from runtime.labels import wnid_to_index
-from runtime.preprocess import ImageError, Preprocessing, list_images, load_and_preprocess
+from runtime.preprocess import IMAGE_SUFFIXES, ImageError, Preprocessing, list_images, load_and_preprocess
 
 WNID = re.compile(r"^(n\d{8})")
 # Label files found automatically in a flat (val-style) folder, most specific first.
@@ -75,7 +75,7 @@ def discover(folder: Path, labels_file: Path | None = None) -> list[Sample]:
             label = classes[match.group(1)]
         samples.append(Sample(path, label))
     if not samples:
-        raise DataError(f"{folder}: no image files found (looked for {', '.join(sorted({'.jpg', '.jpeg', '.png'}))} ...)")
+        raise DataError(f"{folder}: no image files found (looked for {', '.join(IMAGE_SUFFIXES)})")
     return samples
 
 

@@ -154,5 +154,7 @@ def _write(artifact_dir: Path, meta: ArtifactMeta, shipped: dict[str, onnx.Model
         set_onnx_meta(model, meta_q)
         with atomic_path(artifact_dir / name) as tmp:
             onnx.save(model, str(tmp))
+    if INT8_CPU_FILE not in shipped:  # its accuracy would no longer be in calibration.json
+        (artifact_dir / INT8_CPU_FILE).unlink(missing_ok=True)
     write_json(artifact_dir / "calibration.json", report)
     return [*shipped, "calibration.json"]

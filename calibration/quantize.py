@@ -26,8 +26,10 @@ one batch of activations (ONNX Runtime's own histogram calibrators keep every ba
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -256,9 +258,6 @@ def quantize_dynamic_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
     Q/DQ graph (measured: benchmarks/int8_latency.py), so it ships as the CPU variant under the same
     accuracy gate. Only MatMul/Gemm: the patch Conv is one layer and ConvInteger is slow on CPU.
     """
-    import tempfile
-    from pathlib import Path
-
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory(prefix="deit-int8-cpu-") as tmp:
