@@ -232,10 +232,11 @@ def measure(
         return row | {"reason": reason}, None
     try:
         backend = construct(spec, artifact_dir, settings)
-        row |= {"backend": backend.name, "precision": backend.precision, "device": backend.device,
-                "model_file": str(backend.model_file)}
+        row |= {"backend": backend.name, "precision": backend.precision, "device": backend.device}
         with backend:
-            row |= {"threads": _threads(backend), "clock": clock_name(backend)}
+            # After activation: a backend may build the file it runs (optimum-style). The torch
+            # backends name the artifact whose checkpoint they rebuild.
+            row |= {"model_file": str(backend.model_file), "threads": _threads(backend), "clock": clock_name(backend)}
             if hasattr(backend, "info"):  # how a backend built its model, where it says (optimum-style)
                 row["info"] = getattr(backend, "info")
             outputs = backend.infer(shared_batch)

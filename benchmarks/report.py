@@ -173,6 +173,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(results["settings"]["batch_sizes"], [str(b) for b in results["settings"]["batch_sizes"]])
         ax.grid(True, alpha=0.3)
+    lat.set_yscale("log")
     lat.legend(fontsize=8)
     fig.suptitle(f"{title}: {results['environment']['cpu']}, {results['environment']['threads']} threads")
     fig.tight_layout()
