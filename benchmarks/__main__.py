@@ -28,7 +28,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     defaults = Settings()
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=(__doc__ or "").split("\n")[0])
     p.add_argument("--model", help="artifact folder (default: the newest under artifacts/)")
     p.add_argument("--batch-sizes", type=_ints, default=defaults.batch_sizes, help="e.g. 1,2,4,8 (default)")
     p.add_argument("--backends", default=",".join(default_labels()),

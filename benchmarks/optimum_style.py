@@ -78,7 +78,7 @@ def build_optimum_style(checkpoint: str, weights: str, task: str, out_dir: Path)
             output_names=ckpt.output_names,
             dynamic_axes={name: {0: "batch"} for name in ["pixel_values", *ckpt.output_names]},
         )
-    cfg = ckpt.model.config
-    model = optimize_model(str(raw), model_type="vit", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size)
+    heads, hidden = int(ckpt.config["num_attention_heads"]), int(ckpt.config["hidden_size"])
+    model = optimize_model(str(raw), model_type="vit", num_heads=heads, hidden_size=hidden)
     model.save_model_to_file(str(optimized))
     return optimized, {op: n for op, n in model.get_fused_operator_statistics().items() if n}

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from benchmarks.harness import (
 from benchmarks.report import markdown, write_report
 from runtime.backends.ort_cpu import OrtCpuBackend
 
-QUICK = dict(batch_sizes=(1, 2), warmup=1, min_iters=3, min_time_s=0.0)
+QUICK = Settings(batch_sizes=(1, 2), warmup=1, min_iters=3, min_time_s=0.0, retries=0)
 
 
 class ReversedLogitsBackend(OrtCpuBackend):
@@ -59,7 +59,7 @@ class EventTimedBackend(OrtCpuBackend):
 def results(tiny_artifact: Path) -> dict[str, Any]:
     specs = [resolve(label) for label in ("torch-eager", "torch-sdpa", "ort-cpu", "ort-cpu-int8", "trt", "ort-cpu-optimum-style")]
     specs.append(BenchSpec("reversed", ReversedLogitsBackend))
-    return run_benchmark(tiny_artifact, specs, Settings(**QUICK), progress=False)
+    return run_benchmark(tiny_artifact, specs, QUICK, progress=False)
 
 
 def _rows(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -133,10 +133,11 @@ def test_report_files(results: dict[str, Any], tmp_path: Path) -> None:
 
 
 def test_timer_rotates_buffers_and_prefers_device_clock(tiny_artifact: Path) -> None:
-    settings = Settings(**QUICK | {"min_iters": 8, "buffers": 4})
+    settings = replace(QUICK, min_iters=8, buffers=4)
     buffers = [np.random.default_rng(i).standard_normal((2, 3, 32, 32)).astype(np.float32) for i in range(4)]
-    with RecordingBackend(tiny_artifact) as backend:
-        backend.seen = []
+    backend = RecordingBackend(tiny_artifact)
+    backend.seen = []
+    with backend:
         timing = time_batches(backend, buffers, settings)
     assert timing.iterations >= 8
     assert set(backend.seen) == {b.ctypes.data for b in buffers}
@@ -151,7 +152,7 @@ def test_other_processes_load_is_measured_and_marked(tiny_artifact: Path, result
     try:
         time.sleep(0.2)
         with OrtCpuBackend(tiny_artifact, threads=1) as backend:
-            timing = least_disturbed(backend, buffers, Settings(**QUICK | {"min_time_s": 0.7, "retries": 1}))
+            timing = least_disturbed(backend, buffers, replace(QUICK, min_time_s=0.7, retries=1))
     finally:
         hog.kill()
         hog.wait()
@@ -168,7 +169,7 @@ def test_other_processes_load_is_measured_and_marked(tiny_artifact: Path, result
 def test_end_to_end_mode(tiny_artifact: Path, tmp_path: Path) -> None:
     out = tmp_path / "e2e"
     args = ["--model", str(tiny_artifact), "--batch-sizes", "4", "--backends", "ort-cpu", "--min-iters", "2",
-            "--min-time", "0", "--out", str(out), "--no-progress", "--end-to-end", str(SAMPLE_DIR),
+            "--min-time", "0", "--retries", "0", "--out", str(out), "--no-progress", "--end-to-end", str(SAMPLE_DIR),
             "--end-to-end-backends", "ort-cpu,ort-cpu-optimum-style", "--end-to-end-limit", "12"]
     assert bench_main(args) == 0
     rows = {row["label"]: row for row in json.loads((out / "results.json").read_text())["end_to_end"]}
@@ -190,7 +191,7 @@ def test_resolve_names() -> None:
 def test_cli(tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "res"
     args = ["--model", str(tiny_artifact), "--batch-sizes", "1,2", "--backends", "ort-cpu,ort-cpu-int8",
-            "--min-iters", "2", "--min-time", "0", "--out", str(out), "--no-progress"]
+            "--min-iters", "2", "--min-time", "0", "--retries", "0", "--out", str(out), "--no-progress"]
     assert bench_main(args) == 0
     printed = capsys.readouterr().out
     assert "| Batch size | ort-cpu |" in printed and "ort-cpu-int8" in printed
