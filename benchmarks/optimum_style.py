@@ -59,7 +59,7 @@ def build_optimum_style(checkpoint: str, weights: str, task: str, out_dir: Path)
     import torch
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from export.onnx_export import _Outputs
+    from export.onnx_export import NamedOutputs
     from runtime.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint, weights, task, ATTN_IMPLEMENTATION)
@@ -69,7 +69,7 @@ def build_optimum_style(checkpoint: str, weights: str, task: str, out_dir: Path)
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         torch.onnx.export(
-            _Outputs(ckpt.model, ckpt.output_names).eval(),
+            NamedOutputs(ckpt.model, ckpt.output_names).eval(),
             (torch.randn(1, 3, h, w),),
             str(raw),
             dynamo=False,

@@ -23,7 +23,7 @@ class ExportError(RuntimeError):
     """The export could not produce a model that meets its checks; nothing was written."""
 
 
-class _Outputs(torch.nn.Module):
+class NamedOutputs(torch.nn.Module):
     """Return a tuple of the named tensors, so the ONNX graph's outputs get stable names."""
 
     def __init__(self, model: torch.nn.Module, output_names: list[str]) -> None:
@@ -48,7 +48,7 @@ def export_onnx(ckpt: LoadedCheckpoint, attention: str = "fused") -> onnx.ModelP
         raise ExportError("export needs the model loaded with attn_implementation='sdpa'")
     h, w = ckpt.preprocessing.input_size
     example = torch.randn(2, 3, h, w)
-    wrapper = _Outputs(ckpt.model, ckpt.output_names).eval()
+    wrapper = NamedOutputs(ckpt.model, ckpt.output_names).eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
