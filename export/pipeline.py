@@ -25,6 +25,7 @@ from runtime.checkpoints import load_checkpoint
 
 FP32_MAX_ABS_DIFF = 1e-4
 FP16_MIN_COSINE = 0.999
+REPORTED_META = ("checkpoint", "weights", "architecture", "task", "attention", "opset", "preprocessing_source", "versions")
 # Files computed from an earlier model.onnx; a new export makes them stale.
 DERIVED_GLOBS = ("model.fp16.onnx", "model.int8*.onnx", "*.plan", "*.plan.json", "calibration.json")
 
@@ -91,16 +92,9 @@ def export_checkpoint(opts: ExportOptions) -> dict[str, Any]:
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=opts.out_root))
     try:
         report = _verify_and_write(opts, ckpt.model, model, meta, staging, step)
+        report.update({k: getattr(meta, k) for k in REPORTED_META})
         report.update(
-            checkpoint=meta.checkpoint,
-            weights=meta.weights,
-            architecture=meta.architecture,
-            task=meta.task,
-            attention=meta.attention,
-            opset=meta.opset,
             preprocessing=meta.preprocessing.to_dict(),
-            preprocessing_source=meta.preprocessing_source,
-            versions=meta.versions,
             ops={k: v for k, v in op_counts(model).items() if k in ("Attention", "Softmax", "MatMul", "Gemm", "LayerNormalization")},
             timings_s=timings,
             artifact_dir=str(final_dir),
