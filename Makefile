@@ -9,17 +9,42 @@ ARTIFACT ?= $(OUT)/$(notdir $(MODEL))
 # Real photos to verify the export on, when this checkout sits beside the shared test data.
 VERIFY_IMAGES ?= $(wildcard ../shared/imagenet-sample)
 VERIFY := $(if $(VERIFY_IMAGES),--verify-images $(VERIFY_IMAGES),)
+# Every dependency but torch comes from the lock; torch is pinned exactly in pyproject.toml and
+# installed first, so nothing can pull a multi-GB CUDA build onto a CPU machine.
+LOCK := requirements.lock
+EXTRAS := cpu,distributed,dev
+PIP_VERSION := 26.3
+PIP_TOOLS := pip-tools==7.6.2
+TENSORRT_STUBS := tensorrt-stubs==10.13.0.35.1
+COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links \
+	--unsafe-package torch $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) pyproject.toml
+comma := ,
 
-.PHONY: install test export bench install-gpu engines gpu-check calibrate
+.PHONY: install lock check-lock test export bench install-gpu engines gpu-check calibrate
 
 install:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet pip==$(PIP_VERSION)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
 	# Type stubs of the TensorRT 10.13 API for the type-check test; --no-deps: they depend on the real TensorRT.
-	$(PY) -m pip install --quiet --no-deps tensorrt-stubs
+	$(PY) -m pip install --quiet --no-deps $(TENSORRT_STUBS)
 
-# NVIDIA GPU machines: the gpu extra (tensorrt, cuda-python, onnxruntime-gpu). onnxruntime and
+# Refresh the lock on purpose (newest releases that pyproject.toml allows).
+lock:
+	$(PY) -m pip install --quiet $(PIP_TOOLS)
+	$(COMPILE) --upgrade --output-file $(LOCK)
+
+# Fails when pyproject.toml and the lock disagree (CI runs it): resolve again, keeping the locked
+# versions wherever pyproject.toml still allows them, and compare.
+check-lock:
+	$(PY) -m pip install --quiet $(PIP_TOOLS)
+	@cp $(LOCK) $(VENV)/lock-check.txt
+	@$(COMPILE) --output-file $(VENV)/lock-check.txt
+	@diff -u $(LOCK) $(VENV)/lock-check.txt || { echo "requirements.lock does not match pyproject.toml: run 'make lock' and commit it" >&2; exit 1; }
+
+# NVIDIA GPU machines: the gpu extra (tensorrt, cuda-python, onnxruntime-gpu, polygraphy). onnxruntime and
 # onnxruntime-gpu share the `onnxruntime` folder, so the CPU one is removed and the GPU one rewritten.
 install-gpu: install
 	$(PY) -m pip install --quiet -e '.[gpu]'
@@ -40,17 +65,18 @@ export:
 	  $(PY) -m export --model $(MODEL) --out $(OUT) --weights synthetic $(VERIFY); \
 	else exit $$rc; fi
 
-# Every backend at batch 1,2,4,8 on $(ARTIFACT); those that cannot run here are listed with the reason.
+# Every backend at batch 1,2,4,8 on $(ARTIFACT) (GPU rows on a GPU machine, CPU rows elsewhere);
+# those that cannot run here are listed with the reason.
 BENCH_OUT ?= benchmarks/results
 bench:
 	$(PY) -m benchmarks --model $(ARTIFACT) --batch-sizes 1,2,4,8 --out $(BENCH_OUT) \
 	  $(if $(VERIFY_IMAGES),--agreement-images $(VERIFY_IMAGES) --end-to-end $(VERIFY_IMAGES),)
 
-# TensorRT engines beside the ONNX files; exit status 2 (with what is missing) without TensorRT or a GPU.
+# TensorRT engines beside the ONNX files; exit status 6 (with what is missing) without TensorRT or a GPU.
 engines:
 	$(PY) -m export.engines --model $(ARTIFACT)
 
-# export -> calibrate -> engines -> infer -> bench on a small published architecture, PASS/FAIL per step.
+# Every GPU step that can run here, PASS/FAIL/SKIP per step (TensorRT steps SKIP where it is missing).
 gpu-check:
 	$(PY) -m benchmarks.gpu_check --out $(OUT)/gpu-check $(if $(VERIFY_IMAGES),--images $(VERIFY_IMAGES),)
 

@@ -1,16 +1,19 @@
-"""`make gpu-check`: the whole GPU path on one machine, export -> calibrate -> engines -> infer -> bench.
+"""`make gpu-check`: every GPU step that can run here, one PASS/FAIL/SKIP row each.
 
-Prints one PASS/FAIL/SKIP row per step. Export, engine building and the accuracy checks are library
-calls; calibration and the benchmark run their own CLIs (`python -m calibration`, `python -m
-benchmarks`), exactly as a user would. TensorRT outputs are compared with ONNX Runtime CPU fp32 on
-the photos given (else random inputs): fp16 top-1 agreement >= 99.5%, int8 >= 98%.
+export -> calibrate -> PyTorch on CUDA -> ONNX Runtime CUDA -> TensorRT engines -> Polygraphy cross-check
+-> TensorRT vs ONNX Runtime -> bench. Steps whose library or hardware is missing are SKIP rows that
+say what is missing (TensorRT cannot be installed everywhere; the rest still runs). Every GPU result
+is compared with ONNX Runtime CPU fp32 on the photos given (else random inputs): fp16 top-1
+agreement >= 99.5%, int8 >= 98%. The TensorRT engines are also checked by NVIDIA's own Polygraphy
+(`polygraphy run`), so the hand-written TensorRT code is checked by code nobody here wrote.
 
-Exit status: 0 every step passed, 1 a step failed, 2 TensorRT or the GPU is missing (nothing run).
+Exit status (runtime/errors.py): 0 every step passed or was skipped, 1 a step failed, 6 no GPU step
+could run here (the SKIP rows say why).
 """
 
 from __future__ import annotations
 
-import argparse
+import shutil
 import subprocess
 import sys
 import time
@@ -18,17 +21,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.engines import EngineOptions, build_engines
 from export.pipeline import ExportOptions, export_checkpoint
 from export.verify import compare, verification_inputs
 from runtime.artifact import model_path, read_onnx_meta
-from runtime.backends import cudart
-from runtime.backends.ort_cpu import OrtCpuBackend
-from runtime.backends.trt import TensorRTBackend, engine_path, read_sidecar, tensorrt_unavailable_reason
+from runtime.backends import create, cudart
+from runtime.backends.onnxruntime import ORT_CPU, ORT_CUDA
+from runtime.backends.pytorch import cuda_available
+from runtime.backends.trt import engine_path, read_sidecar, tensorrt_unavailable_reason
 from runtime.checkpoints import HubUnreachable
+from runtime.errors import SOME_FAILED, ArgumentParser, Unavailable, first_line, run_cli
 
 DEFAULT_MODEL = "facebook/deit-small-distilled-patch16-224"
-MIN_AGREEMENT = {"fp16": 0.995, "int8": 0.98}
+MIN_AGREEMENT = {"fp32": 0.995, "fp16": 0.995, "int8": 0.98}
+POLYGRAPHY_TOLERANCE = {"fp16": ("2e-2", "2e-2"), "int8": ("1e-1", "1e-1")}  # (atol, rtol) on logits
 
 
 @dataclass
@@ -43,14 +48,20 @@ class StepFailed(Exception):
     """A check inside a step did not hold; the message is the table's detail column."""
 
 
+class StepSkipped(Exception):
+    """The step cannot run here; the message says what is missing."""
+
+
 def _timed(name: str, fn: Callable[[], str]) -> Step:
     t0 = time.perf_counter()
     try:
         detail, status = fn(), "PASS"
+    except StepSkipped as err:
+        detail, status = str(err), "SKIP"
     except StepFailed as err:
         detail, status = str(err), "FAIL"
     except Exception as err:  # a crashed step is a FAIL row, and the check goes on
-        detail, status = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", "FAIL"
+        detail, status = f"{type(err).__name__}: {first_line(err)}", "FAIL"
     return Step(name, status, time.perf_counter() - t0, detail)
 
 
@@ -62,16 +73,19 @@ def _run_cli(args: list[str]) -> str:
     return f"`python -m {args[0]}` ok"
 
 
-def _agreement(artifact: Path, precision: str, images: Path | None, limit: int) -> str:
+def _agreement(artifact: Path, backend: str, precision: str, images: Path | None, limit: int) -> str:
+    """Top-1 agreement of a GPU backend with ONNX Runtime CPU fp32 on the photos (or random inputs)."""
     meta = read_onnx_meta(model_path(artifact, "fp32"))
     x, photos = verification_inputs(meta.preprocessing, images, limit, n_random=0 if images else 64)
-    with OrtCpuBackend(artifact, precision="fp32") as ref:
+    with ORT_CPU(artifact, precision="fp32") as ref:
         expected = ref.infer(x)
-    with TensorRTBackend(artifact, precision=precision) as backend:
-        got = backend.infer(x)
+    with create(backend, artifact, precision=precision) as gpu:
+        got = gpu.infer(x)
+        notes = getattr(gpu, "notes", [])
     result = compare(expected, got)
     text = (f"top-1 agreement {result['top1_agreement']:.2%} on {result['samples']} "
-            f"{'photos' if photos else 'random inputs'}, min cosine {result['min_cosine']:.4f}")
+            f"{'photos' if photos else 'random inputs'}, min cosine {result['min_cosine']:.4f}"
+            + (f"; {'; '.join(notes)}" if notes else ""))
     if result["top1_agreement"] < MIN_AGREEMENT[precision]:
         raise StepFailed(f"{text} < {MIN_AGREEMENT[precision]:.1%}")
     return text
@@ -85,10 +99,51 @@ def _attention(artifact: Path, precision: str) -> str:
     return text
 
 
+def polygraphy_commands(artifact: Path, precision: str, work: Path) -> list[list[str]]:
+    """ONNX Runtime fp32 outputs saved by Polygraphy, then our engine run by Polygraphy's TensorRT runner against them."""
+    meta = read_onnx_meta(model_path(artifact, "fp32"))
+    h, w = meta.preprocessing.input_size
+    atol, rtol = POLYGRAPHY_TOLERANCE[precision]
+    inputs, reference = work / f"inputs-{precision}.json", work / f"onnxrt-{precision}.json"
+    shape = f"pixel_values:[8,3,{h},{w}]"
+    return [
+        ["polygraphy", "run", str(model_path(artifact, "fp32")), "--onnxrt", "--input-shapes", shape,
+         "--save-inputs", str(inputs), "--save-outputs", str(reference)],
+        ["polygraphy", "run", str(engine_path(artifact, precision)), "--model-type", "engine", "--trt",
+         "--load-inputs", str(inputs), "--load-outputs", str(reference), "--atol", atol, "--rtol", rtol,
+         "--check-error-stat", "median"],
+    ]
+
+
+def _polygraphy(artifact: Path, precision: str) -> str:
+    if shutil.which("polygraphy") is None:
+        raise StepSkipped("polygraphy is not installed (`pip install polygraphy`, with TensorRT)")
+    work = artifact / "polygraphy"
+    work.mkdir(exist_ok=True)
+    for cmd in polygraphy_commands(artifact, precision, work):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()][-3:]
+            raise StepFailed(f"`{' '.join(cmd[:3])} ...` exited {proc.returncode}: {' | '.join(tail)}")
+    return f"Polygraphy: TensorRT {precision} engine matches ONNX Runtime fp32 (median error within {POLYGRAPHY_TOLERANCE[precision]})"
+
+
+def gpu_missing() -> dict[str, str | None]:
+    """What each GPU route lacks here (None: it can run)."""
+    return {"torch-cuda": None if cuda_available() else "torch sees no CUDA GPU (torch.cuda.is_available() is False)",
+            "ort-cuda": ORT_CUDA.unavailable_reason(),
+            "tensorrt": tensorrt_unavailable_reason() or cudart.gpu_unavailable_reason()}
+
+
 def run_gpu_check(out: Path, model: str = DEFAULT_MODEL, images: Path | None = None, limit: int = 500) -> list[Step]:
-    """Run every step; later steps that need an earlier one's output are skipped when it failed."""
+    """Run every step; a step whose prerequisite is missing or failed is a SKIP row saying so."""
+    missing = gpu_missing()
     steps: list[Step] = []
     artifact = out / model.rstrip("/").split("/")[-1]
+
+    def needs(route: str) -> None:
+        if missing[route]:
+            raise StepSkipped(str(missing[route]))
 
     def export() -> str:
         opts = ExportOptions(model, out_root=out, verify_images=images, progress=False)
@@ -97,33 +152,51 @@ def run_gpu_check(out: Path, model: str = DEFAULT_MODEL, images: Path | None = N
         except HubUnreachable:
             opts.weights = "synthetic"
             report = export_checkpoint(opts)
-        return f"{report['weights']} weights -> {artifact}"
+        return f"{report['weights']} weights -> {artifact}; files {', '.join(report['files'])}"
 
     steps.append(_timed("export", export))
     if steps[-1].status != "PASS":
         return steps
-    if images is None:
-        steps.append(Step("calibrate", "SKIP", 0.0, "no --images to calibrate on; int8 steps skipped"))
-    else:
-        steps.append(_timed("calibrate", lambda: _run_cli(
-            ["calibration", "--model", str(artifact), "--calib-dir", str(images), "--num-images", "128"])))
+
+    def calibrate() -> str:
+        if images is None:
+            raise StepSkipped("no --images to calibrate on; int8 steps skipped")
+        return _run_cli(["calibration", "--model", str(artifact), "--calib-dir", str(images), "--num-images", "128",
+                         "--no-progress"])
+
+    steps.append(_timed("calibrate", calibrate))
+
+    def checked(route: str, fn: Callable[[], str]) -> Callable[[], str]:
+        def step() -> str:
+            needs(route)
+            return fn()
+        return step
+
+    for precision in ("fp32", "fp16"):
+        steps.append(_timed(f"torch-sdpa {precision} on CUDA vs ORT CPU fp32",
+                            checked("torch-cuda", lambda p=precision: _agreement(artifact, "torch-sdpa", p, images, limit))))
+        steps.append(_timed(f"ort-cuda {precision} vs ORT CPU fp32",
+                            checked("ort-cuda", lambda p=precision: _agreement(artifact, "ort-cuda", p, images, limit))))
     precisions = ("fp16", "int8") if model_path(artifact, "int8").is_file() else ("fp16",)
 
     def engines() -> str:
+        needs("tensorrt")
+        from export.engines import EngineOptions, build_engines
+
         report = build_engines(artifact, precisions, EngineOptions(progress=False))
         return ", ".join(f"{p} built in {s['build_time_s']:.0f} s" for p, s in report["engines"].items())
 
     steps.append(_timed("engines", engines))
-    if steps[-1].status != "PASS":
-        return steps
+    built = steps[-1].status == "PASS"
     for precision in precisions:
-        steps.append(_timed(f"attention fused ({precision})", lambda p=precision: _attention(artifact, p)))
-        steps.append(_timed(f"infer trt {precision} vs ORT fp32",
-                            lambda p=precision: _agreement(artifact, p, images, limit)))
-    backends = ",".join(["trt", *(["trt-int8"] if "int8" in precisions else []), "ort-trt", "ort-cuda", "ort-cpu"])
+        for name, fn in ((f"attention fused ({precision})", lambda p=precision: _attention(artifact, p)),
+                         (f"polygraphy trt {precision} vs onnxrt fp32", lambda p=precision: _polygraphy(artifact, p)),
+                         (f"infer trt {precision} vs ORT CPU fp32", lambda p=precision: _agreement(artifact, "trt", p, images, limit))):
+            steps.append(_timed(name, fn) if built else
+                         Step(name, "SKIP", 0.0, f"no engine: {missing['tensorrt'] or 'the engines step failed'}"))
     steps.append(_timed("bench", lambda: _run_cli(
-        ["benchmarks", "--model", str(artifact), "--batch-sizes", "1,2,4,8", "--backends", backends,
-         "--out", str(out / "bench")])))
+        ["benchmarks", "--model", str(artifact), "--batch-sizes", "1,2,4,8", "--out", str(out / "bench"), "--no-progress"]
+        + (["--agreement-images", str(images)] if images else []))))
     return steps
 
 
@@ -134,20 +207,32 @@ def format_table(steps: list[Step]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=(__doc__ or "").split("\n")[0])
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m benchmarks.gpu_check", description=(__doc__ or "").split("\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local checkpoint (default {DEFAULT_MODEL})")
     p.add_argument("--out", type=Path, default=Path("artifacts/gpu-check"))
     p.add_argument("--images", type=Path, help="photos for calibration and agreement (else random inputs, no int8)")
     p.add_argument("--limit", type=int, default=500, help="at most this many photos for agreement (default 500)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
-    missing = [r for r in (tensorrt_unavailable_reason(), cudart.gpu_unavailable_reason()) if r]
-    if missing:
-        print("gpu-check: cannot run here:\n" + "\n".join(f"  - {m}" for m in missing), file=sys.stderr)
-        return 2
-    steps = run_gpu_check(args.out, args.model, args.images, args.limit)
-    print(format_table(steps))
-    return 0 if all(s.status in ("PASS", "SKIP") for s in steps) else 1
+    if args.images is not None and not args.images.is_dir():
+        p.error(f"--images {args.images}: no such folder")
+
+    def work() -> int:
+        missing = gpu_missing()
+        if all(missing.values()):
+            names = ["export", "calibrate", "torch-sdpa on CUDA", "ort-cuda", "engines", "polygraphy", "infer trt", "bench"]
+            print(format_table([Step(n, "SKIP", 0.0, "no GPU here") for n in names]))
+            raise Unavailable("no GPU step can run here: " + "; ".join(f"{k}: {v}" for k, v in missing.items()))
+        steps = run_gpu_check(args.out, args.model, args.images, args.limit)
+        print(format_table(steps))
+        return SOME_FAILED if any(s.status == "FAIL" for s in steps) else 0
+
+    return run_cli("gpu_check", work)
 
 
 if __name__ == "__main__":

@@ -2,56 +2,54 @@
 
 A latency without a correctness check rewards a backend for being wrong quickly, so every backend
 also runs one shared input batch whose outputs are compared with the fp32 reference (torch-eager by
-default); the report shows top-1 agreement next to the latency and flags backends below a threshold.
+default, on the GPU when there is one); the report shows top-1 agreement next to the latency and
+flags backends below a threshold.
 
-Timing: warm-up runs, then runs until both a minimum count and a minimum measuring time are
-reached; inputs rotate among several buffers so no run reads its input from cache. CPU backends are
-timed with a monotonic clock around `Backend.run`. A GPU backend may expose `time_runs(x, iterations) -> [ms]`
-(CUDA events around its copies and launch or CUDA-graph replay, as the trt backend does); the
-harness then uses those numbers, and says so in each row's `clock`.
+Timing goes through the one core (`runtime.timing.measure`). Each backend says which clock it is
+timed with: CPU backends on the host clock around `Backend.run`; GPU backends (`clock ==
+"cuda-events"`) on CUDA events around runs on a device-resident input (`time_runs`), optionally
+with a second host-clock column that includes the copies. A table never mixes the two clocks. A
+backend that raises anything becomes a row with the error, and the run goes on.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import inspect
-import os
 import platform
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from export.verify import compare, verification_inputs
 from runtime.artifact import MODEL_FILES, SYNTHETIC_WARNING, ArtifactMeta, read_onnx_meta
-from runtime.backends import BACKENDS, Backend, BackendUnavailable, backend_class
+from runtime.backends import BACKENDS, PRECISIONS, Backend, BackendKind, backend_kind
+from runtime.console import progress_bar
+from runtime.cpuinfo import describe_cpu
+from runtime.errors import DeitError, UsageError, first_line
+from runtime.timing import LoadMeter, host_ms, measure
 
 # Backends that exist only to be compared against (not part of the runtime registry).
-BENCH_ONLY: dict[str, str] = {"ort-cpu-optimum-style": "benchmarks.optimum_style:OptimumStyleBackend"}
+BENCH_ONLY: dict[str, str] = {
+    "ort-cpu-optimum-style": "benchmarks.optimum_style:ORT_CPU_OPTIMUM_STYLE",
+    "ort-cuda-optimum-style": "benchmarks.optimum_style:ORT_CUDA_OPTIMUM_STYLE",
+}
 DEFAULT_REFERENCE = "torch-eager"
-CONTENDED = 0.25  # cores of other processes' load during a cell that make its timing suspect
-
-
-@runtime_checkable
-class DeviceTimed(Protocol):
-    """What a GPU backend implements so that it is timed on the device instead of the host clock."""
-
-    def time_runs(self, pixel_values: np.ndarray, iterations: int) -> list[float]:
-        """Run the batch `iterations` times; the milliseconds of each run as the device measured them."""
-        ...
+CPU_DEFAULTS = ("torch-eager", "torch-sdpa", "ort-cpu", "ort-cpu-int8", "openvino-cpu", "openvino-cpu-bf16",
+                "openvino-cpu-int8", "ort-cpu-optimum-style")
+GPU_DEFAULTS = ("torch-eager", "torch-sdpa", "torch-eager-fp16", "torch-sdpa-fp16", "torch-sdpa-graph-fp16",
+                "torch-compile-fp16", "ort-cuda", "ort-cuda-fp32", "ort-cuda-optimum-style", "trt", "trt-int8", "ort-trt")
 
 
 @dataclass(frozen=True)
 class BenchSpec:
-    """One benchmark row: a backend class at a precision, or the reason it cannot exist here."""
+    """One benchmark row: a backend kind at a precision, or the reason it cannot exist here."""
 
     label: str
-    cls: type[Backend] | None
+    kind: BackendKind | None
     precision: str | None = None
     unavailable: str | None = None
 
@@ -63,138 +61,64 @@ class Settings:
     min_iters: int = 10
     min_time_s: float = 1.0
     max_iters: int = 1000
-    buffers: int = 4  # distinct input batches rotated through while timing
-    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    buffers: int = 4  # distinct input batches rotated through while timing (host clock)
+    threads: int | None = None  # CPU threads per backend; None: one per usable core
     reference: str = DEFAULT_REFERENCE
     agreement_images: Path | None = None  # photos for the shared batch (random tensors are always included)
     agreement_limit: int = 32
     min_agreement: float = 0.9  # a backend whose top-1 agrees less often than this is flagged
     seed: int = 0
-    retries: int = 2  # re-measure a cell that other processes disturbed (see CONTENDED) up to this often
-
-
-@dataclass
-class Timing:
-    batch_size: int
-    iterations: int
-    median_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    min_ms: float
-    images_per_s: float
-    # Cores other processes kept busy while this cell was measured: above CONTENDED the number is suspect.
-    other_load_cores: float | None = None
-    attempts: int = 1  # how many times the cell was measured (see `least_disturbed`)
+    retries: int = 2  # re-measure a cell that other processes disturbed up to this often
+    with_copies: bool = False  # GPU rows: also time host->device copy + run + device->host on the host clock
+    load: LoadMeter | None = None  # how other processes' load is measured (tests pass a fake)
 
 
 def resolve(label: str) -> BenchSpec:
     """`ort-cpu`, `ort-cpu-int8` (a registry name with a precision suffix) or a benchmark-only backend.
 
     A known backend whose module cannot be imported here becomes a row with the reason; an unknown
-    name is a ValueError.
+    name is a UsageError.
     """
     name, precision = label, None
-    for prec in MODEL_FILES:
-        if label.endswith(f"-{prec}") and label[: -len(prec) - 1] in BACKENDS:
-            name, precision = label[: -len(prec) - 1], prec
+    for prec in PRECISIONS:
+        base = label.removesuffix(f"-{prec}")
+        if base != label and (base in BACKENDS or base in BENCH_ONLY):
+            name, precision = base, prec
     if name not in BACKENDS and name not in BENCH_ONLY:
         known = ", ".join([*BACKENDS, *BENCH_ONLY])
-        raise ValueError(f"unknown backend {label!r}; choose from {known} (a registry name may end in -fp16 or -int8)")
+        raise UsageError(f"unknown backend {label!r}; choose from {known} (optionally ending in -fp16, -bf16 or -int8)")
     try:
         if name in BENCH_ONLY:
-            module, cls_name = BENCH_ONLY[name].split(":")
-            return BenchSpec(label, getattr(importlib.import_module(module), cls_name), precision)
-        return BenchSpec(label, backend_class(name), precision)
-    except (BackendUnavailable, ImportError) as err:
+            module, attr = BENCH_ONLY[name].split(":")
+            return BenchSpec(label, getattr(importlib.import_module(module), attr), precision)
+        return BenchSpec(label, backend_kind(name), precision)
+    except (DeitError, ImportError) as err:
         return BenchSpec(label, None, precision, str(err))
 
 
-def default_labels() -> list[str]:
-    """Every backend the project knows, the PyTorch baselines first (as in the HF table), plus the
-    int8 CPU model and the Optimum-style comparison."""
-    labels = [name for name in BACKENDS if name.startswith("torch")] + [name for name in BACKENDS if not name.startswith("torch")]
-    labels.insert(labels.index("ort-cpu") + 1, "ort-cpu-int8")
-    return labels + list(BENCH_ONLY)
+def default_labels(gpu: bool | None = None) -> list[str]:
+    """The rows `make bench` shows: on a GPU machine every row runs on the GPU; elsewhere the CPU rows."""
+    if gpu is None:
+        gpu = gpu_present()
+    return list(GPU_DEFAULTS if gpu else CPU_DEFAULTS)
 
 
-def time_batches(backend: Backend, buffers: list[np.ndarray], settings: Settings) -> Timing:
-    """Latency statistics of `backend.run` on batches rotated from `buffers`."""
-    run = _timer(backend)
-    for i in range(settings.warmup):
-        run(buffers[i % len(buffers)])
-    samples: list[float] = []
-    start, busy_start, own_start = time.perf_counter(), _cpu_busy_s(), _own_cpu_s()
-    while len(samples) < settings.min_iters or (
-        time.perf_counter() - start < settings.min_time_s and len(samples) < settings.max_iters
-    ):
-        samples.append(run(buffers[len(samples) % len(buffers)]))
-    wall, busy_end = time.perf_counter() - start, _cpu_busy_s()
-    other = None
-    if busy_start is not None and busy_end is not None:
-        other = round(max(0.0, (busy_end - busy_start) - (_own_cpu_s() - own_start)) / wall, 2)
-    ms = np.asarray(samples)
-    median = float(np.median(ms))
-    batch = len(buffers[0])
-    return Timing(
-        batch_size=batch,
-        iterations=len(samples),
-        median_ms=round(median, 4),
-        p90_ms=round(float(np.percentile(ms, 90)), 4),
-        p99_ms=round(float(np.percentile(ms, 99)), 4),
-        mean_ms=round(float(ms.mean()), 4),
-        min_ms=round(float(ms.min()), 4),
-        images_per_s=round(batch * 1000.0 / median, 2),
-        other_load_cores=other,
-    )
+def gpu_present() -> bool:
+    from runtime.backends.cudart import gpu_unavailable_reason
+    from runtime.backends.pytorch import cuda_available
+
+    return cuda_available() or gpu_unavailable_reason() is None
 
 
-def least_disturbed(backend: Backend, buffers: list[np.ndarray], settings: Settings) -> Timing:
-    """Time a cell again while other processes loaded the CPU during it; keep the quietest attempt.
-
-    On a shared machine a neighbour's burst can double a latency; a retry is cheaper than a wrong
-    table. The attempt kept still records the load it saw, so a cell that never got quiet shows it.
-    """
-    best = time_batches(backend, buffers, settings)
-    attempts = 1
-    while attempts <= settings.retries and best.other_load_cores is not None and best.other_load_cores > CONTENDED:
-        again = time_batches(backend, buffers, settings)
-        attempts += 1
-        if again.other_load_cores is not None and again.other_load_cores < best.other_load_cores:
-            best = again
-    best.attempts = attempts
-    return best
+def unavailable_reason(spec: BenchSpec, artifact_dir: Path) -> str | None:
+    if spec.kind is None:
+        return spec.unavailable
+    return spec.kind.unavailable_reason() or spec.kind.missing_files(artifact_dir, spec.precision)
 
 
-def _cpu_busy_s() -> float | None:
-    """CPU seconds the whole machine has been busy (all processes), from /proc/stat; None elsewhere."""
-    try:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = values[3] + values[4]  # idle + iowait
-    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def clock_name(backend: Backend) -> str:
-    return "CUDA events (device)" if isinstance(backend, DeviceTimed) else "perf_counter (monotonic, host)"
-
-
-def _timer(backend: Backend) -> Callable[[np.ndarray], float]:
-    if isinstance(backend, DeviceTimed):
-        return lambda x: backend.time_runs(x, 1)[0]
-
-    def host_ms(x: np.ndarray) -> float:
-        t0 = time.perf_counter()
-        backend.run(x)
-        return (time.perf_counter() - t0) * 1000.0
-
-    return host_ms
+def construct(spec: BenchSpec, artifact_dir: Path, settings: Settings) -> Backend:
+    assert spec.kind is not None
+    return spec.kind(artifact_dir, precision=spec.precision, max_batch=max(settings.batch_sizes), threads=settings.threads)
 
 
 def make_buffers(meta: ArtifactMeta, batch: int, settings: Settings) -> list[np.ndarray]:
@@ -203,94 +127,88 @@ def make_buffers(meta: ArtifactMeta, batch: int, settings: Settings) -> list[np.
     return [rng.standard_normal((batch, 3, h, w)).astype(np.float32) for _ in range(settings.buffers)]
 
 
-def construct(spec: BenchSpec, artifact_dir: Path, settings: Settings) -> Backend:
-    """The backend with the benchmark's fixed thread count, where the backend takes one."""
-    assert spec.cls is not None
-    kwargs: dict[str, Any] = {"precision": spec.precision, "max_batch": max(settings.batch_sizes)}
-    if "threads" in inspect.signature(spec.cls).parameters:
-        kwargs["threads"] = settings.threads
-    return spec.cls(artifact_dir, **kwargs)
+def _run_once(backend: Backend, buffers: list[np.ndarray], device_clock: bool) -> Callable[[], float]:
+    """One timed run: the device clock on a device-resident input, or the host clock around `run` (inputs rotate)."""
+    if device_clock:
+        return lambda: backend.time_runs(buffers[0], 1)[0]  # type: ignore[attr-defined]
+    turn = iter(range(1 << 62))
+    return lambda: host_ms(lambda: backend.run(buffers[next(turn) % len(buffers)]))
 
 
-def unavailable_reason(spec: BenchSpec, artifact_dir: Path) -> str | None:
-    if spec.cls is None:
-        return spec.unavailable
-    return spec.cls.unavailable_reason() or spec.cls.missing_files(artifact_dir, spec.precision)
+def time_cell(backend: Backend, batch: int, settings: Settings, device_clock: bool) -> dict[str, Any]:
+    buffers = make_buffers(backend.meta, batch, settings)
+    timing = measure(_run_once(backend, buffers, device_clock), batch, warmup=settings.warmup,
+                     min_iters=settings.min_iters, min_time_s=settings.min_time_s, max_iters=settings.max_iters,
+                     retries=settings.retries, load=settings.load)
+    return asdict(timing)
 
 
-def measure(
-    spec: BenchSpec,
-    artifact_dir: Path,
-    settings: Settings,
-    shared_batch: np.ndarray,
-    progress: tqdm | None = None,
-) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
-    """One backend's row (timings, threads, clock) and its outputs on the shared batch."""
+def measure_row(spec: BenchSpec, artifact_dir: Path, settings: Settings, shared_batch: np.ndarray,
+                on_cell: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    """One backend's row (timings, clock, how it ran) and its outputs on the shared batch.
+
+    Any exception a backend raises (ORT's Fail, a CUDA error, out of memory) ends that row with the
+    error; the other rows are still measured.
+    """
     row: dict[str, Any] = {"label": spec.label, "precision": spec.precision, "status": "unavailable"}
     reason = unavailable_reason(spec, artifact_dir)
     if reason:
         return row | {"reason": reason}, None
     try:
         backend = construct(spec, artifact_dir, settings)
-        row |= {"backend": backend.name, "precision": backend.precision, "device": backend.device}
+        row |= {"precision": backend.precision, "device": backend.device, "clock": backend.clock}
         with backend:
-            # After activation: a backend may build the file it runs (optimum-style). The torch
-            # backends name the artifact whose checkpoint they rebuild.
-            row |= {"model_file": str(backend.model_file), "threads": _threads(backend), "clock": clock_name(backend)}
-            if hasattr(backend, "info"):  # how a backend built its model, where it says (optimum-style)
-                row["info"] = getattr(backend, "info")
             outputs = backend.infer(shared_batch)
-            timings = []
+            timings, with_copies = [], []
             for batch in settings.batch_sizes:
-                if progress is not None:
-                    progress.set_postfix_str(f"{spec.label} batch {batch}")
-                timings.append(asdict(least_disturbed(backend, make_buffers(backend.meta, batch, settings), settings)))
-                if progress is not None:
-                    progress.update(1)
-    except (BackendUnavailable, OSError, RuntimeError, ValueError) as err:
-        return row | {"status": "failed", "reason": f"{type(err).__name__}: {str(err).splitlines()[0]}"}, None
-    return row | {"status": "ok", "timings": timings}, outputs
+                if on_cell is not None:
+                    on_cell(f"{spec.label} batch {batch}")
+                timings.append(time_cell(backend, batch, settings, backend.clock == "cuda-events"))
+                if backend.clock == "cuda-events" and settings.with_copies:
+                    with_copies.append(time_cell(backend, batch, settings, device_clock=False))
+            row |= backend.describe()
+    except Exception as err:  # the row says what went wrong; the benchmark goes on
+        return row | {"status": "failed", "reason": f"{type(err).__name__}: {first_line(err)}"}, None
+    row |= {"status": "ok", "timings": timings, "label": spec.label}
+    if with_copies:
+        row["timings_with_copies"] = with_copies
+    return row, outputs
 
 
-def _threads(backend: Backend) -> int | None:
-    threads = getattr(backend, "threads", None)
-    if threads is None and backend.name.startswith("torch"):
-        import torch
-
-        threads = torch.get_num_threads()
-    return threads
-
-
-def run_benchmark(
-    artifact_dir: str | Path, specs: list[BenchSpec], settings: Settings, progress: bool = True
-) -> dict[str, Any]:
+def run_benchmark(artifact_dir: str | Path, specs: list[BenchSpec], settings: Settings, progress: bool = True,
+                  cpu_ceilings: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Measure every spec on one artifact; returns the results document (see `benchmarks.report`).
 
     The reference backend runs on the shared batch even when it is not among `specs`.
+    `cpu_ceilings`, when given, measures the CPU's MatMul ceilings in the same run (benchmarks/cpu.py).
     """
     artifact_dir = Path(artifact_dir)
-    ref_spec = resolve(settings.reference)
     meta = read_onnx_meta(artifact_dir / MODEL_FILES["fp32"])
     shared, n_photos = verification_inputs(
         meta.preprocessing, settings.agreement_images, settings.agreement_limit, n_random=16, seed=settings.seed
     )
     rows: list[dict[str, Any]] = []
     outputs: dict[str, dict[str, np.ndarray]] = {}
-    timed = sum(unavailable_reason(s, artifact_dir) is None for s in specs) * len(settings.batch_sizes)
-    with tqdm(total=timed, desc="benchmark", unit="cell", disable=not progress) as bar:
+    cells = sum(unavailable_reason(s, artifact_dir) is None for s in specs) * len(settings.batch_sizes)
+    with progress_bar(total=cells, desc="benchmark", unit="cell", enabled=progress) as bar:
+        def on_cell(text: str) -> None:
+            bar.set_postfix_str(text)
+            bar.update(1)
+
         for spec in specs:
-            row, out = measure(spec, artifact_dir, settings, shared, bar)
+            row, out = measure_row(spec, artifact_dir, settings, shared, on_cell)
             rows.append(row)
             if out is not None:
                 outputs[spec.label] = out
     reference = outputs.get(settings.reference)
+    reference_note = None
     if reference is None:
-        reference = _reference_outputs(ref_spec, artifact_dir, settings, shared)
+        reference, reference_note = _reference_outputs(resolve(settings.reference), artifact_dir, settings, shared)
     for row in rows:
-        if row["label"] in outputs:
+        if row["label"] in outputs and reference is not None:
             row["agreement"] = agreement(reference, outputs[row["label"]], settings.min_agreement)
-    return {
-        "schema": 1,
+    results: dict[str, Any] = {
+        "schema": 2,
         "model": {
             "artifact": str(artifact_dir),
             "checkpoint": meta.checkpoint,
@@ -299,43 +217,17 @@ def run_benchmark(
             "architecture": meta.architecture,
             "num_layers": meta.num_layers,
             "image_size": meta.image_size,
+            "config": meta.config,
         },
         "warning": SYNTHETIC_WARNING if meta.synthetic else None,
         "environment": environment(settings.threads),
-        "settings": _settings_dict(settings) | {
-            "agreement_batch": {"random": int(len(shared) - n_photos), "photos": n_photos},
-        },
+        "settings": _settings_dict(settings) | {"agreement_batch": {"random": int(len(shared) - n_photos), "photos": n_photos}},
+        "reference_note": reference_note,
         "backends": rows,
     }
-
-
-def end_to_end(
-    artifact_dir: str | Path, images: Path, labels: list[str], settings: Settings, limit: int | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """What the whole pipeline (decode + preprocess + infer, `runtime.classify`) delivers, images/s per backend.
-
-    Uses the runtime engineer's `benchmarks.pipeline_throughput.measure_pipeline`, which also times
-    the model alone on the same images, so the two numbers are directly comparable.
-    """
-    from benchmarks.pipeline_throughput import measure_pipeline
-
-    rows: list[dict[str, Any]] = []
-    for label in labels:
-        spec = resolve(label)
-        reason = unavailable_reason(spec, Path(artifact_dir))
-        if not reason and spec.cls is not None and spec.cls.name not in BACKENDS:
-            reason = "end-to-end mode runs registry backends only"
-        if reason:
-            rows.append({"label": label, "status": "unavailable", "reason": reason})
-            continue
-        assert spec.cls is not None
-        result = measure_pipeline(
-            artifact_dir, images, backend=spec.cls.name, precision=spec.precision, batch_size=max(settings.batch_sizes),
-            threads=settings.threads, limit=limit, repeats=1, progress=progress,
-        )
-        rows.append({"label": label, "status": "ok", "images_dir": str(images)} | result)
-    return rows
+    if cpu_ceilings is not None and any(r.get("device") == "cpu" and r["status"] == "ok" for r in rows):
+        results["cpu_ceilings"] = cpu_ceilings()
+    return results
 
 
 def agreement(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], min_agreement: float) -> dict[str, Any]:
@@ -347,53 +239,85 @@ def agreement(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]
     return result
 
 
-def _reference_outputs(spec: BenchSpec, artifact_dir: Path, settings: Settings, shared: np.ndarray) -> dict[str, np.ndarray]:
+def _reference_outputs(spec: BenchSpec, artifact_dir: Path, settings: Settings,
+                       shared: np.ndarray) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """The reference's outputs when it was not a measured row; None (and why) when it cannot run."""
     reason = unavailable_reason(spec, artifact_dir)
     if reason:
-        raise BackendUnavailable(f"reference backend {spec.label!r} cannot run: {reason}")
-    with construct(spec, artifact_dir, settings) as backend:
-        return backend.infer(shared)
+        return None, f"reference backend {spec.label!r} cannot run here ({reason}): no agreement figures"
+    try:
+        with construct(spec, artifact_dir, settings) as backend:
+            return backend.infer(shared), None
+    except Exception as err:
+        return None, f"reference backend {spec.label!r} failed ({type(err).__name__}: {first_line(err)}): no agreement figures"
 
 
 def _settings_dict(settings: Settings) -> dict[str, Any]:
     data = asdict(settings)
+    data.pop("load")
     data["batch_sizes"] = list(settings.batch_sizes)
     data["agreement_images"] = str(settings.agreement_images) if settings.agreement_images else None
     return data
 
 
-def environment(threads: int) -> dict[str, Any]:
+def environment(threads: int | None) -> dict[str, Any]:
     """What the numbers depend on: hardware, thread budget and library versions."""
     versions = {}
-    for dist in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy"):
+    for dist in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "numpy"):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             continue
+    cpu = describe_cpu()
     return {
-        "cpu": _cpu_model(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)),
-        "cpu_count": os.cpu_count(),
+        "cpu": cpu["model"],
+        "cpu_features": cpu["features"],
+        "cpu_cores_usable": cpu["usable_cores"],
         "gpu": _gpu_name(),
-        "threads": threads,
-        "loadavg_at_start": [round(v, 2) for v in os.getloadavg()],
+        "threads": threads or cpu["usable_cores"],
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": versions,
     }
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _gpu_name() -> str | None:
-    import torch
+    try:
+        from runtime.backends import cudart
 
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        return None if cudart.gpu_unavailable_reason() else cudart.gpu_info().name
+    except Exception:  # no cuda-python, or a driver that answers oddly: the report just says "no GPU"
+        return None
+
+
+@dataclass
+class EndToEndRequest:
+    images: Path
+    labels: list[str] = field(default_factory=lambda: ["ort-cpu"])
+    limit: int | None = 200
+
+
+def end_to_end(artifact_dir: str | Path, request: EndToEndRequest, settings: Settings, progress: bool = True) -> list[dict[str, Any]]:
+    """What the whole pipeline (decode + preprocess + infer, `runtime.classify`) delivers, images/s per backend,
+    from `benchmarks.pipeline_throughput.measure_pipeline`, which also times the model alone on the same images."""
+    from benchmarks.pipeline_throughput import measure_pipeline
+
+    rows: list[dict[str, Any]] = []
+    for label in request.labels:
+        spec = resolve(label)
+        reason = unavailable_reason(spec, Path(artifact_dir))
+        if not reason and spec.kind is not None and spec.kind.name not in BACKENDS:
+            reason = "end-to-end mode runs registry backends only"
+        if reason:
+            rows.append({"label": label, "status": "unavailable", "reason": reason})
+            continue
+        assert spec.kind is not None
+        try:
+            result = measure_pipeline(artifact_dir, request.images, backend=spec.kind.name, precision=spec.precision,
+                                      batch_size=max(settings.batch_sizes), threads=settings.threads, limit=request.limit,
+                                      repeats=1, progress=progress)
+        except Exception as err:
+            rows.append({"label": label, "status": "failed", "reason": f"{type(err).__name__}: {first_line(err)}"})
+            continue
+        rows.append({"label": label, "status": "ok", "images_dir": str(request.images)} | result)
+    return rows

@@ -1,23 +1,25 @@
-"""`ort-cpu-optimum-style`: the same checkpoint exported the way Hugging Face Optimum does it, for comparison.
+"""`ort-*-optimum-style`: the same checkpoint exported the way Hugging Face Optimum does it, as an anchor row.
 
 Optimum exports with torch's legacy (TorchScript) exporter and then runs
-`onnxruntime.transformers.optimizer.optimize_model(model_type="vit")`. The benchmark puts that model
-beside ours to show whether our export (dynamo, opset 23, one fused `Attention` per layer) is at least
-as fast. It is a benchmark-only backend: the model is rebuilt from the checkpoint the artifact names
-into a temporary folder when the backend is activated, and deleted when it is deactivated.
+`onnxruntime.transformers.optimizer.optimize_model(model_type="vit")` (with `use_gpu=True` and an
+fp16 conversion for the CUDA provider). The benchmark puts that model beside ours to show that our
+graphs are at least as fast. These are ONNX Runtime configurations (runtime/backends/onnxruntime.py)
+whose model is built from the checkpoint the artifact names into a temporary folder when the
+backend is activated, not read from the artifact.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import tempfile
 import warnings
 from contextlib import redirect_stdout
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from runtime.backends.ort_cpu import OrtCpuBackend
+from runtime.artifact import ArtifactMeta
+from runtime.backends.onnxruntime import CPU_EP, CUDA_EP, OrtConfig, OrtKind
 
 LEGACY_OPSET = 17  # the first opset with LayerNormalization; Optimum's ViT default is lower, never higher
 # Optimum's exporter loads the model with transformers' classic (eager) attention, the pattern
@@ -25,36 +27,10 @@ LEGACY_OPSET = 17  # the first opset with LayerNormalization; Optimum's ViT defa
 ATTN_IMPLEMENTATION = "eager"
 
 
-class OptimumStyleBackend(OrtCpuBackend):
-    name = "ort-cpu-optimum-style"
+def build_optimum_style(meta: ArtifactMeta, precision: str, out_dir: Path, use_gpu: bool) -> tuple[Path, dict[str, Any]]:
+    """Legacy-export the checkpoint, apply ORT's transformer optimizer (and fp16 for the GPU).
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.precision != "fp32":
-            raise ValueError(f"{self.name} runs fp32 only, not {self.precision}")
-        self.workdir: tempfile.TemporaryDirectory[str] | None = None
-        self.info: dict[str, Any] = {}  # how the model was built; the benchmark records it
-
-    def activate(self) -> None:
-        self.workdir = tempfile.TemporaryDirectory(prefix="deit-optimum-style-")
-        self.model_file, fused = build_optimum_style(
-            self.meta.checkpoint, self.meta.weights, self.meta.task, Path(self.workdir.name)
-        )
-        self.info = {"exporter": f"torch.onnx.export(dynamo=False, opset {LEGACY_OPSET})",
-                     "attn_implementation": ATTN_IMPLEMENTATION, "fused_ops": fused}
-        super().activate()
-
-    def deactivate(self) -> None:
-        super().deactivate()
-        if self.workdir is not None:
-            self.workdir.cleanup()
-            self.workdir = None
-
-
-def build_optimum_style(checkpoint: str, weights: str, task: str, out_dir: Path) -> tuple[Path, dict[str, int]]:
-    """Legacy-export the checkpoint and apply ORT's transformer optimizer.
-
-    Returns the optimized file and the optimizer's fused-operator counts (which fusions happened).
+    Returns the model file and how it was built, with the optimizer's fused-operator counts.
     """
     import torch
     from onnxruntime.transformers.optimizer import optimize_model
@@ -62,23 +38,39 @@ def build_optimum_style(checkpoint: str, weights: str, task: str, out_dir: Path)
     from export.onnx_export import NamedOutputs
     from runtime.checkpoints import load_checkpoint
 
-    ckpt = load_checkpoint(checkpoint, weights, task, ATTN_IMPLEMENTATION)
-    h, w = ckpt.preprocessing.input_size
-    raw, optimized = out_dir / "legacy.onnx", out_dir / "optimized.onnx"
+    ckpt = load_checkpoint(meta.checkpoint, meta.weights, meta.task, ATTN_IMPLEMENTATION)
+    names = ckpt.meta.output_names
+    h, w = ckpt.meta.preprocessing.input_size
+    raw, optimized = out_dir / "legacy.onnx", out_dir / f"optimized.{precision}.onnx"
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         torch.onnx.export(
-            NamedOutputs(ckpt.model, ckpt.output_names).eval(),
+            NamedOutputs(ckpt.model, names).eval(),
             (torch.randn(1, 3, h, w),),
             str(raw),
             dynamo=False,
             opset_version=LEGACY_OPSET,
             input_names=["pixel_values"],
-            output_names=ckpt.output_names,
-            dynamic_axes={name: {0: "batch"} for name in ["pixel_values", *ckpt.output_names]},
+            output_names=names,
+            dynamic_axes={name: {0: "batch"} for name in ["pixel_values", *names]},
         )
-    heads, hidden = int(ckpt.config["num_attention_heads"]), int(ckpt.config["hidden_size"])
-    model = optimize_model(str(raw), model_type="vit", num_heads=heads, hidden_size=hidden)
+    heads, hidden = int(ckpt.meta.config["num_attention_heads"]), int(ckpt.meta.config["hidden_size"])
+    model = optimize_model(str(raw), model_type="vit", num_heads=heads, hidden_size=hidden, use_gpu=use_gpu)
+    fused = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+    if precision == "fp16":
+        model.convert_float_to_float16(keep_io_types=True)
     model.save_model_to_file(str(optimized))
-    return optimized, {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+    info = {"exporter": f"torch.onnx.export(dynamo=False, opset {LEGACY_OPSET})", "attn_implementation": ATTN_IMPLEMENTATION,
+            "optimizer": f"optimize_model(model_type='vit', use_gpu={use_gpu})", "fused_ops": fused}
+    return optimized, info
+
+
+ORT_CPU_OPTIMUM_STYLE = OrtKind(OrtConfig(
+    name="ort-cpu-optimum-style", device="cpu", providers=(CPU_EP,), default_precision="fp32", files={"fp32": ()},
+    build=partial(build_optimum_style, use_gpu=False),
+))
+ORT_CUDA_OPTIMUM_STYLE = OrtKind(OrtConfig(
+    name="ort-cuda-optimum-style", device="cuda", providers=(CUDA_EP, CPU_EP), default_precision="fp16",
+    files={"fp16": (), "fp32": ()}, io_binding=True, cuda_graphs=True, build=partial(build_optimum_style, use_gpu=True),
+))

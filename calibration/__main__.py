@@ -1,23 +1,23 @@
 """`python -m calibration`: photos -> int8 Q/DQ model beside model.onnx, accuracy measured and gated.
 
-Exit status: 0 written, 1 error (one-line reason), 2 usage, 4 accuracy gate failed (nothing written).
+Exit status (runtime/errors.py): 0 written, 2 usage (bad flag, no usable photos), 4 accuracy gate failed
+(nothing written), 5 bad artifact.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
-from calibration.data import DataError
 from calibration.pipeline import DEFAULT_METHOD, CalibrationOptions, calibrate
 from calibration.quantize import METHODS
-from runtime.artifact import SYNTHETIC_WARNING, ArtifactError, find_artifact
+from runtime.artifact import SYNTHETIC_WARNING, find_artifact
+from runtime.errors import ArgumentParser, GateFailed, run_cli
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m calibration", description=__doc__)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m calibration", description=(__doc__ or "").split("\n")[0])
     p.add_argument("--model", help="artifact folder (default: the newest under artifacts/)")
     p.add_argument("--calib-dir", type=Path, required=True,
                    help="ImageNet train-style (wnid folders), val-style (+ labels file), wnid-named files, or any photos")
@@ -34,27 +34,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, help="where preprocessed tensors are cached (default <model>/.calib-cache)")
     p.add_argument("--no-cache", dest="cache", action="store_false", help="decode every image, cache nothing")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     for flag, value in (("--num-images", args.num_images), ("--num-eval", args.num_eval)):
         if value < 1:
             p.error(f"{flag} must be at least 1")
-    try:
-        artifact = find_artifact(args.model)
+    if not 0.0 <= args.min_agreement <= 1.0:
+        p.error(f"--min-agreement {args.min_agreement}: a fraction between 0 and 1 (0.99 = 99%)")
+    if not 0.0 < args.percentile <= 100.0:
+        p.error(f"--percentile {args.percentile}: must be in (0, 100]")
+    for flag, folder in (("--calib-dir", args.calib_dir), ("--eval-dir", args.eval_dir)):
+        if folder is not None and not folder.is_dir():
+            p.error(f"{flag} {folder}: no such folder")
+
+    def work() -> int:
         report = calibrate(CalibrationOptions(
-            artifact_dir=artifact, calib_dir=args.calib_dir, eval_dir=args.eval_dir, labels_file=args.labels,
-            num_images=args.num_images, num_eval=args.num_eval, method=args.method, percentile=args.percentile,
-            attention_qdq=args.attention_qdq, compare_methods=args.compare_methods, cpu_variant=args.cpu_variant,
-            min_agreement=args.min_agreement, seed=args.seed, cache_dir=args.cache_dir, cache=args.cache,
+            artifact_dir=find_artifact(args.model), calib_dir=args.calib_dir, eval_dir=args.eval_dir,
+            labels_file=args.labels, num_images=args.num_images, num_eval=args.num_eval, method=args.method,
+            percentile=args.percentile, attention_qdq=args.attention_qdq, compare_methods=args.compare_methods,
+            cpu_variant=args.cpu_variant, min_agreement=args.min_agreement, seed=args.seed, cache_dir=args.cache_dir,
+            cache=args.cache, progress=args.progress,
         ))
-    except (ArtifactError, DataError) as err:
-        print(f"calibration: error: {err}", file=sys.stderr)
-        return 1
-    print_report(report)
-    if not report["passed"]:
-        print(f"calibration: error: accuracy gate failed ({'; '.join(report['gate']['failures'])}); nothing written",
-              file=sys.stderr)
-        return 4
-    return 0
+        print_report(report)
+        if not report["passed"]:
+            raise GateFailed(f"accuracy gate failed ({'; '.join(report['gate']['failures'])}); nothing written")
+        return 0
+
+    return run_cli("calibration", work)
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -81,8 +92,8 @@ def print_report(report: dict[str, Any]) -> None:
             line += f"  top-1 {acc['fp32_top1']:.2%} -> {acc['int8_top1']:.2%}  top-5 {acc['fp32_top5']:.2%} -> {acc['int8_top5']:.2%}"
         print(line)
     gate = report["gate"]
-    print(f"  gate: agreement >= {gate['min_agreement']:.2%}: " + ("not applied (synthetic weights)" if not gate["applied"]
-          else "passed" if not gate["failures"] else "FAILED"))
+    print(f"  gate: agreement >= {gate['min_agreement']:.2%}: " + (f"not applied ({gate['not_applied_because']})"
+          if not gate["applied"] else "passed" if not gate["failures"] else "FAILED"))
     if report.get("files"):
         print(f"  wrote {', '.join(report['files'])}")
     print(f"  time: {report['timings_s']}")

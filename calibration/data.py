@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from runtime.artifact import atomic_path
+from runtime.console import progress_bar
+from runtime.errors import UsageError
 from runtime.labels import wnid_to_index
 from runtime.preprocess import IMAGE_SUFFIXES, ImageError, Preprocessing, list_images, load_and_preprocess
 
@@ -28,7 +29,7 @@ WNID = re.compile(r"^(n\d{8})")
 LABEL_FILES = ("LOC_val_solution.csv", "val_labels.txt", "labels.txt", "val.txt")
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Unusable calibration or evaluation data; the message names the folder or file."""
 
 
@@ -134,19 +135,18 @@ def load_batch(
     h, w = spec.input_size
     x = np.empty((min(n, len(candidates)), 3, h, w), dtype=np.float32)
     labels, files, skipped = [], [], {}
-    bar = tqdm(total=len(x), desc="decode", unit="img", disable=not progress, leave=False)
-    for s in candidates:
-        if len(files) == len(x):
-            break
-        try:
-            x[len(files)] = load_and_preprocess(s.path, spec)
-        except ImageError as err:
-            skipped[str(s.path)] = str(err).removeprefix(f"{s.path}: ")
-            continue
-        files.append(str(s.path))
-        labels.append(-1 if s.label is None else s.label)
-        bar.update(1)
-    bar.close()
+    with progress_bar(total=len(x), desc="decode", unit="img", enabled=progress) as bar:
+        for s in candidates:
+            if len(files) == len(x):
+                break
+            try:
+                x[len(files)] = load_and_preprocess(s.path, spec)
+            except ImageError as err:
+                skipped[str(s.path)] = str(err).removeprefix(f"{s.path}: ")
+                continue
+            files.append(str(s.path))
+            labels.append(-1 if s.label is None else s.label)
+            bar.update(1)
     batch = Batch(x[: len(files)], np.asarray(labels, dtype=np.int64), files, skipped)
     if cache is not None:
         with atomic_path(cache) as tmp:

@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 import onnx
-from tqdm import tqdm
+
+from runtime.console import progress_bar
 
 
 def run_logits(model: onnx.ModelProto, x: np.ndarray, batch: int = 8, desc: str = "evaluate", progress: bool = True) -> np.ndarray:
@@ -19,10 +20,11 @@ def run_logits(model: onnx.ModelProto, x: np.ndarray, batch: int = 8, desc: str 
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     name, out = session.get_inputs()[0].name, session.get_outputs()[0].name
-    chunks = [
-        np.asarray(session.run([out], {name: x[i : i + batch]})[0])
-        for i in tqdm(range(0, len(x), batch), desc=desc, unit="batch", disable=not progress, leave=False)
-    ]
+    chunks = []
+    with progress_bar(total=-(-len(x) // batch), desc=desc, unit="batch", enabled=progress) as bar:
+        for i in range(0, len(x), batch):
+            chunks.append(np.asarray(session.run([out], {name: x[i : i + batch]})[0]))
+            bar.update(1)
     return np.concatenate(chunks).astype(np.float32)
 
 

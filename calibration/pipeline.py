@@ -14,8 +14,13 @@ from calibration.data import Batch, DataError, balanced_order, discover, load_ba
 from calibration.evaluate import compare_to_fp32, run_logits
 from calibration.quantize import METHODS, amax_table, collect_stats, insert_qdq, plan_qdq, quantize_dynamic_cpu
 from runtime.artifact import INT8_CPU_FILE, MODEL_FILES, ArtifactMeta, atomic_path, read_onnx_meta, set_onnx_meta, write_json
+from runtime.errors import UsageError
+from runtime.paths import check_output_dir
 
 DEFAULT_METHOD = "percentile"  # chosen by measurement: README "Calibration" (method comparison)
+# Below this many evaluation images one disagreement moves the agreement by more than 1%: the gate
+# could not tell 99% from 97%, so it is reported but not applied (and auto never picks such int8).
+MIN_EVAL_IMAGES = 100
 
 
 @dataclass
@@ -38,6 +43,14 @@ class CalibrationOptions:
     cache: bool = True
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise UsageError(f"--min-agreement {self.min_agreement}: a fraction between 0 and 1 (0.99 = 99%)")
+        if not 0.0 < self.percentile <= 100.0:
+            raise UsageError(f"--percentile {self.percentile}: must be in (0, 100]")
+        if self.num_images < 1 or self.num_eval < 1 or self.batch < 1:
+            raise UsageError("--num-images, --num-eval and the batch size must be at least 1")
+
 
 def calibrate(opts: CalibrationOptions) -> dict[str, Any]:
     """Calibrate, quantize, evaluate, gate; write the files only when the gate passes.
@@ -50,6 +63,7 @@ def calibrate(opts: CalibrationOptions) -> dict[str, Any]:
     t0 = time.perf_counter()
     fp32_path = opts.artifact_dir / MODEL_FILES["fp32"]
     meta = read_onnx_meta(fp32_path)
+    check_output_dir(opts.artifact_dir, "--model", needed_bytes=2 * fp32_path.stat().st_size)
     model = onnx.load(str(fp32_path))
     warnings: list[str] = []
     cache = (opts.cache_dir or opts.artifact_dir / ".calib-cache") if opts.cache else None
@@ -89,9 +103,15 @@ def calibrate(opts: CalibrationOptions) -> dict[str, Any]:
 
     failures = [f"{name}: top-1 agreement with fp32 {acc['top1_agreement']:.2%} < {opts.min_agreement:.2%}"
                 for name, acc in accuracy.items() if acc["top1_agreement"] < opts.min_agreement]
+    not_applied = None
     if meta.synthetic:
-        warnings.append("synthetic (random) weights: accuracy figures are printed but not gated")
-    passed = meta.synthetic or not failures
+        not_applied = "synthetic (random) weights: accuracy figures are printed but not gated"
+    elif len(evals.files) < MIN_EVAL_IMAGES:
+        not_applied = (f"only {len(evals.files)} evaluation images (< {MIN_EVAL_IMAGES}): too few for a meaningful "
+                       "gate; figures are printed but not gated, and `auto` will not pick these int8 files")
+    if not_applied:
+        warnings.append(not_applied)
+    passed = not_applied is not None or not failures
     amax = comparison[opts.method]["scales"]
     report: dict[str, Any] = {
         "artifact_dir": str(opts.artifact_dir),
@@ -108,7 +128,8 @@ def calibrate(opts: CalibrationOptions) -> dict[str, Any]:
         "accuracy": accuracy,
         "method_comparison": {m: {k: v for k, v in r.items() if k != "scales"} | {"amax_summary": _summary(list(r["scales"].values()))}
                               for m, r in comparison.items()} if opts.compare_methods else None,
-        "gate": {"min_agreement": opts.min_agreement, "applied": not meta.synthetic, "failures": failures},
+        "gate": {"min_agreement": opts.min_agreement, "applied": not_applied is None, "not_applied_because": not_applied,
+                 "min_eval_images": MIN_EVAL_IMAGES, "failures": failures},
         "passed": passed,
         "warnings": warnings,
         "timings_s": {"data": round(t_data - t0, 2), "calibrate": round(t_calib - t_data, 2), "quantize_and_evaluate": round(t_eval - t_calib, 2)},
@@ -140,9 +161,7 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 def _write(artifact_dir: Path, meta: ArtifactMeta, shipped: dict[str, onnx.ModelProto], report: dict[str, Any]) -> list[str]:
     for name, model in shipped.items():
-        meta_q = ArtifactMeta.from_json(meta.to_json())
-        meta_q.precision = "int8"
-        meta_q.extra = {"quantization": {
+        meta_q = meta.copy(precision="int8", extra={"quantization": {
             "file_role": "tensorrt-qdq" if name == MODEL_FILES["int8"] else "ort-cpu-dynamic",
             "scheme": "static Q/DQ, symmetric int8, per-channel weights" if name == MODEL_FILES["int8"]
             else "ONNX Runtime quantize_dynamic: int8 per-channel weights, per-batch activations",
@@ -150,7 +169,8 @@ def _write(artifact_dir: Path, meta: ArtifactMeta, shipped: dict[str, onnx.Model
             "placement": report["placement"] if name == MODEL_FILES["int8"] else {"ops": ["MatMul", "Gemm"]},
             "calibration_images": report["calibration_images"]["used"],
             "accuracy": report["accuracy"][name],
-        }}
+            "gate_applied": report["gate"]["applied"],
+        }})
         set_onnx_meta(model, meta_q)
         with atomic_path(artifact_dir / name) as tmp:
             onnx.save(model, str(tmp))

@@ -1,7 +1,7 @@
 """Explicit int8 quantization of an exported DeiT: calibration statistics, Q/DQ placement, CPU variant.
 
 Placement rules (TensorRT's "explicit quantization" guide and NVIDIA ModelOpt's default int8 recipe
-for transformers, `modelopt/onnx/quantization/int8.py`; see FIELD-NOTES): symmetric int8 (zero
+for transformers, `modelopt/onnx/quantization/int8.py`; see the README's calibration section): symmetric int8 (zero
 point 0), weights per output channel, activations per tensor, and a Q/DQ pair only where TensorRT
 fuses it into an int8 kernel:
 
@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from tqdm import tqdm
+
+from runtime.console import progress_bar
 
 METHODS = ("max", "entropy", "percentile")
 INT8_MAX = 127
@@ -179,12 +180,14 @@ def collect_stats(
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     wanted = [t for t in tensors if t not in graph_inputs]
     hists = {t: AbsHistogram() for t in tensors}
-    for x in tqdm(batches, total=total, desc="calibrate", unit="batch", disable=not progress, leave=False):
-        for t in tensors:
-            if t in graph_inputs:
-                hists[t].add(x)
-        for name, value in zip(wanted, session.run(wanted, {graph_inputs[0]: x})):
-            hists[name].add(np.asarray(value))
+    with progress_bar(total=total, desc="calibrate", unit="batch", enabled=progress) as bar:
+        for x in batches:
+            for t in tensors:
+                if t in graph_inputs:
+                    hists[t].add(x)
+            for name, value in zip(wanted, session.run(wanted, {graph_inputs[0]: x})):
+                hists[name].add(np.asarray(value))
+            bar.update(1)
     return hists
 
 

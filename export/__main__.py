@@ -1,22 +1,22 @@
 """`python -m export`: export a DeiT checkpoint to a verified artifact folder.
 
-Exit status: 0 exported, 1 failed (one-line reason), 2 usage, 3 Hub unreachable (try --weights synthetic).
+Exit status (runtime/errors.py): 0 exported, 2 usage, 3 Hub unreachable (try --weights synthetic),
+4 verification failed (nothing written), 5 bad checkpoint, 7 export failed.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
-from export.onnx_export import ExportError
 from export.pipeline import ExportOptions, export_checkpoint
-from runtime.artifact import SYNTHETIC_WARNING, ArtifactError
-from runtime.checkpoints import CheckpointError, HubUnreachable
+from runtime.artifact import SYNTHETIC_WARNING
+from runtime.errors import ArgumentParser, run_cli
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m export", description=(__doc__ or "").split("\n")[0])
     p.add_argument("--model", default="facebook/deit-base-distilled-patch16-224", help="hub id or local save_pretrained folder")
     p.add_argument("--out", type=Path, default=Path("artifacts"), help="artifact root (a folder per model is made inside)")
     p.add_argument("--weights", choices=["pretrained", "synthetic"], default="pretrained",
@@ -28,29 +28,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify-images", type=Path, help="folder of photos to verify on, besides random tensors")
     p.add_argument("--verify-limit", type=int, default=32, help="at most this many photos (default 32)")
     p.add_argument("--name", help="artifact folder name (default: the checkpoint's name)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.verify_images is not None and not args.verify_images.is_dir():
         p.error(f"--verify-images {args.verify_images}: no such folder")
+    if args.verify_limit < 0:
+        p.error("--verify-limit must be at least 0")
+    if args.name is not None and (not args.name or "/" in args.name or args.name.startswith(".")):
+        p.error(f"--name {args.name!r}: a plain folder name, not a path or a hidden name")
 
-    opts = ExportOptions(
-        source=args.model, out_root=args.out, weights=args.weights, task=args.task, attention=args.attention,
-        fp16=args.fp16, verify_images=args.verify_images, verify_limit=args.verify_limit, name=args.name,
-    )
-    try:
-        report = export_checkpoint(opts)
-    except (CheckpointError, ExportError, ArtifactError) as err:
-        print(f"export: error: {err}", file=sys.stderr)
-        return 3 if isinstance(err, HubUnreachable) else 1
-    print_report(report)
-    return 0
+    def work() -> int:
+        report = export_checkpoint(ExportOptions(
+            source=args.model, out_root=args.out, weights=args.weights, task=args.task, attention=args.attention,
+            fp16=args.fp16, verify_images=args.verify_images, verify_limit=args.verify_limit, name=args.name,
+            progress=args.progress,
+        ))
+        print_report(report)
+        return 0
+
+    return run_cli("export", work)
 
 
-def print_report(report: dict) -> None:
+def print_report(report: dict[str, Any]) -> None:
     if report["weights"] == "synthetic":
         print(SYNTHETIC_WARNING, file=sys.stderr)
     print(f"exported {report['checkpoint']} ({report['architecture']}, {report['weights']} weights) -> {report['artifact_dir']}")
     for name, info in report["files"].items():
-        print(f"  {name:18s} {info['bytes'] / 2**20:8.1f} MiB")
+        print(f"  {name:22s} {info['bytes'] / 2**20:8.1f} MiB")
     print(f"  attention: {report['attention']} (opset {report['opset']}), ops: {report['ops']}")
     for check, r in report["verification"].items():
         print(f"  {check}: max |diff| {r['max_abs_diff']:.2e}, top-1 agreement {r['top1_agreement']:.1%}, "

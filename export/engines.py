@@ -20,20 +20,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
+from tqdm import tqdm  # the type of the bar the progress monitor drives
 
-from runtime.artifact import ArtifactMeta, atomic_path, model_path, read_onnx_meta, write_json
+from runtime.artifact import ArtifactMeta, atomic_path, file_sha256, model_path, read_onnx_meta, write_json
 from runtime.backends import cudart
 from runtime.backends.base import BackendUnavailable
-from runtime.backends.trt import (
-    SIDECAR_FORMAT,
-    EngineError,
-    engine_path,
-    file_sha256,
-    require_tensorrt,
-    sidecar_path,
-    version_tuple,
-)
+from runtime.backends.trt import SIDECAR_FORMAT, EngineError, engine_path, require_tensorrt, sidecar_path, version_tuple
+from runtime.console import progress_bar
+from runtime.errors import ArgumentParser, Unavailable, run_cli
 
 FUSED_ATTENTION_MIN = (10, 14)  # first TensorRT whose ONNX parser maps `Attention` to IAttention
 # Engine inspector evidence of fused attention: the layer type, or the chosen kernel's name. Layer
@@ -52,7 +46,7 @@ class EngineOptions:
     progress: bool = True
 
 
-def missing_prerequisites(artifact_dir: Path | None) -> list[str]:
+def missing_prerequisites(artifact_dir: Path | None, precisions: tuple[str, ...] = ("fp16", "int8")) -> list[str]:
     """Everything that stops engines being built here, each with how to get it (empty: ready)."""
     missing: list[str] = []
     try:
@@ -62,8 +56,9 @@ def missing_prerequisites(artifact_dir: Path | None) -> list[str]:
     reason = cudart.gpu_unavailable_reason()
     if reason:
         missing.append(reason)
-    if artifact_dir is not None and not model_path(artifact_dir, "fp16").is_file():
-        missing.append(f"{model_path(artifact_dir, 'fp16')} not found; run `make export` first")
+    if artifact_dir is not None and not any(model_path(artifact_dir, p).is_file() for p in precisions):
+        missing.append(f"none of {', '.join(model_path(artifact_dir, p).name for p in precisions)} in {artifact_dir}; "
+                       "run `make export` (and `make calibrate` for int8) first")
     return missing
 
 
@@ -128,7 +123,7 @@ def _progress_monitor(desc: str) -> tuple[Any, tqdm]:
     """A TensorRT IProgressMonitor driving one tqdm bar over the top-level build phases."""
     import tensorrt as trt
 
-    bar = tqdm(desc=desc, unit="step", leave=False)
+    bar = progress_bar(desc=desc, unit="step")
     lock = threading.Lock()  # TensorRT may call from several threads
 
     class Monitor(trt.IProgressMonitor):
@@ -249,14 +244,8 @@ def build_engines(artifact_dir: Path, precisions: tuple[str, ...] = ("fp16", "in
     return {"artifact_dir": str(artifact_dir), "engines": sidecars, "notes": notes}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`make engines`. Exit status: 0 built, 1 a build failed, 2 TensorRT/GPU/ONNX missing (listed)."""
-    import argparse
-    import sys
-
-    from runtime.artifact import ArtifactError, find_artifact
-
-    p = argparse.ArgumentParser(prog="python -m export.engines", description=(__doc__ or "").split("\n")[0])
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m export.engines", description=(__doc__ or "").split("\n")[0])
     p.add_argument("--model", help="artifact folder (default: the newest under artifacts/)")
     p.add_argument("--precision", default="fp16,int8", help="comma-separated: fp16,int8 (default both)")
     p.add_argument("--max-batch", type=int, default=8, help="optimization profile max (and opt) batch, default 8")
@@ -265,43 +254,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder optimization level 0-5 (default 3)")
     p.add_argument("--timing-cache", type=Path, help="timing cache file (default: <artifact root>/tensorrt-timing.cache)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`make engines`. Exit status (runtime/errors.py): 0 built, 2 usage, 5 bad artifact, 6 TensorRT/GPU missing, 7 build failed."""
+    import sys
+
+    from runtime.artifact import find_artifact
+
+    p = build_parser()
     args = p.parse_args(argv)
     precisions = tuple(x for x in args.precision.split(",") if x)
     if not precisions or set(precisions) - {"fp16", "int8"}:
         p.error(f"--precision {args.precision}: choose from fp16,int8")
-    if args.max_batch < 1 or not 1 <= (args.opt_batch or args.max_batch) <= args.max_batch:
-        p.error("need 1 <= --opt-batch <= --max-batch")
-    missing: list[str] = []
-    artifact = None
-    try:
+    if not 1 <= (args.opt_batch or args.max_batch) <= args.max_batch <= 256:
+        p.error("need 1 <= --opt-batch <= --max-batch <= 256")
+    if args.workspace_gib <= 0:
+        p.error("--workspace-gib must be positive")
+
+    def work() -> int:
         artifact = find_artifact(args.model)
-    except ArtifactError as err:
-        missing.append(str(err))
-    missing += missing_prerequisites(artifact)
-    if missing or artifact is None:
-        print("engines: cannot build TensorRT engines here:", file=sys.stderr)
-        for line in missing:
-            print(f"  - {line}", file=sys.stderr)
-        return 2
-    opts = EngineOptions(max_batch=args.max_batch, opt_batch=args.opt_batch, workspace_gib=args.workspace_gib,
-                         optimization_level=args.opt_level, timing_cache=args.timing_cache, progress=args.progress)
-    try:
+        missing = missing_prerequisites(artifact, precisions)
+        if missing:
+            raise Unavailable("cannot build TensorRT engines here: " + "; ".join(missing))
+        opts = EngineOptions(max_batch=args.max_batch, opt_batch=args.opt_batch, workspace_gib=args.workspace_gib,
+                             optimization_level=args.opt_level, timing_cache=args.timing_cache, progress=args.progress)
         report = build_engines(artifact, precisions, opts)
-    except ArtifactError as err:
-        print(f"engines: error: {err}", file=sys.stderr)
-        return 1
-    for precision, sc in report["engines"].items():
-        att = sc["attention"]
-        print(f"{sc['engine']}: {precision}, TensorRT {sc['tensorrt_version']} on {sc['gpu']['name']} "
-              f"(sm {sc['gpu']['compute_capability']}), batch {sc['profile']['min'][0]}-{sc['profile']['max'][0]}, "
-              f"{sc['engine_bytes'] / 2**20:.1f} MiB, built in {sc['build_time_s']:.1f} s, "
-              f"fused attention layers {att['fused_attention_layers']}/{att['expected_layers']}")
-        print(f"  attention: {att['note']}")
-        for warning in sc["warnings"]:
-            print(f"WARNING: {warning}", file=sys.stderr)
-    for note in report["notes"]:
-        print(f"note: {note}", file=sys.stderr)
-    return 0
+        for precision, sc in report["engines"].items():
+            att = sc["attention"]
+            print(f"{sc['engine']}: {precision}, TensorRT {sc['tensorrt_version']} on {sc['gpu']['name']} "
+                  f"(sm {sc['gpu']['compute_capability']}), batch {sc['profile']['min'][0]}-{sc['profile']['max'][0]}, "
+                  f"{sc['engine_bytes'] / 2**20:.1f} MiB, built in {sc['build_time_s']:.1f} s, "
+                  f"fused attention layers {att['fused_attention_layers']}/{att['expected_layers']}")
+            print(f"  attention: {att['note']}")
+            for warning in sc["warnings"]:
+                print(f"WARNING: {warning}", file=sys.stderr)
+        for note in report["notes"]:
+            print(f"note: {note}", file=sys.stderr)
+        return 0
+
+    return run_cli("engines", work)
 
 
 if __name__ == "__main__":

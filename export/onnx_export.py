@@ -8,19 +8,18 @@ import warnings
 from collections import Counter
 from contextlib import redirect_stdout
 
-
 import onnx
 import torch
 
-from runtime.backends.torch_eager import model_outputs
-from runtime.checkpoints import LoadedCheckpoint
+from runtime.checkpoints import LoadedCheckpoint, model_outputs
+from runtime.errors import DeitError
 
 # opset 23 introduced the standard Attention op; opset 18 is what TensorRT < 10.14 and ORT's quantizer accept.
 OPSET = {"fused": 23, "decomposed": 18}
 
 
-class ExportError(RuntimeError):
-    """The export could not produce a model that meets its checks; nothing was written."""
+class ExportError(DeitError):
+    """The exporter could not produce the graph this project needs; nothing was written."""
 
 
 class NamedOutputs(torch.nn.Module):
@@ -46,9 +45,10 @@ def export_onnx(ckpt: LoadedCheckpoint, attention: str = "fused") -> onnx.ModelP
         raise ExportError(f"--attention must be one of {', '.join(OPSET)}, not {attention!r}")
     if ckpt.model.config._attn_implementation != "sdpa":
         raise ExportError("export needs the model loaded with attn_implementation='sdpa'")
-    h, w = ckpt.preprocessing.input_size
+    meta = ckpt.meta
+    h, w = meta.preprocessing.input_size
     example = torch.randn(2, 3, h, w)
-    wrapper = NamedOutputs(ckpt.model, ckpt.output_names).eval()
+    wrapper = NamedOutputs(ckpt.model, meta.output_names).eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
@@ -60,7 +60,7 @@ def export_onnx(ckpt: LoadedCheckpoint, attention: str = "fused") -> onnx.ModelP
                 dynamo=True,
                 opset_version=OPSET[attention],
                 input_names=["pixel_values"],
-                output_names=ckpt.output_names,
+                output_names=meta.output_names,
                 dynamic_shapes={"pixel_values": {0: batch}},
                 optimize=True,
                 verbose=False,
@@ -73,7 +73,7 @@ def export_onnx(ckpt: LoadedCheckpoint, attention: str = "fused") -> onnx.ModelP
     # The exporter's value_info goes stale after its own optimisation passes and breaks ORT's
     # quantizer ("Inferred shape and existing shape differ"); shapes are re-inferred where needed.
     del model.graph.value_info[:]
-    check_attention(model, ckpt.num_layers, attention)
+    check_attention(model, meta.num_layers, attention)
     return model
 
 

@@ -1,11 +1,11 @@
-"""checkpoint -> verified artifacts/<name>/{model.onnx, model.fp16.onnx, export.json}."""
+"""checkpoint -> verified artifacts/<name>/{model.onnx, model.fp16.onnx, export.json, config files}."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,21 +13,24 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from tqdm import tqdm
 
 from export.fp16 import convert_to_fp16
-from export.onnx_export import OPSET, ExportError, export_onnx, op_counts, tool_versions
+from export.onnx_export import OPSET, export_onnx, op_counts, tool_versions
 from export.verify import compare, verification_inputs
-from runtime.artifact import MODEL_FILES, ArtifactMeta, set_onnx_meta, write_json
-from runtime.backends.ort_cpu import OrtCpuBackend
-from runtime.backends.torch_eager import model_outputs
-from runtime.checkpoints import load_checkpoint
+from runtime.artifact import MODEL_FILES, REPORT_FILE, ArtifactMeta, file_sha256, set_onnx_meta, write_hf_configs, write_json
+from runtime.backends.onnxruntime import ORT_CPU
+from runtime.checkpoints import load_checkpoint, model_outputs
+from runtime.console import progress_bar
+from runtime.errors import GateFailed
+from runtime.paths import check_output_dir
 
 FP32_MAX_ABS_DIFF = 1e-4
 FP16_MIN_COSINE = 0.999
 REPORTED_META = ("checkpoint", "weights", "architecture", "task", "attention", "opset", "preprocessing_source", "versions")
 # Files computed from an earlier model.onnx; a new export makes them stale.
-DERIVED_GLOBS = ("model.fp16.onnx", "model.int8*.onnx", "*.plan", "*.plan.json", "calibration.json")
+DERIVED_GLOBS = ("model.*.onnx", "*.plan", "*.plan.json", "calibration.json", "auto-choice.json")
+# Bytes written per model parameter: fp32 + fp16 files (+ ONNX Runtime's fused pair), with headroom.
+BYTES_PER_PARAMETER = 4 * 3 * 1.2
 
 
 @dataclass
@@ -50,74 +53,64 @@ def export_checkpoint(opts: ExportOptions) -> dict[str, Any]:
     Everything is written to a staging folder first and moved into place only after every check
     passed, so a failed or interrupted export leaves the previous artifact (or nothing) behind.
     """
+    check_output_dir(opts.out_root)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     steps = ["load", "export", "verify fp32"] + (["fp16", "verify fp16"] if opts.fp16 else []) + ["write"]
-    bar = tqdm(total=len(steps), desc="export", unit="step", disable=not opts.progress, leave=False)
+    with progress_bar(total=len(steps), desc="export", unit="step", enabled=opts.progress) as bar:
+        last = t_start
 
-    last = t_start
+        def step(name: str) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            timings[name], last = round(now - last, 3), now
+            bar.update(1)
+            bar.set_postfix_str(name)
 
-    def step(name: str) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        timings[name], last = round(now - last, 3), now
-        bar.update(1)
-        bar.set_postfix_str(name)
+        ckpt = load_checkpoint(opts.source, opts.weights, opts.task, attn_implementation="sdpa")
+        parameters = sum(p.numel() for p in ckpt.model.parameters())
+        check_output_dir(opts.out_root, needed_bytes=int(parameters * BYTES_PER_PARAMETER))
+        step("load")
+        meta = ckpt.meta.copy(attention=opts.attention, opset=OPSET[opts.attention], versions=tool_versions())
+        model = export_onnx(ckpt, opts.attention)
+        set_onnx_meta(model, meta)
+        step("export")
 
-    ckpt = load_checkpoint(opts.source, opts.weights, opts.task, attn_implementation="sdpa")
-    step("load")
-    model = export_onnx(ckpt, opts.attention)
-    meta = ArtifactMeta(
-        checkpoint=ckpt.source,
-        weights=ckpt.weights,
-        architecture=ckpt.architecture,
-        task=ckpt.task,
-        num_layers=ckpt.num_layers,
-        image_size=ckpt.image_size,
-        preprocessing=ckpt.preprocessing,
-        preprocessing_source=ckpt.preprocessing_source,
-        id2label=ckpt.id2label,
-        output_names=ckpt.output_names,
-        attention=opts.attention,
-        opset=OPSET[opts.attention],
-        versions=tool_versions(),
-        config=ckpt.config,
-    )
-    set_onnx_meta(model, meta)
-    step("export")
-
-    name = opts.name or meta.name
-    final_dir = opts.out_root / name
-    opts.out_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=opts.out_root))
-    try:
-        report = _verify_and_write(opts, ckpt.model, model, meta, staging, step)
-        report.update({k: getattr(meta, k) for k in REPORTED_META})
-        report.update(
-            preprocessing=meta.preprocessing.to_dict(),
-            ops={k: v for k, v in op_counts(model).items() if k in ("Attention", "Softmax", "MatMul", "Gemm", "LayerNormalization")},
-            timings_s=timings,
-            artifact_dir=str(final_dir),
-        )
-        step("write")
-        report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
-        write_json(staging / "export.json", report)
-        report["removed_stale"] = _publish(staging, final_dir)
-        return report
-    finally:
-        bar.close()
-        shutil.rmtree(staging, ignore_errors=True)
+        name = opts.name or meta.name
+        final_dir = opts.out_root / name
+        opts.out_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=opts.out_root))
+        try:
+            report = _verify_and_write(opts, ckpt.model, model, meta, staging, step)
+            report.update({k: getattr(meta, k) for k in REPORTED_META})
+            report.update(
+                preprocessing=meta.preprocessing.to_dict(),
+                parameters=parameters,
+                ops={k: v for k, v in op_counts(model).items() if k in ("Attention", "Softmax", "MatMul", "Gemm", "LayerNormalization")},
+                timings_s=timings,
+                artifact_dir=str(final_dir),
+                writer=meta.writer,
+            )
+            report["config_files"] = write_hf_configs(staging, meta)
+            step("write")
+            report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
+            write_json(staging / REPORT_FILE, report)
+            report["removed_stale"] = _publish(staging, final_dir)
+            return report
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _verify_and_write(
-    opts: ExportOptions, torch_model: torch.nn.Module, model: onnx.ModelProto, meta: ArtifactMeta, staging: Path, step: Any
+    opts: ExportOptions, torch_model: torch.nn.Module, model: onnx.ModelProto, meta: ArtifactMeta, staging: Path,
+    step: Callable[[str], None],
 ) -> dict[str, Any]:
     onnx.save(model, str(staging / MODEL_FILES["fp32"]))
     inputs, n_photos = verification_inputs(meta.preprocessing, opts.verify_images, opts.verify_limit)
     with torch.inference_mode():
         out = model_outputs(torch_model, torch.from_numpy(inputs), meta.output_names)
     reference = {k: v.numpy() for k, v in zip(meta.output_names, out)}
-    with OrtCpuBackend(staging) as ort_fp32:
+    with ORT_CPU(staging, model_file=staging / MODEL_FILES["fp32"]) as ort_fp32:
         fp32_out = ort_fp32.infer(inputs)
     fp32 = compare(reference, fp32_out) | {"photos": n_photos}
     _gate(fp32["max_abs_diff"] <= FP32_MAX_ABS_DIFF, f"fp32 ONNX differs from PyTorch by {fp32['max_abs_diff']:.3g} (> {FP32_MAX_ABS_DIFF})")
@@ -128,11 +121,10 @@ def _verify_and_write(
     report: dict[str, Any] = {"verification": {"fp32_vs_torch": fp32}, "files": files}
     if opts.fp16:
         fp16_model = convert_to_fp16(model)
-        meta.precision = "fp16"
-        set_onnx_meta(fp16_model, meta)
+        set_onnx_meta(fp16_model, meta.copy(precision="fp16"))
         onnx.save(fp16_model, str(staging / MODEL_FILES["fp16"]))
         step("fp16")
-        with OrtCpuBackend(staging, precision="fp16") as ort_fp16:
+        with ORT_CPU(staging, model_file=staging / MODEL_FILES["fp16"]) as ort_fp16:
             fp16 = compare(fp32_out, ort_fp16.infer(inputs)) | {"photos": n_photos}
         _gate(fp16["min_cosine"] >= FP16_MIN_COSINE, f"fp16 logits cosine similarity {fp16['min_cosine']:.5f} < {FP16_MIN_COSINE}")
         report["verification"]["fp16_vs_fp32"] = fp16
@@ -143,23 +135,20 @@ def _verify_and_write(
 
 def _gate(ok: bool | np.bool_, message: str) -> None:
     if not ok:
-        raise ExportError(f"verification failed: {message}; nothing written")
+        raise GateFailed(f"verification failed: {message}; nothing written")
 
 
 def _file_info(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _publish(staging: Path, final_dir: Path) -> list[str]:
-    """Move verified files into the artifact folder and drop files derived from the old model."""
+    """Move verified files into the artifact folder (the report last) and drop files derived from the old model."""
     final_dir.mkdir(parents=True, exist_ok=True)
-    stale = sorted({p for pattern in DERIVED_GLOBS for p in final_dir.glob(pattern)})
-    for path in stale:
+    (final_dir / REPORT_FILE).unlink(missing_ok=True)  # the folder is not an artifact while files change
+    old = sorted({p for pattern in DERIVED_GLOBS for p in final_dir.glob(pattern)})
+    for path in old:
         path.unlink()
-    for path in sorted(staging.iterdir(), key=lambda p: p.name == "export.json"):
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == REPORT_FILE):
         path.replace(final_dir / path.name)
-    return [p.name for p in stale]
+    return [p.name for p in old if not (final_dir / p.name).exists()]

@@ -2,11 +2,14 @@
 
 Every ONNX file carries one `metadata_props` entry, `deit`, holding `ArtifactMeta` as JSON; engines
 and reports carry the same fields in JSON sidecars. A later stage reads these instead of
-re-deriving what an earlier one knew.
+re-deriving what an earlier one knew. A folder is an artifact only once the export finished and
+wrote its report (`export.json`), so a half-written export is never picked up.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -16,24 +19,33 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime import __version__
+from runtime.errors import ModelError, UsageError
 from runtime.preprocess import Preprocessing
 
 METADATA_KEY = "deit"
+META_SCHEMA = 1
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 # int8 built for ONNX Runtime CPU speed (model.int8.onnx is the TensorRT Q/DQ one); ort-cpu prefers it.
 INT8_CPU_FILE = "model.int8-cpu.onnx"
+# ONNX Runtime's own fused-op graph (com.microsoft Attention, SkipLayerNormalization, BiasGelu):
+# what its CUDA provider runs fastest. The standard-op files above stay the input for TensorRT.
+ORT_FUSED_FILES = {"fp32": "model.ort.onnx", "fp16": "model.ort.fp16.onnx"}
+REPORT_FILE = "export.json"
 SYNTHETIC_WARNING = (
     "WARNING: this model has SYNTHETIC (random) weights: fine for latency and numerics, "
     "but its predictions and labels are meaningless."
 )
 
 
-class ArtifactError(ValueError):
+class ArtifactError(ModelError):
     """A missing or unreadable artifact; the message names the file."""
 
 
 @dataclass
 class ArtifactMeta:
+    """What a model file is: where it came from, how to feed it, what it outputs."""
+
     checkpoint: str  # hub id or local folder
     weights: str  # "pretrained" | "synthetic"
     architecture: str
@@ -50,6 +62,8 @@ class ArtifactMeta:
     versions: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the transformers config, to rebuild in PyTorch
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific facts (quantization, ...)
+    writer: str = f"deit-deploy {__version__}"
+    schema: int = META_SCHEMA
 
     @property
     def synthetic(self) -> bool:
@@ -59,16 +73,42 @@ class ArtifactMeta:
     def name(self) -> str:
         return self.checkpoint.rstrip("/").split("/")[-1]
 
+    @property
+    def num_labels(self) -> int | None:
+        if isinstance(self.id2label, list):
+            return len(self.id2label)
+        return 1000 if self.id2label == "imagenet-1k" else self.config.get("num_labels")
+
     def to_json(self) -> str:
         data = asdict(self)
         data["preprocessing"] = self.preprocessing.to_dict()
         return json.dumps(data, sort_keys=True)
 
+    def copy(self, **changes: Any) -> ArtifactMeta:
+        return dataclasses.replace(ArtifactMeta.from_json(self.to_json()), **changes)
+
     @classmethod
-    def from_json(cls, text: str) -> ArtifactMeta:
-        data = json.loads(text)
-        data["preprocessing"] = Preprocessing.from_dict(data["preprocessing"])
-        return cls(**data)
+    def from_json(cls, text: str, where: str = "metadata") -> ArtifactMeta:
+        """Parse metadata written by this or another version: unknown keys are ignored, a missing
+        or malformed one is a one-line ArtifactError naming `where`, the key and the writer."""
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ArtifactError(f"{where}: metadata is not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{where}: metadata is not a JSON object")
+        writer = data.get("writer", "a deit-deploy version before 0.2")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        required = [n for n, f in known.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [n for n in required if n not in data]
+        if missing:
+            raise ArtifactError(f"{where}: metadata lacks {', '.join(missing)} (written by {writer}); re-export it")
+        kwargs = {k: v for k, v in data.items() if k in known}
+        try:
+            kwargs["preprocessing"] = Preprocessing.from_dict(data["preprocessing"])
+            return cls(**kwargs)
+        except (TypeError, KeyError, ValueError) as err:
+            raise ArtifactError(f"{where}: malformed metadata ({err}; written by {writer}); re-export it") from None
 
 
 def read_onnx_meta(path: str | Path) -> ArtifactMeta:
@@ -85,7 +125,7 @@ def read_onnx_meta(path: str | Path) -> ArtifactMeta:
     props = {p.key: p.value for p in model.metadata_props}
     if METADATA_KEY not in props:
         raise ArtifactError(f"{path}: ONNX file has no '{METADATA_KEY}' metadata; export it with `python -m export`")
-    return ArtifactMeta.from_json(props[METADATA_KEY])
+    return ArtifactMeta.from_json(props[METADATA_KEY], str(path))
 
 
 def set_onnx_meta(model: Any, meta: ArtifactMeta) -> None:
@@ -99,23 +139,55 @@ def set_onnx_meta(model: Any, meta: ArtifactMeta) -> None:
 
 def model_path(artifact_dir: str | Path, precision: str = "fp32") -> Path:
     if precision not in MODEL_FILES:
-        raise ArtifactError(f"unknown precision {precision!r}; choose one of {', '.join(MODEL_FILES)}")
+        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(MODEL_FILES)}")
     return Path(artifact_dir) / MODEL_FILES[precision]
 
 
+def is_artifact(folder: Path) -> bool:
+    """A finished export: the fp32 model and the export report (written last) are both there."""
+    return (folder / MODEL_FILES["fp32"]).is_file() and (folder / REPORT_FILE).is_file()
+
+
+def find_model(model: str | Path | None, root: str | Path = "artifacts") -> tuple[Path, Path | None]:
+    """(artifact folder, the model file the user named or None) for a `--model` argument.
+
+    None means the newest finished artifact under `root`; hidden folders (an export's staging
+    folder) and folders without an export report are never candidates.
+    """
+    if model is None:
+        found = [p.parent for p in Path(root).glob(f"*/{MODEL_FILES['fp32']}") if not p.parent.name.startswith(".")]
+        candidates = sorted((d for d in found if is_artifact(d)), key=lambda d: (d / REPORT_FILE).stat().st_mtime)
+        if not candidates:
+            raise ArtifactError(f"no finished model artifact under {root}/; run `make export` or pass --model")
+        return candidates[-1], None
+    path = Path(model)
+    if path.is_file():
+        if path.suffix not in (".onnx", ".plan"):
+            raise UsageError(f"{path}: not a model file (.onnx or .plan) or artifact folder")
+        return path.parent, path
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: no such artifact folder or model file; run `make export`")
+    if not (path / MODEL_FILES["fp32"]).is_file():
+        raise ArtifactError(f"{path}: no model artifact (expected {path / MODEL_FILES['fp32']}); run `make export`")
+    if not (path / REPORT_FILE).is_file():
+        raise ArtifactError(f"{path}: unfinished export (no {REPORT_FILE}); run `make export` again")
+    return path, None
+
+
 def find_artifact(model: str | Path | None, root: str | Path = "artifacts") -> Path:
-    """An artifact folder: the one given, or the newest folder under `root` holding a model.onnx."""
-    if model is not None:
-        path = Path(model)
-        if path.is_file() and path.suffix == ".onnx":
-            return path.parent
-        if not (path / MODEL_FILES["fp32"]).is_file():
-            raise ArtifactError(f"{path}: no model artifact (expected {path / MODEL_FILES['fp32']}); run `make export`")
-        return path
-    candidates = sorted(Path(root).glob(f"*/{MODEL_FILES['fp32']}"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise ArtifactError(f"no model artifact under {root}/; run `make export` or pass --model")
-    return candidates[-1].parent
+    """An artifact folder, for stages that read the whole folder (a path to its model.onnx names it too)."""
+    folder, file = find_model(model, root)
+    if file is not None and file.name != MODEL_FILES["fp32"]:
+        raise UsageError(f"{file}: this command reads a whole artifact folder; pass {folder}")
+    return folder
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextmanager
@@ -142,3 +214,11 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_hf_configs(folder: Path, meta: ArtifactMeta) -> list[str]:
+    """config.json and preprocessor_config.json, so transformers/Optimum tools can open the folder."""
+    if meta.config:
+        write_json(folder / "config.json", meta.config)
+    write_json(folder / "preprocessor_config.json", meta.preprocessing.to_hf_config())
+    return ["config.json", "preprocessor_config.json"] if meta.config else ["preprocessor_config.json"]

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from runtime.artifact import ArtifactMeta
+from runtime.errors import HUB_UNREACHABLE, ModelError
 from runtime.labels import IMAGENET_1K
 from runtime.preprocess import Preprocessing
 
@@ -24,12 +26,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelError):
     """A checkpoint that cannot be loaded; the message says which and why, in one line."""
 
 
 class HubUnreachable(CheckpointError):
     """The Hub could not be reached and nothing was cached (callers may offer synthetic weights)."""
+
+    exit_code = HUB_UNREACHABLE
 
 
 @dataclass(frozen=True)
@@ -96,18 +100,10 @@ def published_config(name: str) -> Any:
 
 @dataclass
 class LoadedCheckpoint:
+    """A PyTorch model in eval mode and the artifact metadata describing it (fp32, before export)."""
+
     model: torch.nn.Module
-    source: str  # hub id or local folder, as the user gave it
-    weights: str  # "pretrained" or "synthetic"
-    architecture: str  # transformers class name
-    task: str  # "classification" or "features"
-    output_names: list[str]
-    num_layers: int
-    image_size: int
-    preprocessing: Preprocessing
-    preprocessing_source: str
-    id2label: list[str] | str | None
-    config: dict[str, Any]
+    meta: ArtifactMeta
 
 
 def load_checkpoint(
@@ -145,20 +141,20 @@ def load_checkpoint(
         if arch.endswith("WithTeacher")
         else ["logits"]
     )
-    return LoadedCheckpoint(
-        model=model,
-        source=str(local) if is_local else source,
+    meta = ArtifactMeta(
+        checkpoint=str(local) if is_local else source,
         weights=weights,
         architecture=arch,
         task=task,
-        output_names=outputs,
         num_layers=int(config.num_hidden_layers),
         image_size=int(config.image_size),
         preprocessing=preprocessing,
         preprocessing_source=pre_source,
         id2label=id2label,
+        output_names=outputs,
         config=config.to_dict(),
     )
+    return LoadedCheckpoint(model, meta)
 
 
 def _load_config(source: str, local: Path | None, weights: str) -> Any:
@@ -175,10 +171,11 @@ def _load_config(source: str, local: Path | None, weights: str) -> Any:
         if local is not None:
             raise CheckpointError(f"{local}: unreadable config.json ({_first_line(err)})") from None
         message = f"{source}: cannot load from the Hugging Face Hub ({_first_line(err)})"
-        if source in PUBLISHED:
-            hint = "; pass --weights synthetic for a random-weights model of the same architecture"
-            raise HubUnreachable(message + hint) from None
-        raise CheckpointError(message) from None
+        if _is_missing_repo(err):
+            raise CheckpointError(message) from None
+        hint = ("; pass --weights synthetic for a random-weights model of the same architecture" if source in PUBLISHED
+                else "; check the network, or pass a local save_pretrained folder")
+        raise HubUnreachable(message + hint) from None
 
 
 def _architecture(config: Any, task: str) -> str:
@@ -244,6 +241,24 @@ def _id2label(config: Any) -> list[str] | str | None:
     return names or None
 
 
+def _is_missing_repo(err: BaseException) -> bool:
+    """The Hub answered that the repository or file does not exist (as opposed to: no answer)."""
+    chain: BaseException | None = err
+    while chain is not None:
+        if type(chain).__name__ in ("RepositoryNotFoundError", "EntryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return False
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0][:300] if text else type(err).__name__
+
+
+def model_outputs(model: Any, pixel_values: Any, output_names: list[str]) -> tuple[Any, ...]:
+    """The tensors an export names, from a transformers DeiT/ViT model (the ONNX graph's outputs)."""
+    if output_names == ["embedding"]:
+        return (model(pixel_values=pixel_values).last_hidden_state[:, 0],)
+    out = model(pixel_values=pixel_values)
+    return tuple(getattr(out, name) for name in output_names)

@@ -9,7 +9,6 @@ file that cannot be read becomes a `Prediction` with an `error` instead of stopp
 from __future__ import annotations
 
 import os
-import stat
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -22,7 +21,7 @@ import numpy as np
 from runtime.artifact import ArtifactError, ArtifactMeta
 from runtime.backends import Backend
 from runtime.labels import resolve_labels
-from runtime.preprocess import ImageError, Preprocessing, load_and_preprocess
+from runtime.preprocess import DEFAULT_MAX_PIXELS, ImageError, Preprocessing, load_and_preprocess, regular_file_error
 
 
 def default_workers() -> int:
@@ -38,6 +37,7 @@ class ClassifyOptions:
     workers: int = field(default_factory=default_workers)
     draft: bool = False  # decode big JPEGs at reduced scale (>= 2x the resize target): faster, not exact
     prefetch: int | None = None  # files decoded ahead of the model; default 4 batches
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused from their header, before decoding
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,8 @@ class Summary:
     images: int = 0
     failed: list[Prediction] = field(default_factory=list)
     seconds: float = 0.0
+    resumed: int = 0  # predictions carried over from an interrupted run (--resume), not recomputed
+    interrupted: bool = False
 
     @property
     def predicted(self) -> int:
@@ -67,7 +69,7 @@ class Summary:
 
     @property
     def images_per_s(self) -> float:
-        return self.predicted / self.seconds if self.seconds > 0 else 0.0
+        return (self.predicted - self.resumed) / self.seconds if self.seconds > 0 else 0.0
 
     def add(self, pred: Prediction) -> None:
         self.images += 1
@@ -85,6 +87,8 @@ class Summary:
             "failed": [{"path": display_path(p.path), "error": p.error} for p in self.failed],
             "seconds": round(self.seconds, 3),
             "images_per_s": round(self.images_per_s, 2),
+            "resumed": self.resumed,
+            "interrupted": self.interrupted,
         }
 
 
@@ -98,18 +102,14 @@ def check_classifier(meta: ArtifactMeta, model_file: Path) -> None:
         raise ArtifactError(f"{model_file}: a '{meta.task}' model has no logits output; export with --task classification")
 
 
-def _load(path: Path, spec: Preprocessing, draft: bool) -> np.ndarray | str:
+def _load(path: Path, spec: Preprocessing, draft: bool, max_pixels: int) -> np.ndarray | str:
     """One file -> pixel array, or the one-line reason it cannot be read (the message names the file)."""
+    # A FIFO or device named like a picture would block or never end; refuse before opening it.
+    reason = regular_file_error(path)
+    if reason:
+        return f"{display_path(path)}: {reason}"
     try:
-        # A FIFO or device named like a picture would block or never end; refuse before opening it.
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            return f"{display_path(path)}: not a regular file"
-        return load_and_preprocess(path, spec, draft=draft)
-    except FileNotFoundError:
-        return f"{display_path(path)}: no such file (or a broken symlink)"
-    except PermissionError:
-        return f"{display_path(path)}: permission denied"
+        return load_and_preprocess(path, spec, draft=draft, max_pixels=max_pixels)
     except ImageError as err:
         return str(err).replace(str(path), display_path(path), 1)
     except (OSError, ValueError, MemoryError) as err:  # anything else Pillow/numpy raise on a hostile file
@@ -117,7 +117,8 @@ def _load(path: Path, spec: Preprocessing, draft: bool) -> np.ndarray | str:
 
 
 def decoded(
-    files: Iterable[Path], spec: Preprocessing, workers: int, prefetch: int, draft: bool = False
+    files: Iterable[Path], spec: Preprocessing, workers: int, prefetch: int, draft: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[tuple[Path, np.ndarray | str]]:
     """(file, pixels or error) in input order, decoded by `workers` threads at most `prefetch` files ahead."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
@@ -125,14 +126,14 @@ def decoded(
         it = iter(files)
         try:
             for path in it:
-                pending.append((path, pool.submit(_load, path, spec, draft)))
+                pending.append((path, pool.submit(_load, path, spec, draft, max_pixels)))
                 if len(pending) >= prefetch:
                     break
             while pending:
                 path, fut = pending.popleft()
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append((nxt, pool.submit(_load, nxt, spec, draft)))
+                    pending.append((nxt, pool.submit(_load, nxt, spec, draft, max_pixels)))
                 yield path, fut.result()
         finally:  # a consumer that stops early must not wait for work nobody will read
             for _, fut in pending:
@@ -174,7 +175,7 @@ def iter_predictions(
         waiting.clear()
 
     spec = backend.meta.preprocessing
-    for path, result in decoded(files, spec, opts.workers, prefetch, opts.draft):
+    for path, result in decoded(files, spec, opts.workers, prefetch, opts.draft, opts.max_pixels):
         if isinstance(result, str):
             waiting.append(Prediction(path, error=result))
         else:

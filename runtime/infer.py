@@ -2,147 +2,180 @@
 
     python -m runtime.infer images/
     python -m runtime.infer images/ --model artifacts/deit-small-distilled-patch16-224 --backend ort-cpu --topk 5
-    python -m runtime.infer photo.jpg other.png --format json > predictions.json
+    python -m runtime.infer photos/ -r --format csv --output predictions.csv    # Ctrl-C keeps predictions.csv.partial
+    python -m runtime.infer photos/ -r --format csv --output predictions.csv --resume
 
-Predictions go to stdout (or --output, written atomically); progress, warnings, per-file errors and
-the summary go to stderr. Exit status: 0 every file predicted, 1 some files failed (listed at the
-end), 2 usage errors (no such path, no images found, no model artifact, corrupt model, backend
-unavailable).
+Predictions go to stdout or --output; progress, warnings, per-file errors and the summary go to
+stderr. Everything that can be checked (paths, model, backend, output location, arguments) is
+checked before the first image is decoded. Exit status: see runtime/errors.py (0 all predicted,
+1 some files failed, 2 usage, 5 model, 6 backend unavailable, 130/143 interrupted, work kept).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import json
 import os
 import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from runtime.artifact import MODEL_FILES, SYNTHETIC_WARNING, ArtifactError, atomic_path, find_artifact
-from runtime.backends import BACKENDS, BackendUnavailable, create, pick_auto
-from runtime.classify import ClassifyOptions, Prediction, Summary, classify, default_workers, display_path
-from runtime.preprocess import list_images
+from runtime.artifact import SYNTHETIC_WARNING, find_model
+from runtime.auto import choose
+from runtime.backends import BACKENDS, MAX_BATCH, PRECISIONS, Backend, create
+from runtime.classify import ClassifyOptions, Prediction, Summary, check_classifier, default_workers, display_path, iter_predictions
+from runtime.console import progress_bar
+from runtime.errors import ArgumentParser, Interrupted, UsageError, run_cli
+from runtime.output import FORMATS, PredictionWriter, RecordFormat, partial_path, read_done, signals_deferred
+from runtime.paths import check_output_file
+from runtime.preprocess import DEFAULT_MAX_PIXELS, Listing, find_images
 
-USAGE_ERROR = 2
 
-
-class UsageError(Exception):
-    """Nothing can be classified: the message says why; exit status 2."""
+def build_parser() -> ArgumentParser:
+    title, _, usage = (__doc__ or "").partition("\n")
+    p = ArgumentParser(prog="python -m runtime.infer", description=title, epilog=usage,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", type=Path, help="image files and/or folders")
+    p.add_argument("--model", help="artifact folder, or one model file in it (default: the newest under --artifacts)")
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where to look for the newest artifact")
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+                   help="auto: TensorRT > ORT CUDA on a GPU; on a CPU the fastest measured here")
+    p.add_argument("--precision", choices=PRECISIONS, help="model precision (default: the backend's own)")
+    p.add_argument("--batch-size", type=int, default=8, help=f"images per batch, 1-{MAX_BATCH} (default 8)")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (at most the model's class count)")
+    p.add_argument("--format", choices=FORMATS, default="text",
+                   help="text: path<TAB>label prob..., names escaped (\\t \\n \\\\ \\xNN); json; csv")
+    p.add_argument("--output", type=Path, help="write predictions here (via <output>.partial) instead of stdout")
+    p.add_argument("--resume", action="store_true", help="skip files an interrupted run already wrote to --output")
+    p.add_argument("--recursive", "-r", action="store_true", help="also look inside sub-folders (symlinks followed)")
+    p.add_argument("--workers", type=int, default=default_workers(), help="decode threads (default: one per core)")
+    p.add_argument("--threads", type=int, help="inference threads of CPU backends (default: one per core)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images with more pixels than this, from their header (default {DEFAULT_MAX_PIXELS:,})")
+    p.add_argument("--draft", action="store_true",
+                   help="decode big JPEGs at reduced scale: faster, pixels not identical to the image processor")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    title, _, usage = (__doc__ or "").partition("\n")
-    p = argparse.ArgumentParser(prog="python -m runtime.infer", description=title, epilog=usage,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", type=Path, help="image files and/or folders")
-    p.add_argument("--model", help="artifact folder or .onnx file (default: the newest under --artifacts)")
-    p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where to look for the newest artifact")
-    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
-                   help="auto: TensorRT engine > ORT CUDA > ORT CPU, whichever is present")
-    p.add_argument("--precision", choices=list(MODEL_FILES), help="model precision (default: the backend's own)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--format", choices=["text", "json", "csv"], default="text")
-    p.add_argument("--output", type=Path, help="write predictions here instead of stdout (atomically)")
-    p.add_argument("--recursive", "-r", action="store_true", help="also look inside sub-folders")
-    p.add_argument("--workers", type=int, default=default_workers(), help="decode threads (default: one per core)")
-    p.add_argument("--draft", action="store_true",
-                   help="decode big JPEGs at reduced scale: faster, pixels not identical to DeiTImageProcessor")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    p = build_parser()
     args = p.parse_args(argv)
-    for name in ("batch_size", "topk", "workers"):
-        if getattr(args, name) < 1:
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        p.error(f"--batch-size {args.batch_size}: must be between 1 and {MAX_BATCH}")
+    for name in ("topk", "workers", "max_pixels", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.resume and args.output is None:
+        p.error("--resume needs --output (the file an interrupted run was writing)")
     return args
 
 
-def find_files(paths: list[Path], recursive: bool) -> list[Path]:
+def find_files(paths: list[Path], recursive: bool) -> Listing:
     missing = [display_path(p) for p in paths if not os.path.lexists(p)]
     if missing:
         raise UsageError(f"no such file or folder: {', '.join(missing)}")
-    files = list_images(paths, recursive=recursive)
-    if not files:
+    listing = find_images(paths, recursive=recursive)
+    if not listing.files and not listing.errors:
         hint = "" if recursive else " (use --recursive for sub-folders)"
         raise UsageError(f"no images found in {', '.join(display_path(p) for p in paths)}{hint}")
-    return files
+    return listing
 
 
-class Writer:
-    """Streams predictions in one format, so what is done is on disk even if the run stops early."""
-
-    def __init__(self, out: IO[str], fmt: str, topk: int) -> None:
-        self.out, self.fmt, self.first = out, fmt, True
-        self.csv = csv.writer(out) if fmt == "csv" else None
-        if self.csv:
-            ranks = range(1, topk + 1)
-            self.csv.writerow(["path", "error", *[f"{c}{r}" for r in ranks for c in ("index", "label", "prob")]])
-        elif fmt == "json":
-            out.write('{"predictions": [\n')
-
-    def __call__(self, pred: Prediction) -> None:
-        name = display_path(pred.path)
-        if self.fmt == "text":
-            if pred.top is not None:
-                self.out.write(f"{name}\t" + "\t".join(f"{label} {p:.4f}" for _, label, p in pred.top) + "\n")
-        elif self.csv:
-            self.csv.writerow([name, pred.error or "", *[v for t in pred.top or [] for v in (t[0], t[1], f"{t[2]:.6f}")]])
-        else:
-            entry = {"path": name, "error": pred.error} if pred.top is None else {
-                "path": name, "top": [{"index": i, "label": label, "prob": p} for i, label, p in pred.top]}
-            self.out.write(("" if self.first else ",\n") + json.dumps(entry))
-        self.first = False
-        self.out.flush()
-
-    def close(self, summary: Summary) -> None:
-        if self.fmt == "json":
-            self.out.write(f'\n], "summary": {json.dumps(summary.to_dict())}}}\n')
+def open_backend(args: argparse.Namespace) -> Backend:
+    """The backend the arguments ask for, constructed (not yet loaded); `auto` says what it chose and why."""
+    artifact, model_file = find_model(args.model, args.artifacts)
+    name, precision = args.backend, args.precision
+    if name == "auto":
+        choice = choose(artifact, precision, args.batch_size, args.threads, model_file)
+        print(f"backend: {choice.describe()}", file=sys.stderr)
+        name, precision = choice.backend, (None if model_file else choice.precision)
+    backend = create(name, artifact, precision=precision, max_batch=args.batch_size, threads=args.threads,
+                     model_file=model_file)
+    check_classifier(backend.meta, backend.model_file)
+    classes = backend.meta.num_labels
+    if classes is not None and args.topk > classes:
+        raise UsageError(f"--topk {args.topk}: the model has only {classes} classes")
+    return backend
 
 
-@contextlib.contextmanager
-def output(path: Path | None) -> Iterator[IO[str]]:
-    if path is None:
+@contextmanager
+def prediction_file(output: Path | None) -> Iterator[IO[str]]:
+    """stdout, or `<output>.partial` (renamed to `<output>` by `finish`)."""
+    if output is None:
         yield sys.stdout
         return
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+    with open(partial_path(output), "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
         yield f
 
 
 def run(args: argparse.Namespace) -> int:
-    files = find_files(args.paths, args.recursive)
-    artifact = find_artifact(args.model, args.artifacts)
-    name = args.backend
-    if name == "auto":
-        name, skipped = pick_auto(artifact)
-        why = "; ".join(f"{k}: {v}" for k, v in skipped.items())
-        print(f"backend: {name} (auto{'; passed over ' + why if why else ''})", file=sys.stderr)
-    backend = create(name, artifact, precision=args.precision, max_batch=args.batch_size)
+    listing = find_files(args.paths, args.recursive)
+    if args.output is not None:
+        needed = len(listing.files) * (100 + 60 * args.topk)  # bytes: a record is a name and k (index, label, prob)
+        check_output_file(args.output, needed_bytes=needed)
+        check_output_file(partial_path(args.output), needed_bytes=needed)
+    fmt = RecordFormat(args.format, args.topk)
+    done = read_done(args.output, fmt) if args.resume and args.output is not None else []
+    backend = open_backend(args)
     if backend.meta.synthetic:
         print(SYNTHETIC_WARNING, file=sys.stderr)
-    opts = ClassifyOptions(batch_size=args.batch_size, topk=args.topk, workers=args.workers, draft=args.draft)
-    from tqdm import tqdm
+    for folder in listing.skipped_loops:
+        print(f"infer: note: {display_path(folder)}: already visited (a symlink loop); not read again", file=sys.stderr)
+    done_keys = {key for key, _, _ in done}
+    todo = [f for f in listing.files if fmt.key(f) not in done_keys]
+    summary = Summary(backend.name, backend.precision, str(backend.artifact_dir), backend.meta.synthetic)
+    opts = ClassifyOptions(batch_size=args.batch_size, topk=args.topk, workers=args.workers, draft=args.draft,
+                           max_pixels=args.max_pixels)
+    with backend, prediction_file(args.output) as out, \
+            progress_bar(total=len(todo) + len(listing.errors), unit="img", enabled=args.progress) as bar:
+        writer = PredictionWriter(out, fmt)
 
-    with backend, output(args.output) as out, tqdm(total=len(files), unit="img", file=sys.stderr,
-                                                    disable=None if args.progress else True) as bar:
-        writer = Writer(out, args.format, args.topk)
-
-        def on_prediction(pred: Prediction) -> None:
-            writer(pred)
+        def emit(pred: Prediction) -> None:
+            summary.add(pred)
+            writer.write(pred)
             bar.update()
             if pred.error:
                 bar.write(f"infer: error: {pred.error}", file=sys.stderr)
 
-        summary = classify(files, backend, opts, on_prediction)
-        writer.close(summary)
+        start = time.perf_counter()
+        try:
+            if done:
+                bar.write(f"infer: resuming: {len(done)} files done earlier, {len(todo)} to go", file=sys.stderr)
+            for key, record, failed in done:
+                writer.write_record(record)
+                summary.images += 1
+                summary.resumed += not failed
+                if failed:
+                    summary.failed.append(Prediction(Path(key), error=f"{key}: failed in the earlier run"))
+            for folder, reason in listing.errors:
+                emit(Prediction(folder, error=f"{display_path(folder)}: {reason}"))
+            for pred in iter_predictions(todo, backend, opts):
+                emit(pred)
+        except KeyboardInterrupt as err:
+            summary.seconds, summary.interrupted = time.perf_counter() - start, True
+            with signals_deferred():
+                writer.close(summary)
+            saved = (f"{writer.count} predictions kept in {partial_path(args.output)}; run the same command with --resume "
+                     "to finish" if args.output is not None else f"{writer.count} predictions written")
+            raise Interrupted(getattr(err, "signum", 2), saved) from None
+        summary.seconds = time.perf_counter() - start
+        with signals_deferred():
+            writer.close(summary)
+            if args.output is not None:
+                out.flush()
+                os.fsync(out.fileno())
+                os.replace(partial_path(args.output), args.output)
     print_summary(summary)
     return 1 if summary.failed else 0
 
 
 def print_summary(s: Summary) -> None:
-    print(f"{s.images} images, {s.predicted} predicted, {len(s.failed)} failed, {s.images_per_s:.1f} images/s, "
+    resumed = f" ({s.resumed} from the earlier run)" if s.resumed else ""
+    print(f"{s.images} images, {s.predicted} predicted{resumed}, {len(s.failed)} failed, {s.images_per_s:.1f} images/s, "
           f"backend {s.backend} ({s.precision}), model {s.model}", file=sys.stderr)
     if s.synthetic:
         print(SYNTHETIC_WARNING, file=sys.stderr)
@@ -154,14 +187,7 @@ def print_summary(s: Summary) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (UsageError, ArtifactError, BackendUnavailable) as err:
-        print(f"infer: error: {err}", file=sys.stderr)
-        return USAGE_ERROR
-    except BrokenPipeError:  # `... | head`: the reader left; say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    return run_cli("infer", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -1,23 +1,32 @@
 """Image decoding and DeiT preprocessing: the one implementation export, calibration and runtime share.
 
-It reproduces `transformers`' `DeiTImageProcessor` / `ViTImageProcessor` (PIL backend) exactly: a wrong
-mean/std or crop is the most common cause of "accuracy dropped after export".
+It reproduces `transformers`' DeiT / ViT image processors (the PIL backend, `DeiTImageProcessorPil`)
+exactly: a wrong mean/std or crop is the most common cause of "accuracy dropped after export".
+Decoding refuses what it cannot turn into the picture a viewer would show (decompression bombs,
+high-bit-depth images it cannot scale) instead of classifying something else.
 """
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import asdict, dataclass
+import dataclasses
+import os
+import stat
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from runtime.errors import DeitError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
-# A 10,000 x 10,000 photo is a legitimate (if silly) input; anything beyond this is refused as a bomb.
-Image.MAX_IMAGE_PIXELS = 16_000 * 16_000
+# The default limit on the pixels of one image, checked from the header before decoding: a
+# 10,000 x 10,000 photo is a legitimate (if silly) input; a 17,000 x 17,000 PNG of 321 KB is a bomb.
+# Pillow's own guard is switched off because this check replaces it (and takes a per-call limit).
+DEFAULT_MAX_PIXELS = 16_000 * 16_000
+Image.MAX_IMAGE_PIXELS = None
 
 
 @dataclass(frozen=True)
@@ -45,10 +54,29 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
-        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
         data["mean"] = tuple(data["mean"])
         data["std"] = tuple(data["std"])
         return cls(**data)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The `preprocessor_config.json` transformers' DeiT image processor reads back as this spec."""
+        size = {"shortest_edge": self.resize_height} if self.shortest_edge else {"height": self.resize_height, "width": self.resize_width}
+        crop = self.crop_height is not None and self.crop_width is not None
+        return {
+            "image_processor_type": "DeiTImageProcessor",
+            "do_resize": True,
+            "size": size,
+            "resample": self.resample,
+            "do_center_crop": crop,
+            "crop_size": {"height": self.crop_height, "width": self.crop_width} if crop else None,
+            "do_rescale": True,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+        }
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> Preprocessing:
@@ -85,50 +113,75 @@ class Preprocessing:
         )
 
 
-class ImageError(ValueError):
+class ImageError(DeitError):
     """An input file that cannot be turned into a picture; the message names the file."""
 
 
-def load_image(path: str | Path, draft_size: tuple[int, int] | None = None) -> Image.Image:
+def load_image(path: str | Path, draft_size: tuple[int, int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode any still or animated image to RGB, upright, first frame, transparency on white.
 
-    `draft_size` lets JPEG decode at 1/2, 1/4 or 1/8 scale while staying at least that large:
-    much faster for big photos, at a small cost in exactness (see README).
+    `max_pixels` is checked from the header, before any pixel is decoded. `draft_size` lets JPEG
+    decode at 1/2, 1/4 or 1/8 scale while staying at least that large: much faster for big photos,
+    at a small cost in exactness (see README).
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if draft_size is not None and img.format == "JPEG":
-                    img.draft("RGB", draft_size)
-                img.seek(0)
-                img.load()
-                return _to_rgb(ImageOps.exif_transpose(img) or img)
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageError(f"{path}: refused, {width} x {height} = {width * height / 1e6:.0f} Mpx is over the "
+                                 f"limit of {max_pixels / 1e6:.0f} Mpx (--max-pixels)")
+            if draft_size is not None and img.format == "JPEG":
+                img.draft("RGB", draft_size)
+            img.seek(0)
+            img.load()
+            return _to_rgb(ImageOps.exif_transpose(img) or img, path)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file (or a broken symlink)") from None
     except PermissionError:
         raise ImageError(f"{path}: permission denied") from None
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"{path}: refused, too many pixels ({err})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
+    except MemoryError:
+        raise ImageError(f"{path}: out of memory while decoding") from None
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError) as err:
         reason = str(err) or type(err).__name__
         if "cannot identify image file" in reason:
             reason = "not an image (or an unsupported format)" if path.stat().st_size else "empty file"
         raise ImageError(f"{path}: {reason}") from None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grayscale: PIL's convert("RGB") clips at 255, which turns most photos white.
-        arr = np.asarray(img, dtype=np.uint32)
-        arr = (arr >> 8) if arr.max() > 255 else arr
-        img = Image.fromarray(arr.astype(np.uint8), mode="L")
+def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    """RGB as an image viewer shows the file; high-bit-depth images are scaled, not clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        img = Image.fromarray(_to_8bit(np.asarray(img), img.mode, path), mode="L")
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _to_8bit(arr: np.ndarray, mode: str, path: Path) -> np.ndarray:
+    """Greyscale of 16/32-bit integers or 32-bit floats -> uint8, the way viewers map the full range.
+
+    (Pillow's own `convert("RGB")` clips at 255: most 16-bit photos come out white, and a float
+    image in [0, 1] black.) A picture that would show as black, or whose range cannot be known, is
+    refused rather than classified as something it does not show.
+    """
+    if mode == "F":
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if not np.isfinite(arr).all() or lo < 0.0 or hi > 1.0:
+            raise ImageError(f"{path}: 32-bit float image with values from {lo:.4g} to {hi:.4g}; only [0, 1] has a "
+                             "defined look (convert it to 8-bit first)")
+        return np.round(arr * 255.0).astype(np.uint8)
+    wide = arr.astype(np.int64)
+    lo, hi = (int(wide.min()), int(wide.max())) if wide.size else (0, 0)
+    if lo < 0 or hi > 65535:
+        raise ImageError(f"{path}: 32-bit integer image with values from {lo} to {hi}; cannot tell how it is meant "
+                         "to look (convert it to 8-bit first)")
+    if 0 < hi < 257:
+        raise ImageError(f"{path}: {mode} image whose brightest pixel is {hi} of 65535: a viewer shows it black; "
+                         "refusing to classify a black picture (scale it to 8-bit first)")
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
 
 
 def preprocess(img: Image.Image, spec: Preprocessing) -> np.ndarray:
@@ -160,19 +213,76 @@ def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     return arr[top : top + crop_h, left : left + crop_w]
 
 
-def load_and_preprocess(path: str | Path, spec: Preprocessing, draft: bool = False) -> np.ndarray:
+def load_and_preprocess(path: str | Path, spec: Preprocessing, draft: bool = False,
+                        max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode + preprocess one file; `draft` decodes JPEGs at reduced scale (>= 2x the resize target)."""
     draft_size = (2 * spec.resize_width, 2 * spec.resize_height) if draft else None
-    return preprocess(load_image(path, draft_size), spec)
+    return preprocess(load_image(path, draft_size, max_pixels), spec)
+
+
+@dataclass
+class Listing:
+    """Image files found under the paths given, and the folders that could not be read (with why)."""
+
+    files: list[Path] = field(default_factory=list)
+    errors: list[tuple[Path, str]] = field(default_factory=list)
+    skipped_loops: list[Path] = field(default_factory=list)  # symlinked folders already visited
+
+
+def find_images(paths: list[Path], recursive: bool = False) -> Listing:
+    """Expand files and folders into image files (by suffix; content is checked when decoded).
+
+    Like `find -L`: symlinked folders are followed, each real folder is read once (so a link to an
+    ancestor cannot loop), and a folder that cannot be read is reported, not silently skipped.
+    Files from each folder argument come sorted by path.
+    """
+    listing = Listing()
+    for p in paths:
+        if not p.is_dir():
+            listing.files.append(p)
+            continue
+        found: list[Path] = []
+        _walk(p, recursive, found, listing, set())
+        listing.files.extend(sorted(found))
+    return listing
+
+
+def _walk(folder: Path, recursive: bool, found: list[Path], listing: Listing, seen: set[tuple[int, int]]) -> None:
+    try:
+        st = folder.stat()
+        if (st.st_dev, st.st_ino) in seen:
+            listing.skipped_loops.append(folder)
+            return
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(folder) as entries:
+            children = sorted(entries, key=lambda e: e.name)
+    except OSError as err:
+        listing.errors.append((folder, f"cannot read folder ({err.strerror or err})"))
+        return
+    for entry in children:
+        path = Path(entry.path)
+        try:
+            is_dir = entry.is_dir()  # follows symlinks; a broken link is not a folder
+        except OSError:
+            is_dir = False
+        if is_dir:
+            if recursive:
+                _walk(path, recursive, found, listing, seen)
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            found.append(path)
 
 
 def list_images(paths: list[Path], recursive: bool = False) -> list[Path]:
-    """Expand files and folders into a sorted list of image files (by suffix; content is checked later)."""
-    found: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            pattern = "**/*" if recursive else "*"
-            found.extend(sorted(f for f in p.glob(pattern) if f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir()))
-        else:
-            found.append(p)
-    return found
+    """The image files of `find_images`, for callers that treat unreadable folders as empty."""
+    return find_images(paths, recursive).files
+
+
+def regular_file_error(path: Path) -> str | None:
+    """Why `path` cannot be opened as an image file without blocking (a FIFO, a device), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file (or a broken symlink)"
+    except PermissionError:
+        return "permission denied"
+    return None if stat.S_ISREG(mode) else "not a regular file"

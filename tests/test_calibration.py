@@ -10,85 +10,25 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, cast
 
 import numpy as np
 import onnx
 import pytest
 from PIL import Image
 
+import calibration.pipeline as pipeline
 from calibration.__main__ import main as calibration_cli
 from calibration.data import DataError, balanced_order, discover, load_batch
 from calibration.pipeline import CalibrationOptions, calibrate
 from calibration.quantize import AbsHistogram, insert_qdq, plan_qdq
-from conftest import TINY, TINY_PREPROCESSOR
+from conftest import TINY, TINY_PREPROCESSOR, pattern_wnids
 from runtime.artifact import INT8_CPU_FILE, MODEL_FILES, read_onnx_meta
-from runtime.backends.ort_cpu import OrtCpuBackend
-from runtime.labels import imagenet_classes
+from runtime.auto import int8_gate_passed
+from runtime.backends.onnxruntime import ORT_CPU, ORT_TRT
+from runtime.errors import UsageError
 from runtime.preprocess import Preprocessing, load_and_preprocess
 
-WNIDS = [wnid for wnid, _ in imagenet_classes()[:4]]  # class folders named like ImageNet's first 4 classes
-PER_CLASS = 90
-
-
-def _pattern(kind: int, rng: np.random.Generator, size: int = 40) -> np.ndarray:
-    """A bright blob in quadrant `kind` over a dark striped background, random colours and noise."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    half = size // 2
-    cy = rng.uniform(5, half - 5) + half * (kind // 2)
-    cx = rng.uniform(5, half - 5) + half * (kind % 2)
-    r = rng.uniform(3, 7)
-    blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None]
-    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * (xx * rng.uniform(-1, 1) + yy) / rng.uniform(4, 9))[..., None]
-    background = stripes * rng.uniform(0, 110, 3) + (1 - stripes) * rng.uniform(0, 110, 3)
-    img = blob * rng.uniform(150, 255, 3) + (1 - blob) * background + rng.normal(0, 10, size=(size, size, 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="session")
-def pattern_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ImageNet train-style folder: <wnid>/<n>.png, PER_CLASS images per class."""
-    root = tmp_path_factory.mktemp("patterns")
-    rng = np.random.default_rng(0)
-    for label, wnid in enumerate(WNIDS):
-        (root / wnid).mkdir()
-        for i in range(PER_CLASS):
-            Image.fromarray(_pattern(label, rng)).save(root / wnid / f"{i:03d}.png")
-    return root
-
-
-@pytest.fixture(scope="session")
-def trained_artifact(pattern_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Train a tiny DeiT (both heads) on the patterns for 400 steps, save it, export it."""
-    import torch
-    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
-
-    from export.pipeline import ExportOptions, export_checkpoint
-
-    spec = Preprocessing.from_hf_config(TINY_PREPROCESSOR)
-    samples = discover(pattern_dir)
-    x = torch.from_numpy(np.stack([load_and_preprocess(s.path, spec) for s in samples]))
-    y = torch.tensor([s.label for s in samples])
-    torch.manual_seed(0)
-    cfg = DeiTConfig(**cast(dict[str, Any], TINY), id2label={i: w for i, w in enumerate(WNIDS)}, architectures=["DeiTForImageClassificationWithTeacher"])
-    model = DeiTForImageClassificationWithTeacher(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(400):
-        idx = torch.randint(0, len(x), (32,), generator=gen)
-        out = model(pixel_values=x[idx])
-        loss = torch.nn.functional.cross_entropy(out.cls_logits, y[idx]) + torch.nn.functional.cross_entropy(out.distillation_logits, y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    ckpt = tmp_path_factory.mktemp("trained") / "patterns-deit"
-    model.save_pretrained(ckpt)
-    (ckpt / "preprocessor_config.json").write_text(json.dumps(TINY_PREPROCESSOR))
-    out_root = tmp_path_factory.mktemp("trained-artifacts")
-    export_checkpoint(ExportOptions(str(ckpt), out_root=out_root, fp16=False, progress=False))
-    return out_root / "patterns-deit"
+WNIDS = pattern_wnids()
 
 
 @pytest.fixture(scope="session")
@@ -155,31 +95,77 @@ def test_decomposed_attention_quantizes_both_attention_matmuls(tiny_checkpoint: 
     assert np.all(np.isfinite(logits)) and logits.shape == (4, 10)
 
 
-def test_ort_cpu_int8_prefers_the_cpu_variant(calibrated: dict, trained_artifact: Path, pattern_dir: Path) -> None:
-    assert OrtCpuBackend.model_file_for(trained_artifact, "int8").name == INT8_CPU_FILE
+def test_ort_cpu_int8_prefers_the_cpu_variant_and_ort_trt_gets_the_qdq_file(
+    calibrated: dict, trained_artifact: Path, pattern_dir: Path
+) -> None:
+    assert ORT_CPU.model_file_for(trained_artifact, "int8").name == INT8_CPU_FILE
+    # Regression: ort-trt used to inherit ort-cpu's preference and was handed the CPU dynamic-quant file.
+    assert ORT_TRT.model_file_for(trained_artifact, "int8").name == MODEL_FILES["int8"]
     spec = read_onnx_meta(trained_artifact / MODEL_FILES["fp32"]).preprocessing
     x = np.stack([load_and_preprocess(pattern_dir / w / "089.png", spec) for w in WNIDS])
-    with OrtCpuBackend(trained_artifact, precision="int8") as backend:
-        assert backend.meta.precision == "int8"
+    with ORT_CPU(trained_artifact, precision="int8") as backend:
+        assert backend.meta.precision == "int8" and backend.model_file.name == INT8_CPU_FILE
         assert list(backend.infer(x)["logits"].argmax(1)) == [0, 1, 2, 3]
+    assert int8_gate_passed(trained_artifact), "280 evaluation images: the gate applied and passed"
+
+
+def _copy_artifact(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for name in (MODEL_FILES["fp32"], "export.json"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
 
 
 def test_gate_failure_writes_nothing_and_cli_says_why(trained_artifact: Path, pattern_dir: Path, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    artifact = tmp_path / "a"
-    artifact.mkdir()
-    (artifact / MODEL_FILES["fp32"]).write_bytes((trained_artifact / MODEL_FILES["fp32"]).read_bytes())
-    argv = ["--model", str(artifact), "--calib-dir", str(pattern_dir), "--num-images", "16", "--num-eval", "40"]
-    assert calibration_cli(argv + ["--min-agreement", "1.01"]) == 4
-    assert "accuracy gate failed" in capsys.readouterr().err
-    assert sorted(p.name for p in artifact.iterdir()) == [".calib-cache", MODEL_FILES["fp32"]]
+                                                       capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    artifact = _copy_artifact(trained_artifact, tmp_path / "a")
+    argv = ["--model", str(artifact), "--calib-dir", str(pattern_dir), "--num-images", "16", "--num-eval", "120",
+            "--no-progress"]
+    real = pipeline.compare_to_fp32
+
+    def disagreeing(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray | None) -> dict:
+        return real(fp32, np.roll(int8, 1, axis=1), labels)  # every int8 top-1 moves to another class
+
+    monkeypatch.setattr(pipeline, "compare_to_fp32", disagreeing)
+    assert calibration_cli(argv) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("calibration: error: accuracy gate failed") and "nothing written" in err[-1]
+    assert sorted(p.name for p in artifact.iterdir()) == [".calib-cache", "export.json", MODEL_FILES["fp32"]]
+    monkeypatch.setattr(pipeline, "compare_to_fp32", real)
     assert calibration_cli(argv + ["--min-agreement", "0.9", "--method", "percentile"]) == 0
     out = capsys.readouterr().out
     assert "from cache" in out and "gate: agreement >= 90.00%: passed" in out
     assert (artifact / MODEL_FILES["int8"]).is_file() and (artifact / INT8_CPU_FILE).is_file()
-    assert calibration_cli(argv[:2] + ["--calib-dir", str(tmp_path / "nope")]) == 1
+
+
+def test_few_evaluation_images_make_the_gate_say_it_is_not_meaningful(trained_artifact: Path, pattern_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    artifact = _copy_artifact(trained_artifact, tmp_path / "few")
+    report = calibrate(CalibrationOptions(artifact, pattern_dir, num_images=8, num_eval=2, cpu_variant=False,
+                                          cache=False, progress=False))
+    assert report["evaluation_images"]["used"] == 2
+    assert report["gate"]["applied"] is False and "only 2 evaluation images" in report["gate"]["not_applied_because"]
+    assert not int8_gate_passed(artifact), "auto must not trust an int8 file gated on 2 images"
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--min-agreement", "7"), ("--min-agreement", "-0.1"), ("--percentile", "0"),
+                                             ("--percentile", "150"), ("--num-images", "0")])
+def test_out_of_range_values_are_usage_errors(flag: str, value: str, pattern_dir: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        calibration_cli(["--calib-dir", str(pattern_dir), flag, value])
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.endswith("nope: no such folder")
+    assert exc.value.code == 2 and err.count("\n") == 0 and err.startswith(f"calibration: error: {flag}")
+    with pytest.raises(UsageError):
+        CalibrationOptions(Path("."), pattern_dir, min_agreement=7.0)
+
+
+def test_missing_folders_are_one_line_usage_errors(trained_artifact: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        calibration_cli(["--model", str(trained_artifact), "--calib-dir", str(tmp_path / "nope")])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.count("\n") == 0 and "nope: no such folder" in err
 
 
 def test_layouts_labels_and_balanced_sampling(tmp_path: Path) -> None:
@@ -220,8 +206,9 @@ def test_unreadable_files_are_skipped_with_names(tmp_path: Path, tiny_artifact: 
     assert sorted(Path(f).name for f in batch.skipped) == ["broken.jpg", "notes.png"]
     for i in range(3):
         (folder / f"ok{i}.png").unlink()
-    with pytest.raises(DataError, match=r"photos: no usable calibration images \(2 unreadable\)"):
+    with pytest.raises(DataError, match=r"photos: no usable calibration images \(2 unreadable\)") as err:
         calibrate(CalibrationOptions(tiny_artifact, folder, cache=False, progress=False))
+    assert err.value.exit_code == 2
 
 
 def test_histogram_methods_clip_outliers() -> None:

@@ -16,20 +16,21 @@ import numpy as np
 import pytest
 
 from export.engines import attention_note, count_fused_attention, missing_prerequisites, plan_engines
-from runtime.artifact import ArtifactError, model_path, read_onnx_meta
-from runtime.backends import BackendUnavailable, backend_class, pick_auto
-from runtime.backends import cudart
+from runtime.artifact import ArtifactError, file_sha256, model_path, read_onnx_meta
+from runtime.auto import choose
+from runtime.backends import BackendUnavailable, cudart
+from runtime.backends.onnxruntime import ORT_TRT
 from runtime.backends.trt import (
-    TensorRTBackend,
     EngineError,
+    TensorRTBackend,
     check_engine,
     engine_path,
-    file_sha256,
     read_sidecar,
     require_tensorrt,
     sidecar_path,
     tensorrt_unavailable_reason,
 )
+from runtime.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 H100 = cudart.GpuInfo("NVIDIA H100 80GB HBM3", "9.0", 80 * 2**30)
@@ -59,9 +60,8 @@ def artifact(tiny_artifact: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny artifact's ONNX files, so engines written here stay here."""
     out = tmp_path / "tiny-deit"
     out.mkdir()
-    for precision in ("fp32", "fp16"):
-        src = model_path(tiny_artifact, precision)
-        (out / src.name).write_bytes(src.read_bytes())
+    for name in ("model.onnx", "model.fp16.onnx", "export.json"):
+        (out / name).write_bytes((tiny_artifact / name).read_bytes())
     return out
 
 
@@ -169,8 +169,19 @@ def test_feature_detection_without_gpu(artifact: Path) -> None:
         with TensorRTBackend(artifact):
             pass
     assert "make install-gpu" in str(err.value) or "GPU" in str(err.value)
-    name, skipped = pick_auto(artifact)
-    assert name not in ("trt",) and skipped["trt"] == GPU_REASON
+    choice = choose(artifact, batch_size=2)
+    assert choice.backend != "trt" and choice.passed_over["trt fp16"] == GPU_REASON
+
+
+def test_a_named_engine_file_means_that_file(artifact: Path) -> None:
+    """--model .../model.int8.plan runs that engine; an ONNX file given to trt is refused, not swapped."""
+    fake_engine(artifact, precision="fp16")
+    backend = TensorRTBackend(artifact, model_file=engine_path(artifact, "fp16"))
+    assert backend.precision == "fp16" and backend.model_file == engine_path(artifact, "fp16")
+    with pytest.raises(UsageError, match="is a fp16 engine, not int8"):
+        TensorRTBackend(artifact, precision="int8", model_file=engine_path(artifact, "fp16"))
+    with pytest.raises(UsageError, match="runs TensorRT engines"):
+        TensorRTBackend(artifact, model_file=artifact / "model.fp16.onnx")
 
 
 def test_tensorrt_stubs_are_not_mistaken_for_tensorrt() -> None:
@@ -190,18 +201,28 @@ def test_cuda_status_is_checked() -> None:
     assert cudart._check("cudaRuntimeGetVersion", (rt.cudaError_t.cudaSuccess, 13040)) == 13040
     with pytest.raises(cudart.CudaError, match="cudaMalloc failed: cudaErrorMemoryAllocation"):
         cudart._check("cudaMalloc", (rt.cudaError_t.cudaErrorMemoryAllocation, None))
+
+
+
+@pytest.mark.skipif(cudart.gpu_unavailable_reason() is None, reason="this machine has a GPU")
+def test_no_gpu_is_told_apart_from_a_cuda_bug() -> None:
     reason = cudart.gpu_unavailable_reason()
-    if reason is not None:
-        assert "cudaGetDeviceCount" in reason or "GPU" in reason
+    assert reason is not None and ("cudaGetDeviceCount" in reason or "cuda-python is not installed" in reason)
 
 
 def test_ort_trt_says_what_is_missing() -> None:
-    cls = backend_class("ort-trt")
-    reason = cls.unavailable_reason()
     import onnxruntime as ort
 
-    if "TensorrtExecutionProvider" not in ort.get_available_providers():
-        assert reason is not None and "TensorrtExecutionProvider" in reason and "make install-gpu" in reason
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the TensorRT provider")
+    reason = ORT_TRT.unavailable_reason()
+    assert reason is not None and "TensorrtExecutionProvider" in reason and "make install-gpu" in reason
+
+
+def test_an_int8_only_build_does_not_demand_the_fp16_file(artifact: Path) -> None:
+    (artifact / "model.fp16.onnx").rename(artifact / "model.int8.onnx")  # any file named like the Q/DQ model
+    assert not [m for m in missing_prerequisites(artifact, ("int8",)) if "run `make export`" in m]
+    assert [m for m in missing_prerequisites(artifact, ("fp16",)) if "model.fp16.onnx" in m]
 
 
 def test_int8_engine_waits_for_calibration(artifact: Path) -> None:
@@ -235,14 +256,14 @@ def test_fused_attention_is_counted_from_types_and_kernels_not_names() -> None:
 
 
 @pytest.mark.skipif(GPU_REASON is None, reason="this machine has TensorRT and a GPU")
-def test_make_engines_exits_2_saying_what_is_missing(artifact: Path) -> None:
+def test_make_engines_exits_6_saying_what_is_missing(artifact: Path) -> None:
     assert len(missing_prerequisites(artifact)) >= 1
     cli = subprocess.run([sys.executable, "-m", "export.engines", "--model", str(artifact)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert cli.returncode == 2 and GPU_REASON in cli.stderr, cli.stderr
+    assert cli.returncode == 6 and GPU_REASON in cli.stderr and cli.stderr.count("\n") == 1, cli.stderr
     proc = subprocess.run(["make", "-s", "engines", f"PY={sys.executable}", f"ARTIFACT={artifact}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 2, proc.stderr  # make's own status for a failed recipe
     assert GPU_REASON in proc.stderr
     assert not engine_path(artifact, "fp16").exists()
 
@@ -262,12 +283,12 @@ def built(artifact: Path) -> Path:
 @pytest.mark.gpu
 @needs_gpu
 def test_engine_matches_onnx_runtime(built: Path) -> None:
-    from runtime.backends.ort_cpu import OrtCpuBackend
+    from runtime.backends.onnxruntime import ORT_CPU
 
     sidecar = read_sidecar(engine_path(built, "fp16"))
     assert sidecar["profile"]["max"][0] == 4 and sidecar["source_sha256"] == file_sha256(model_path(built, "fp16"))
     x = np.random.default_rng(0).standard_normal((7, 3, 32, 32)).astype(np.float32)
-    with OrtCpuBackend(built, precision="fp32") as ref:
+    with ORT_CPU(built, precision="fp32") as ref:
         expected = ref.infer(x)
     for graphs in (True, False):
         with TensorRTBackend(built, cuda_graphs=graphs) as trt_backend:
@@ -289,14 +310,36 @@ def test_real_truncated_engine_is_refused(built: Path) -> None:
             pass
 
 
-def test_gpu_check_table_and_exit_status_without_gpu(capsys: pytest.CaptureFixture[str]) -> None:
-    from benchmarks.gpu_check import Step, format_table, main
+def test_gpu_check_table() -> None:
+    from benchmarks.gpu_check import Step, format_table
 
     table = format_table([Step("export", "PASS", 31.2, "synthetic weights -> x"),
-                          Step("infer trt fp16 vs ORT fp32", "FAIL", 2.0, "top-1 agreement 97.00% < 99.5%")])
+                          Step("infer trt fp16 vs ORT fp32", "FAIL", 2.0, "top-1 agreement 97.00% < 99.5%"),
+                          Step("engines", "SKIP", 0.0, "TensorRT is not installed")])
     lines = table.splitlines()
-    assert len(lines) == 4 and "PASS" in lines[2] and "31.2s" in lines[2] and "FAIL" in lines[3]
-    if GPU_REASON is not None:
-        assert main(["--out", "/nonexistent/never-written"]) == 2
-        assert GPU_REASON in capsys.readouterr().err
-        assert not Path("/nonexistent/never-written").exists()
+    assert len(lines) == 5 and "PASS" in lines[2] and "31.2s" in lines[2] and "FAIL" in lines[3] and "SKIP" in lines[4]
+
+
+def test_polygraphy_cross_check_commands(artifact: Path, tmp_path: Path) -> None:
+    """What gpu-check asks NVIDIA's Polygraphy to run: ORT fp32 reference outputs, then our engine against them."""
+    from benchmarks.gpu_check import polygraphy_commands
+
+    save, check = polygraphy_commands(artifact, "fp16", tmp_path)
+    assert save[:3] == ["polygraphy", "run", str(artifact / "model.onnx")] and "--onnxrt" in save
+    assert save[save.index("--input-shapes") + 1] == "pixel_values:[8,3,32,32]"
+    assert check[:3] == ["polygraphy", "run", str(engine_path(artifact, "fp16"))] and "--trt" in check
+    assert check[check.index("--model-type") + 1] == "engine"
+    assert check[check.index("--load-outputs") + 1] == save[save.index("--save-outputs") + 1]
+    assert check[check.index("--load-inputs") + 1] == save[save.index("--save-inputs") + 1]
+
+
+@pytest.mark.skipif(GPU_REASON is None, reason="this machine has TensorRT and a GPU")
+def test_gpu_check_without_a_gpu_skips_every_step_and_says_why(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.gpu_check import gpu_missing, main
+
+    if not all(gpu_missing().values()):
+        pytest.skip("some GPU route can run here")
+    assert main(["--out", "/nonexistent/never-written"]) == 6
+    out, err = capsys.readouterr()
+    assert out.count("SKIP") == 8 and err.count("\n") == 1 and err.startswith("gpu_check: error: no GPU step")
+    assert not Path("/nonexistent/never-written").exists()

@@ -57,3 +57,16 @@ def test_spec_round_trips_and_reads_old_style_configs() -> None:
     new_style = {"size": {"height": 438, "width": 438}, "do_center_crop": True, "crop_size": {"height": 384, "width": 384},
                  "resample": 3, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
     assert Preprocessing.from_hf_config(new_style) == PUBLISHED["facebook/deit-base-distilled-patch16-384"].preprocessing
+
+
+def test_pictures_smaller_than_the_crop_are_zero_padded_like_transformers() -> None:
+    """A resize smaller than the crop (a checkpoint may say so) pads before cropping, as transformers does."""
+    spec = Preprocessing(resize_height=28, resize_width=26, crop_height=32, crop_width=32, resample=3,
+                         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    got = preprocess(img, spec)
+    want = _hf_processor(spec)(images=img, return_tensors="np")["pixel_values"][0]
+    assert got.shape == want.shape == (3, 32, 32)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    border = (0 - np.asarray(spec.mean)) / np.asarray(spec.std)  # a zero pixel, normalised
+    np.testing.assert_allclose(got[:, 0, 0], border, atol=1e-6)  # the corner is padding

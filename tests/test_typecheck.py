@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKED = [
     "runtime/backends/trt.py",
     "runtime/backends/cudart.py",
-    "runtime/backends/ort_trt.py",
+    "runtime/backends/onnxruntime.py",
+    "runtime/backends/pytorch.py",
     "export/engines.py",
     "benchmarks/gpu_check.py",
 ]

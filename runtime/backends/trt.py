@@ -11,16 +11,16 @@ pycuda is source-only and needs the CUDA toolkit to install). TensorRT and CUDA 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from runtime.artifact import ArtifactError, ArtifactMeta
+from runtime.artifact import ArtifactError, ArtifactMeta, file_sha256
 from runtime.backends import cudart
 from runtime.backends.base import Backend, BackendUnavailable
+from runtime.errors import UsageError
 
 if TYPE_CHECKING:  # typed from tensorrt-stubs; imported for real only inside activate()
     import tensorrt as trt
@@ -72,14 +72,6 @@ def tensorrt_unavailable_reason() -> str | None:
     except BackendUnavailable as err:
         return str(err)
     return None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_sidecar(plan: str | Path) -> dict[str, Any]:
@@ -135,6 +127,8 @@ class TensorRTBackend(Backend):
     name = "trt"
     default_precision = "fp16"
     device = "cuda"
+    precisions = ("fp16", "int8")
+    clock = "cuda-events"
 
     def __init__(self, *args: Any, cuda_graphs: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -164,12 +158,24 @@ class TensorRTBackend(Backend):
 
     @classmethod
     def missing_files(cls, artifact_dir: Path, precision: str | None = None) -> str | None:
-        plan = cls.model_file_for(artifact_dir, precision or cls.default_precision)
+        precision = precision or cls.default_precision
+        if precision not in cls.precisions:
+            return f"TensorRT engines are built at {', '.join(cls.precisions)}, not {precision}"
+        plan = cls.model_file_for(artifact_dir, precision)
         absent = [p for p in (plan, sidecar_path(plan)) if not p.is_file()]
         return f"{absent[0]} not found; build it with `make engines`" if absent else None
 
+    def open_file(self, asked: str | None) -> tuple[str, ArtifactMeta]:
+        if self.model_file.suffix != ".plan":
+            raise UsageError(f"{self.model_file}: the trt backend runs TensorRT engines (.plan files built by "
+                             "`make engines`), not ONNX files; use --backend ort-trt for ONNX on TensorRT")
+        have = str(read_sidecar(self.model_file)["precision"])
+        if asked is not None and asked != have:
+            raise UsageError(f"{self.model_file} is a {have} engine, not {asked}")
+        return have, self.read_meta()
+
     def read_meta(self) -> ArtifactMeta:
-        return ArtifactMeta.from_json(json.dumps(read_sidecar(self.model_file)["artifact_meta"]))
+        return ArtifactMeta.from_json(json.dumps(read_sidecar(self.model_file)["artifact_meta"]), str(sidecar_path(self.model_file)))
 
     def activate(self) -> None:
         try:

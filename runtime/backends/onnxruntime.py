@@ -1,0 +1,293 @@
+"""ONNX Runtime, one backend configured per execution provider: ort-cpu, ort-cuda, ort-trt.
+
+Like Polygraphy's runners take a loader, `OrtBackend` takes an `OrtConfig`: which providers, which
+artifact file each precision runs (in order of preference), whether outputs stay on the GPU behind
+IOBinding and whether each batch size is captured into a CUDA graph. The registry entries below are
+configurations, not subclasses, so a setting cannot leak from one provider to another.
+
+- ort-cpu runs the standard files, and at int8 prefers `model.int8-cpu.onnx` (ORT's dynamic int8:
+  its u8 x s8 kernels are the fast CPU path) over the TensorRT Q/DQ file.
+- ort-cuda prefers ONNX Runtime's own fused-op graph (`model.ort.fp16.onnx`: com.microsoft
+  Attention, SkipLayerNormalization, BiasGelu), which its CUDA kernels run 2-3x faster than the
+  standard `Attention` op; inputs and outputs live on the GPU (IOBinding), and each batch size is
+  captured once into a CUDA graph and replayed (`gpu_graph_id`), falling back to plain runs, with a
+  note, when capture is impossible.
+- ort-trt gets the standard-op files (TensorRT parses the ONNX `Attention` op) and, at int8, the
+  explicit Q/DQ file TensorRT needs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.artifact import INT8_CPU_FILE, MODEL_FILES, ORT_FUSED_FILES, ArtifactError, ArtifactMeta, file_sha256
+from runtime.backends import cudart
+from runtime.backends.base import Backend, BackendUnavailable
+from runtime.errors import first_line
+
+CPU_EP, CUDA_EP, TRT_EP = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+TRT_WORKSPACE_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class OrtConfig:
+    name: str
+    device: str  # "cpu" | "cuda"
+    providers: tuple[str, ...]  # the provider that must run the model first, fallbacks after
+    default_precision: str
+    files: dict[str, tuple[str, ...]]  # precision -> artifact files, preferred first
+    io_binding: bool = False  # inputs copied once into GPU buffers, outputs bound on the GPU
+    cuda_graphs: bool = False  # one captured CUDA graph per batch size
+    # Benchmark-only models that are not artifact files: (metadata, precision, work folder) -> model file.
+    build: Callable[[ArtifactMeta, str, Path], tuple[Path, dict[str, Any]]] | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+class OrtKind:
+    """A registry entry: answers the registry's questions from an OrtConfig and builds OrtBackends."""
+
+    def __init__(self, config: OrtConfig) -> None:
+        self.config = config
+        self.name, self.device, self.default_precision = config.name, config.device, config.default_precision
+        self.precisions = tuple(config.files)
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return f"onnxruntime is not installed; {cudart.INSTALL_HINT}"
+        main = self.config.providers[0]
+        if main not in ort.get_available_providers():
+            return f"onnxruntime {ort.__version__} has no {main} (a CPU-only build?); {cudart.INSTALL_HINT}"
+        return cudart.gpu_unavailable_reason() if self.device == "cuda" else None
+
+    def model_file_for(self, artifact_dir: Path, precision: str) -> Path:
+        names = self.config.files.get(precision) or (MODEL_FILES.get(precision, f"model.{precision}.onnx"),)
+        for name in names:
+            if (Path(artifact_dir) / name).is_file():
+                return Path(artifact_dir) / name
+        return Path(artifact_dir) / names[-1]
+
+    def missing_files(self, artifact_dir: Path, precision: str | None = None) -> str | None:
+        precision = precision or self.default_precision
+        if precision not in self.config.files:
+            return f"{self.name} does not run {precision}"
+        if self.config.build is not None:
+            return None if (Path(artifact_dir) / MODEL_FILES["fp32"]).is_file() else f"{artifact_dir}: no model.onnx"
+        path = self.model_file_for(artifact_dir, precision)
+        return None if path.is_file() else f"{path} not found"
+
+    def __call__(self, artifact_dir: str | Path, *, precision: str | None = None, max_batch: int = 8,
+                 threads: int | None = None, model_file: Path | None = None) -> OrtBackend:
+        return OrtBackend(self.config, artifact_dir, precision=precision, max_batch=max_batch, threads=threads,
+                          model_file=model_file, kind=self)
+
+
+class OrtBackend(Backend):
+    def __init__(self, config: OrtConfig, artifact_dir: str | Path, *, kind: OrtKind | None = None,
+                 **kwargs: Any) -> None:
+        self.config = config
+        super().__init__(artifact_dir, kind=kind or OrtKind(config), **kwargs)
+        self.threads = self.threads or len(os.sched_getaffinity(0))
+        self.cuda_graphs = config.cuda_graphs
+        self.clock = "cuda-events" if config.io_binding else "host"
+        self.notes: list[str] = list(config.notes)
+        self.info: dict[str, Any] = {}  # how a built model was made (benchmark-only configs)
+        self.session: Any = None
+        self.output_names: list[str] = []
+        self._workdir: Any = None
+        self._bound: dict[int, tuple[Any, Any, list[Any], int]] = {}  # batch -> (IOBinding, input, outputs, graph id)
+        self._stream: Any = None
+
+    def read_meta(self) -> ArtifactMeta:
+        if self.config.build is not None:  # the model is built at activation from the artifact's fp32 metadata
+            from runtime.artifact import read_onnx_meta
+
+            return read_onnx_meta(self.artifact_dir / MODEL_FILES["fp32"])
+        return super().read_meta()
+
+    def session_options(self) -> Any:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = self.threads or 0
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3  # errors only: ORT's warnings about CPU fallbacks are checked below
+        return opts
+
+    def provider_list(self) -> list[Any]:
+        options = {CPU_EP: {}, CUDA_EP: self._cuda_options(), TRT_EP: self._trt_options()}
+        return [(p, options[p]) for p in self.config.providers]
+
+    def _cuda_options(self) -> dict[str, Any]:
+        if self.device != "cuda":
+            return {}
+        opts: dict[str, Any] = {"device_id": 0}
+        if self.config.io_binding:  # ORT runs on our stream, so CUDA events recorded there time it
+            self._stream = self._stream or cudart.stream_create()
+            opts["user_compute_stream"] = str(int(self._stream))
+        if self.cuda_graphs:
+            opts["enable_cuda_graph"] = "1"
+        return opts
+
+    def _trt_options(self) -> dict[str, Any]:
+        if TRT_EP not in self.config.providers:
+            return {}
+        cache = self.artifact_dir / "ort-trt-cache" / f"{self.precision}-{file_sha256(self.model_file)[:16]}"
+        cache.mkdir(parents=True, exist_ok=True)
+        h, w = self.input.shape[2:]
+
+        def shape(batch: int) -> str:
+            return f"{self.input.name}:{batch}x3x{h}x{w}"
+
+        return {
+            "device_id": 0,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(cache),
+            "trt_max_workspace_size": TRT_WORKSPACE_BYTES,
+            "trt_profile_min_shapes": shape(1),
+            "trt_profile_opt_shapes": shape(self.max_batch),
+            "trt_profile_max_shapes": shape(self.max_batch),
+        }
+
+    def activate(self) -> None:
+        if self.config.build is not None:
+            import tempfile
+
+            self._workdir = tempfile.TemporaryDirectory(prefix=f"deit-{self.name}-")
+            self.model_file, self.info = self.config.build(self.meta, self.precision, Path(self._workdir.name))
+        try:
+            self._open_session()
+        except BaseException:
+            self.deactivate()
+            raise
+
+    def _open_session(self) -> None:
+        import onnxruntime as ort
+
+        try:
+            self.session = ort.InferenceSession(str(self.model_file), sess_options=self.session_options(),
+                                                providers=self.provider_list())
+        except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types
+            if self.cuda_graphs:  # e.g. a node that cannot run on the CUDA provider: no capture possible
+                self.cuda_graphs = False
+                self.notes.append(f"CUDA graphs off: the session could not be created with them ({first_line(err)})")
+                return self._open_session()
+            raise ArtifactError(f"{self.model_file}: ONNX Runtime cannot load it ({first_line(err)})") from None
+        used = self.session.get_providers()
+        if used[0] != self.config.providers[0]:
+            # ORT falls back to the next provider, with only a log line, when libraries are missing.
+            self.session = None
+            raise BackendUnavailable(f"ONNX Runtime could not start {self.config.providers[0]} for {self.model_file} "
+                                     f"(providers in use: {', '.join(used)}); {cudart.INSTALL_HINT}")
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        if not self.config.io_binding:
+            outputs = self.session.run(self.output_names, {self.input.name: pixel_values})
+            return dict(zip(self.output_names, outputs))
+        self._launch(pixel_values)
+        io = self._bound[len(pixel_values)][0]
+        return dict(zip(self.output_names, io.copy_outputs_to_cpu()))
+
+    def _binding(self, batch: int) -> tuple[Any, Any, list[Any], int]:
+        """GPU buffers at fixed addresses for one batch size (CUDA graphs replay those addresses)."""
+        if batch not in self._bound:
+            import onnxruntime as ort
+
+            x_gpu = ort.OrtValue.ortvalue_from_shape_and_type(self.input_shape(batch), np.float32, "cuda", 0)
+            io = self.session.io_binding()
+            io.bind_ortvalue_input(self.input.name, x_gpu)
+            outputs = []
+            for out in self.session.get_outputs():
+                shape = [batch if not isinstance(d, int) else d for d in out.shape]
+                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda", 0)
+                io.bind_ortvalue_output(out.name, value)
+                outputs.append(value)
+            self._bound[batch] = (io, x_gpu, outputs, len(self._bound) + 1)
+        return self._bound[batch]
+
+    def _launch(self, pixel_values: np.ndarray) -> None:
+        """Copy the batch into its bound GPU input and run; a CUDA graph per batch size when enabled."""
+        io, x_gpu, _, _ = self._binding(len(pixel_values))
+        x_gpu.update_inplace(np.ascontiguousarray(pixel_values, dtype=np.float32))
+        try:
+            self.session.run_with_iobinding(io, self._run_options(len(pixel_values)))
+        except Exception as err:
+            if not self.cuda_graphs:
+                raise
+            self.notes.append(f"CUDA graphs off: capture failed at batch {len(pixel_values)} ({first_line(err)})")
+            self.cuda_graphs = False
+            self.deactivate_session()
+            self._open_session()
+            self._launch(pixel_values)
+
+    def time_runs(self, pixel_values: np.ndarray, iterations: int) -> list[float]:
+        """GPU milliseconds per run on a device-resident input (copied in once), from CUDA events on ORT's stream."""
+        if not self.config.io_binding:
+            raise NotImplementedError(f"{self.name} is timed on the host clock")
+        self._launch(pixel_values)  # binds, copies the input in, and captures the graph if enabled
+        io = self._bound[len(pixel_values)][0]
+        start, end = cudart.event_create(), cudart.event_create()
+        options = self._run_options(len(pixel_values))
+        try:
+            times = []
+            for _ in range(iterations):
+                cudart.event_record(start, self._stream)
+                self.session.run_with_iobinding(io, options)
+                cudart.event_record(end, self._stream)
+                times.append(cudart.event_elapsed_ms(start, end))
+            return times
+        finally:
+            cudart.event_destroy(start)
+            cudart.event_destroy(end)
+
+    def _run_options(self, batch: int) -> Any:
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        if self.cuda_graphs:
+            options.add_run_config_entry("gpu_graph_id", str(self._bound[batch][3]))
+        return options
+
+    def deactivate_session(self) -> None:
+        self._bound.clear()
+        self.session = None
+
+    def deactivate(self) -> None:
+        self.deactivate_session()
+        if self._stream is not None:
+            cudart.stream_destroy(self._stream)
+            self._stream = None
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def describe(self) -> dict[str, object]:
+        return super().describe() | {"providers": list(self.config.providers), "cuda_graphs": self.cuda_graphs,
+                                     "notes": self.notes, **({"built": self.info} if self.info else {})}
+
+
+ORT_CPU = OrtKind(OrtConfig(
+    name="ort-cpu", device="cpu", providers=(CPU_EP,), default_precision="fp32",
+    files={"fp32": (MODEL_FILES["fp32"],), "fp16": (MODEL_FILES["fp16"],), "int8": (INT8_CPU_FILE, MODEL_FILES["int8"])},
+))
+ORT_CUDA = OrtKind(OrtConfig(
+    name="ort-cuda", device="cuda", providers=(CUDA_EP, CPU_EP), default_precision="fp16",
+    files={"fp16": (ORT_FUSED_FILES["fp16"], MODEL_FILES["fp16"]), "fp32": (ORT_FUSED_FILES["fp32"], MODEL_FILES["fp32"]),
+           "int8": (MODEL_FILES["int8"],)},
+    io_binding=True, cuda_graphs=True,
+))
+ORT_TRT = OrtKind(OrtConfig(
+    name="ort-trt", device="cuda", providers=(TRT_EP, CUDA_EP, CPU_EP), default_precision="fp16",
+    files={"fp16": (MODEL_FILES["fp16"],), "fp32": (MODEL_FILES["fp32"],), "int8": (MODEL_FILES["int8"],)},
+))

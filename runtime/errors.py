@@ -1,0 +1,160 @@
+"""One error policy for every CLI: the project's error types, their exit status, and one line on stderr.
+
+Every CLI runs its work through `run_cli`, which turns any exception (the project's own, ONNX
+Runtime's, CUDA's, an OSError from a full disk) into `<prog>: error: <one line>` and the exit status
+of its class below, and turns Ctrl-C / SIGTERM into exit 130 / 143 after the CLI has saved what was
+finished. `DEIT_DEBUG=1` prints the traceback as well.
+
+| status | meaning |
+| --- | --- |
+| 0 | done |
+| 1 | done, but some inputs failed (each one named) |
+| 2 | usage: a bad argument, a missing input, an output location that cannot be written; nothing was done |
+| 3 | the Hugging Face Hub cannot be reached and nothing is cached (`make export` falls back to synthetic weights) |
+| 4 | a gate failed (export verification, int8 accuracy); nothing was written |
+| 5 | the model (checkpoint, artifact, engine) is missing, unreadable or incompatible; the line says how to rebuild it |
+| 6 | the backend, library or GPU the command needs is not available here |
+| 7 | the work failed (a runtime, engine or CUDA error, out of memory, disk full); what finished is kept |
+| 130 / 143 | interrupted by SIGINT (Ctrl-C) / SIGTERM; what finished is kept, and the line says where |
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import ClassVar, NoReturn
+
+OK = 0
+SOME_FAILED = 1
+USAGE = 2
+HUB_UNREACHABLE = 3
+GATE_FAILED = 4
+MODEL = 5
+UNAVAILABLE = 6
+FAILED = 7
+BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports `prog | head`
+
+
+class DeitError(Exception):
+    """Base of the project's errors. The message is one line naming the file or argument and the problem."""
+
+    exit_code: ClassVar[int] = FAILED
+
+
+class UsageError(DeitError):
+    """A bad argument, input path or output location, found before any work was done."""
+
+    exit_code = USAGE
+
+
+class ModelError(DeitError):
+    """A checkpoint, artifact or engine that is missing, unreadable or incompatible."""
+
+    exit_code = MODEL
+
+
+class GateFailed(DeitError):
+    """A numerical gate (export verification, int8 accuracy) failed; nothing was written."""
+
+    exit_code = GATE_FAILED
+
+
+class Unavailable(DeitError):
+    """What the command needs (a backend, a library, a GPU) is not here; the message says how to get it."""
+
+    exit_code = UNAVAILABLE
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived. `saved` says where the finished work is, for the one-line message."""
+
+    def __init__(self, signum: int = signal.SIGINT, saved: str | None = None) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.saved = saved
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def exit_code(err: BaseException) -> int:
+    if isinstance(err, Interrupted):
+        return err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    return getattr(err, "exit_code", FAILED) if isinstance(err, DeitError) else FAILED
+
+
+def one_line(err: BaseException) -> str:
+    """The message a user sees: the project's own errors as written, foreign ones with their type."""
+    if isinstance(err, DeitError):
+        text = str(err)
+    elif isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError
+        text = f"out of memory ({type(err).__name__}{': ' + first_line(err) if str(err) else ''}); try a smaller --batch-size"
+    elif isinstance(err, OSError) and err.strerror:
+        where = f"{err.filename}: " if err.filename else ""
+        text = f"{where}{err.strerror}"
+    else:
+        text = f"{type(err).__name__}: {first_line(err)}"
+    return " ".join(text.split("\n")).strip() or type(err).__name__
+
+
+def first_line(err: BaseException, limit: int = 400) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(err).__name__
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (`<prog>: error: ... (see --help)`) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"{cli_name(self.prog)}: error: {message} (see --help)\n")
+
+
+def cli_name(prog: str) -> str:
+    """`python -m runtime.infer` -> `infer`: the short name every message of a CLI starts with."""
+    return prog.removeprefix("python -m ").split(".")[-1]
+
+
+@contextmanager
+def signals_raise_interrupted() -> Iterator[None]:
+    """SIGTERM (what batch schedulers send) behaves like Ctrl-C: it raises `Interrupted` in the main thread."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def run_cli(prog: str, work: Callable[[], int]) -> int:
+    """Run a CLI's work under the one error policy; returns the exit status."""
+    try:
+        with signals_raise_interrupted():
+            return work()
+    except KeyboardInterrupt as err:
+        saved = getattr(err, "saved", None)
+        what = "interrupted" if not isinstance(err, Interrupted) or err.signum == signal.SIGINT else "terminated"
+        print(f"{prog}: {what}" + (f"; {saved}" if saved else ""), file=sys.stderr)
+        return exit_code(err)
+    except BrokenPipeError:  # `... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
+    except Exception as err:  # the one place where anything becomes one line and a status
+        if os.environ.get("DEIT_DEBUG"):
+            traceback.print_exc()
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return exit_code(err)

@@ -1,0 +1,46 @@
+"""Output locations, checked before the work starts: a run must not end by failing to save what it made."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from runtime.errors import UsageError
+
+
+def _existing_ancestor(path: Path) -> Path:
+    for candidate in [path, *path.parents]:
+        if candidate.exists() or candidate.is_symlink():
+            return candidate
+    return Path(".")
+
+
+def _check_writable_folder(folder: Path, shown: Path, flag: str, needed_bytes: int) -> None:
+    """`folder` exists, is a folder, accepts a new file, and has room for `needed_bytes`."""
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {shown}: {folder} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UsageError(f"{flag} {shown}: cannot write in {folder} ({err.strerror or err})") from None
+    free = shutil.disk_usage(folder).free
+    if needed_bytes and free < needed_bytes:
+        raise UsageError(f"{flag} {shown}: {folder} has {free / 2**20:.0f} MiB free, about {needed_bytes / 2**20:.0f} MiB "
+                         "are needed")
+
+
+def check_output_file(path: Path, flag: str = "--output", needed_bytes: int = 0) -> None:
+    """A file can be written at `path` (it may exist, and will be replaced; missing folders are created)."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder; give a file name")
+    ancestor = _existing_ancestor(path.parent)
+    _check_writable_folder(ancestor, path, flag, needed_bytes)
+
+
+def check_output_dir(path: Path, flag: str = "--out", needed_bytes: int = 0) -> None:
+    """Files can be written inside `path` (created if missing)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path}: is a file, not a folder")
+    _check_writable_folder(_existing_ancestor(path), path, flag, needed_bytes)
