@@ -123,11 +123,38 @@ def cli_name(prog: str) -> str:
     return prog.removeprefix("python -m ").split(".")[-1]
 
 
+class _Deferral:
+    depth = 0  # > 0 while a record is being written: a signal waits until it is complete
+    pending: int | None = None
+
+
+@contextmanager
+def signals_deferred(deliver: bool = True) -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while a record, a file's end or a rename is written, so a file is never half a record.
+
+    A signal that arrived meanwhile raises `Interrupted` when the block ends (not while an exception
+    is already on its way out); `deliver=False` drops it, for the last step of a finished run.
+    (Blocking the signal instead would not work: in a threaded process another thread receives it.)
+    """
+    _Deferral.depth += 1
+    try:
+        yield
+    finally:
+        _Deferral.depth -= 1
+    if _Deferral.depth == 0 and _Deferral.pending is not None:
+        signum, _Deferral.pending = _Deferral.pending, None
+        if deliver:
+            raise Interrupted(signum)
+
+
 @contextmanager
 def signals_raise_interrupted() -> Iterator[None]:
     """SIGTERM (what batch schedulers send) behaves like Ctrl-C: it raises `Interrupted` in the main thread."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        if _Deferral.depth:
+            _Deferral.pending = signum
+            return
         raise Interrupted(signum)
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -27,8 +27,8 @@ from runtime.auto import choose
 from runtime.backends import BACKENDS, MAX_BATCH, PRECISIONS, Backend, create
 from runtime.classify import ClassifyOptions, Prediction, Summary, check_classifier, default_workers, display_path, iter_predictions
 from runtime.console import progress_bar
-from runtime.errors import ArgumentParser, Interrupted, UsageError, run_cli
-from runtime.output import FORMATS, PredictionWriter, RecordFormat, partial_path, read_done, signals_deferred
+from runtime.errors import ArgumentParser, Interrupted, UsageError, run_cli, signals_deferred
+from runtime.output import FORMATS, PredictionWriter, RecordFormat, partial_path, read_done
 from runtime.paths import check_output_file
 from runtime.preprocess import DEFAULT_MAX_PIXELS, Listing, find_images
 
@@ -135,8 +135,9 @@ def run(args: argparse.Namespace) -> int:
         writer = PredictionWriter(out, fmt)
 
         def emit(pred: Prediction) -> None:
-            summary.add(pred)
-            writer.write(pred)
+            with signals_deferred():  # the record and the count of it go together, whatever arrives meanwhile
+                writer.write(pred)
+                summary.add(pred)
             bar.update()
             if pred.error:
                 bar.write(f"infer: error: {pred.error}", file=sys.stderr)
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
                      "to finish" if args.output is not None else f"{writer.count} predictions written")
             raise Interrupted(getattr(err, "signum", 2), saved) from None
         summary.seconds = time.perf_counter() - start
-        with signals_deferred():
+        with signals_deferred(deliver=False):  # everything is predicted: a signal now changes nothing
             writer.close(summary)
             if args.output is not None:
                 out.flush()

@@ -14,9 +14,6 @@ import csv
 import io
 import json
 import os
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -137,14 +134,3 @@ def read_done(output: Path, fmt: RecordFormat) -> list[tuple[str, str, bool]]:
         if path.is_file():
             return fmt.read(path.read_text(encoding="utf-8", errors="surrogateescape"))
     return []
-
-
-@contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while a file is being closed or renamed; they are delivered right after."""
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -1,0 +1,296 @@
+"""Every CLI against bad paths, odd images, broken metadata, huge arguments and interrupts.
+
+Each case asserts the exit status of the one error policy (runtime/errors.py), that stderr says the
+problem in one line with no traceback, that finished work is on disk, and (for the big inputs) that
+the process's own peak memory stays bounded. CLIs run as real subprocesses where signals, memory or
+file permissions are part of the case.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from benchmarks.export_time import run_measured
+from conftest import SAMPLE_DIR, needs_sample
+from runtime.artifact import read_onnx_meta
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def cli(*args: str, prefix: tuple[str, ...] = (), timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*prefix, PY, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line(stderr: str, start: str) -> str:
+    """The last line of stderr is the error; nothing on stderr is a traceback; every line starts at column 0."""
+    assert "Traceback" not in stderr and "\r" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith(start), stderr
+    return lines[-1]
+
+
+def without_dac_override() -> tuple[str, ...]:
+    """As root, permissions are only real without CAP_DAC_OVERRIDE: run the CLI under setpriv."""
+    if os.geteuid() != 0:
+        return ()
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root and util-linux `setpriv` (to drop CAP_DAC_OVERRIDE) is not installed")
+    caps = "-dac_override,-dac_read_search"
+    return (setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}")
+
+
+def photos(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(n)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
+    return folder
+
+
+def grey_png(path: Path, width: int, height: int) -> Path:
+    """A valid all-black greyscale PNG of any size, streamed (a 17000 x 17000 one is ~300 KB)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    comp, row, parts = zlib.compressobj(9), b"\x00" * (width + 1), []
+    for _ in range(height):
+        parts.append(comp.compress(row))
+    parts.append(comp.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+    return path
+
+
+# --- output locations are checked before any work -------------------------------------------------
+
+def test_infer_output_locations_are_refused_before_work(tiny_artifact: Path, tmp_path: Path) -> None:
+    images = photos(tmp_path / "images", 3)
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    model = ("--model", str(tiny_artifact), "--backend", "ort-cpu")
+    for output, says in ((tmp_path / "a-folder", "is a folder"), (tmp_path / "a-file" / "out.csv", "is not a folder")):
+        proc = cli("runtime.infer", str(images), *model, "--output", str(output))
+        assert proc.returncode == 2 and says in assert_one_line(proc.stderr, "infer: error: --output"), proc.stderr
+        assert proc.stdout == ""
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    proc = cli("runtime.infer", str(images), *model, "--output", str(tmp_path / "ro" / "out.csv"),
+               prefix=without_dac_override())
+    assert proc.returncode == 2 and "cannot write" in assert_one_line(proc.stderr, "infer: error: --output")
+    assert not list((tmp_path / "ro").iterdir())
+
+
+def test_a_full_disk_is_refused_before_work(tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import runtime.paths
+    from runtime.infer import main
+
+    images = photos(tmp_path / "images", 3)
+    monkeypatch.setattr(runtime.paths.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 100))  # type: ignore[attr-defined]
+    rc = main([str(images), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--output", str(tmp_path / "o.csv"),
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "MiB free" in assert_one_line(err, "infer: error: --output")
+    assert not (tmp_path / "o.csv").exists() and not (tmp_path / "o.csv.partial").exists()
+
+
+def test_export_and_benchmarks_refuse_an_output_that_is_a_file(tiny_artifact: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = cli("export", "--model", "facebook/deit-tiny-patch16-224", "--weights", "synthetic", "--out", str(blocker))
+    assert proc.returncode == 2 and "is a file" in assert_one_line(proc.stderr, "export: error: --out")
+    start = time.perf_counter()
+    proc = cli("benchmarks", "--model", str(tiny_artifact), "--backends", "ort-cpu", "--out", str(blocker), "--no-progress")
+    assert proc.returncode == 2 and "is a file" in assert_one_line(proc.stderr, "benchmarks: error: --out")
+    assert time.perf_counter() - start < 30, "refused before measuring anything"
+
+
+# --- interrupts keep what was finished; --resume completes it --------------------------------------
+
+def _run_and_signal(args: list[str], signum: int, delay: float) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.Popen([PY, "-m", "runtime.infer", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@needs_sample()
+@pytest.mark.parametrize(("fmt", "signum", "delay"), [("csv", signal.SIGINT, 1.2), ("json", signal.SIGTERM, 1.6),
+                                                      ("text", signal.SIGINT, 2.0), ("json", signal.SIGTERM, 0.4)])
+def test_interrupt_keeps_a_valid_partial_that_resume_completes(tiny_artifact: Path, tmp_path: Path, fmt: str,
+                                                               signum: int, delay: float) -> None:
+    common = [str(SAMPLE_DIR), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--format", fmt, "--no-progress",
+              "--batch-size", "4", "--workers", "1"]
+    reference = tmp_path / f"reference.{fmt}"
+    assert cli("runtime.infer", *common, "--output", str(reference)).returncode == 0
+    out = tmp_path / f"out.{fmt}"
+    first = _run_and_signal([*common, "--output", str(out)], signum, delay)
+    partial = Path(f"{out}.partial")
+    if first.returncode == 0:  # the signal came after the run finished: the complete file, nothing partial
+        assert out.is_file() and not partial.exists()
+    else:
+        assert first.returncode == 128 + signum, first.stderr
+        last = assert_one_line(first.stderr, "infer: ")
+        assert ("interrupted" if signum == signal.SIGINT else "terminated") in last and str(partial) in last
+        assert not out.exists() and partial.is_file()
+        if fmt == "json":
+            kept = json.loads(partial.read_text())  # closed into a valid document
+            assert kept["summary"]["interrupted"] is True and len(kept["predictions"]) < 500
+            done = len(kept["predictions"])
+        else:
+            done = len(partial.read_text().splitlines()) - (fmt == "csv")
+        resumed = cli("runtime.infer", *common, "--output", str(out), "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+        assert (f"resuming: {done} files done earlier, {500 - done} to go" in resumed.stderr) == (done > 0)
+    assert not partial.exists()
+    if fmt == "json":
+        got, want = json.loads(out.read_text()), json.loads(reference.read_text())
+        assert got["predictions"] == want["predictions"] and got["summary"]["images"] == 500
+    else:
+        assert out.read_text() == reference.read_text()
+
+
+def test_sigterm_closes_json_on_stdout(tiny_artifact: Path, tmp_path: Path) -> None:
+    images = photos(tmp_path / "images", 400)
+    proc = _run_and_signal([str(images), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--format", "json",
+                            "--batch-size", "1", "--workers", "1", "--no-progress"], signal.SIGTERM, 1.0)
+    assert proc.returncode in (0, 143), proc.stderr
+    doc = json.loads(proc.stdout)  # complete or interrupted: valid JSON either way
+    assert doc["summary"]["interrupted"] is (proc.returncode == 143)
+    assert len(doc["predictions"]) == doc["summary"]["images"]
+
+
+# --- inputs that must not get past the guards -----------------------------------------------------
+
+def test_decompression_bomb_is_refused_from_its_header_in_bounded_memory(tiny_artifact: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "bombs"
+    folder.mkdir()
+    grey_png(folder / "bomb.png", 17_000, 17_000)
+    assert (folder / "bomb.png").stat().st_size < 1_000_000
+    photos(folder, 2)
+    rc, _, peak_kib, err = run_measured([PY, "-m", "runtime.infer", str(folder), "--model", str(tiny_artifact),
+                                         "--backend", "ort-cpu", "--no-progress"])
+    assert rc == 1, err
+    assert "289 Mpx is over the limit of 256 Mpx" in err and "2 predicted, 1 failed" in err
+    assert peak_kib < 600 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB: the bomb was decoded"
+    big = grey_png(tmp_path / "big.png", 8_000, 8_000)
+    proc = cli("runtime.infer", str(big), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--max-pixels", "50000000")
+    assert proc.returncode == 1 and "64 Mpx is over the limit of 50 Mpx" in proc.stderr
+
+
+def test_huge_batch_size_is_refused_before_anything_is_allocated(tiny_artifact: Path, tmp_path: Path) -> None:
+    images = photos(tmp_path / "images", 1)
+    rc, wall, peak_kib, err = run_measured([PY, "-m", "runtime.infer", str(images), "--model", str(tiny_artifact),
+                                            "--batch-size", "100000"])
+    assert rc == 2 and "between 1 and 256" in assert_one_line(err, "infer: error: --batch-size")
+    assert peak_kib < 300 * 1024
+
+
+def test_a_named_model_file_is_the_file_that_runs(tiny_artifact: Path, tmp_path: Path) -> None:
+    images = photos(tmp_path / "images", 2)
+    proc = cli("runtime.infer", str(images), "--model", str(tiny_artifact / "model.fp16.onnx"), "--backend", "ort-cpu")
+    assert proc.returncode == 0 and "backend ort-cpu (fp16)" in proc.stderr, proc.stderr
+    proc = cli("runtime.infer", str(images), "--model", str(tiny_artifact / "model.fp16.onnx"), "--precision", "int8",
+               "--backend", "ort-cpu")
+    assert proc.returncode == 2 and "is a fp16 model" in assert_one_line(proc.stderr, "infer: error:")
+    proc = cli("runtime.infer", str(images), "--model", str(tiny_artifact / "model.fp16.onnx"), "--backend", "torch-sdpa")
+    assert proc.returncode == 2 and "cannot run an ONNX file" in assert_one_line(proc.stderr, "infer: error:")
+
+
+def test_metadata_written_by_another_version(tiny_artifact: Path, tmp_path: Path) -> None:
+    images = photos(tmp_path / "images", 2)
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    shutil.copy(tiny_artifact / "export.json", artifact)
+    model = onnx.load(str(tiny_artifact / "model.onnx"))
+    data = json.loads(read_onnx_meta(tiny_artifact / "model.onnx").to_json())
+    data |= {"writer": "deit-deploy 3.0.0", "a_field_from_the_future": [1, 2]}
+    model.metadata_props[-1].value = json.dumps(data)
+    onnx.save(model, str(artifact / "model.onnx"))
+    assert cli("runtime.infer", str(images), "--model", str(artifact), "--backend", "ort-cpu").returncode == 0
+    del data["preprocessing"]
+    model.metadata_props[-1].value = json.dumps(data)
+    onnx.save(model, str(artifact / "model.onnx"))
+    proc = cli("runtime.infer", str(images), "--model", str(artifact), "--backend", "ort-cpu")
+    last = assert_one_line(proc.stderr, "infer: error:")
+    assert proc.returncode == 5 and "model.onnx" in last and "preprocessing" in last and "deit-deploy 3.0.0" in last
+
+
+def test_unreadable_and_symlinked_folders(tiny_artifact: Path, tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    photos(root / "ok", 1)
+    photos(root / "secret", 1).chmod(0o000)
+    photos(tmp_path / "elsewhere", 2)
+    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "ok" / "loop").symlink_to(root, target_is_directory=True)  # a link back up: must not loop
+    proc = cli("runtime.infer", str(root), "-r", "--model", str(tiny_artifact), "--backend", "ort-cpu", "--format", "csv",
+               prefix=without_dac_override())
+    (root / "secret").chmod(0o755)
+    assert proc.returncode == 1, proc.stderr
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert sorted(Path(r["path"]).relative_to(root).as_posix() for r in rows if not r["error"]) == [
+        "linked/0000.png", "linked/0001.png", "ok/0000.png"]
+    assert [r["error"] for r in rows if r["error"]] == [f"{root / 'secret'}: cannot read folder (Permission denied)"]
+    assert "already visited (a symlink loop)" in proc.stderr
+
+
+def test_images_that_would_decode_to_another_picture(tiny_artifact: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    grey = np.random.default_rng(0).integers(0, 256, (40, 48), dtype=np.uint8)
+    Image.fromarray(grey).save(folder / "grey8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "grey16.png")
+    Image.fromarray((grey // 64).astype(np.uint16)).save(folder / "dark16.png")  # 0..3 of 65535: black on screen
+    Image.fromarray(grey.astype(np.float32) / 255.0, mode="F").save(folder / "unit.tif")
+    Image.fromarray(grey.astype(np.float32) * 10.0, mode="F").save(folder / "hdr.tif")
+    proc = cli("runtime.infer", str(folder), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--format", "json",
+               "--topk", "10")
+    assert proc.returncode == 1
+    by_name = {Path(p["path"]).name: p for p in json.loads(proc.stdout)["predictions"]}
+    assert "a viewer shows it black" in by_name["dark16.png"]["error"]
+    assert "only [0, 1] has a defined look" in by_name["hdr.tif"]["error"]
+    for same in ("grey16.png", "unit.tif"):
+        assert by_name[same]["top"] == by_name["grey8.png"]["top"], same
+
+
+def test_output_keeps_its_own_format(tiny_artifact: Path, tmp_path: Path) -> None:
+    folder = photos(tmp_path / "odd", 1)
+    (folder / "0000.png").rename(folder / "tab\there\nnewline.png")
+    proc = cli("runtime.infer", str(folder), "--model", str(tiny_artifact), "--backend", "ort-cpu")
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and len(lines) == 1 and lines[0].split("\t")[0].endswith("tab\\there\\nnewline.png")
+    proc = cli("runtime.infer", str(folder), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--topk", "11")
+    assert proc.returncode == 2 and "only 10 classes" in assert_one_line(proc.stderr, "infer: error: --topk")
+
+
+def test_no_progress_bars_when_stderr_is_not_a_terminal(tiny_artifact: Path, tmp_path: Path) -> None:
+    """Progress bars only on a terminal: a log file gets no carriage returns, and errors start at column 0."""
+    images = photos(tmp_path / "images", 2)
+    (images / "broken.png").write_bytes(b"nope")
+    proc = cli("runtime.infer", str(images), "--model", str(tiny_artifact), "--backend", "ort-cpu")
+    assert proc.returncode == 1 and "\r" not in proc.stderr
+    assert any(line.startswith("infer: error: ") for line in proc.stderr.splitlines())
+    artifact = shutil.copytree(tiny_artifact, tmp_path / "artifact")
+    proc = cli("calibration", "--model", str(artifact), "--calib-dir", str(images), "--num-images", "2",
+               "--num-eval", "1", "--no-cpu-variant", "--no-cache")
+    assert "\r" not in proc.stderr and "\r" not in proc.stdout, proc.stderr
