@@ -62,13 +62,17 @@ def _vm_hwm_kib(status: Path) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m benchmarks.export_time", description=(__doc__ or "").split("\n")[0])
     p.add_argument("--model", default="facebook/deit-base-distilled-patch16-224")
     p.add_argument("--weights", choices=["pretrained", "synthetic"], default="synthetic")
     p.add_argument("--verify-images", type=Path)
     p.add_argument("--json", type=Path, help="also write the figures here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     def work() -> int:
         with tempfile.TemporaryDirectory() as tmp:

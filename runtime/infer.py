@@ -24,7 +24,7 @@ from typing import IO
 
 from runtime.artifact import SYNTHETIC_WARNING, find_model
 from runtime.auto import choose
-from runtime.backends import BACKENDS, MAX_BATCH, PRECISIONS, Backend, create
+from runtime.backends import BACKENDS, MAX_BATCH, PRECISIONS, Backend, BackendUnavailable, backend_kind, create
 from runtime.classify import ClassifyOptions, Prediction, Summary, check_classifier, default_workers, display_path, iter_predictions
 from runtime.console import progress_bar
 from runtime.errors import ArgumentParser, Interrupted, UsageError, run_cli, signals_deferred
@@ -93,6 +93,9 @@ def open_backend(args: argparse.Namespace) -> Backend:
         choice = choose(artifact, precision, args.batch_size, args.threads, model_file)
         print(f"backend: {choice.describe()}", file=sys.stderr)
         name, precision = choice.backend, (None if model_file else choice.precision)
+    reason = backend_kind(name).unavailable_reason()
+    if reason:
+        raise BackendUnavailable(f"backend {name!r} is unavailable here: {reason}")
     backend = create(name, artifact, precision=precision, max_batch=args.batch_size, threads=args.threads,
                      model_file=model_file)
     check_classifier(backend.meta, backend.model_file)
