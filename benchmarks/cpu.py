@@ -1,7 +1,7 @@
 """CPU figures for the benchmark report: the model's FLOPs, this CPU's MatMul ceilings, and how close each row gets.
 
 A CPU latency alone says little: the same ms is excellent on a 2-core AVX2 machine and poor on one with
-VNNI, and the fastest engine changes from CPU to CPU (../shared/docs/CPU.md). So the benchmark measures,
+VNNI, and the fastest engine changes from CPU to CPU (README, CPU). So the benchmark measures,
 in the same run, the peak MatMul throughput each engine reaches alone here (`matmul_ceilings`), counts
 the model's FLOPs (`model_gflop`), and reports each row's achieved GFLOP/s and its share of the best
 ceiling of its number type (`cpu_report_rows`): fp32 rows against the best fp32 MatMul, bf16 rows against
@@ -208,8 +208,9 @@ def cpu_report_rows(results_rows: list[dict[str, Any]], ceilings: dict[str, Any]
         best = best_ceiling(ceilings, dtype)
         for t in row["timings"]:
             gflops = gflop_per_image * t["batch_size"] / (t["median_ms"] / 1000.0)
-            cells.append({"label": row["label"], "engine": engine_of(row), "precision": row["precision"], "dtype": dtype,
-                          "batch_size": t["batch_size"], "median_ms": t["median_ms"], "gflops": round(gflops, 1),
+            cells.append({"label": row["label"], "engine": engine_of(row), "precision": row["precision"],
+                          "dtype": dtype, "batch_size": t["batch_size"], "median_ms": t["median_ms"],
+                          "gflops": round(gflops, 1),
                           "ceiling": f"{best['engine']} {dtype}" if best else None,
                           "share_of_ceiling": round(gflops / best["gflops"], 3) if best else None})
     return cells, _fp32_notes(cells, ceilings)
@@ -229,14 +230,15 @@ def _fp32_notes(cells: list[dict[str, Any]], ceilings: dict[str, Any]) -> list[s
                 f"{best['gflops']:.0f} GFLOP/s): fp32 is near this CPU's limit; the lever is int8 or bf16."]
     own = best_ceiling(ceilings, "fp32", top["engine"]) if top["engine"] else None
     if own is not None and own["engine"] != best["engine"] and top["gflops"] >= AT_CEILING * own["gflops"]:
-        return [f"{where} is engine-limited: it reaches {top['gflops'] / own['gflops']:.0%} of {own['engine']}'s own fp32 "
-                f"MatMul ({own['gflops']:.0f} GFLOP/s), which is {own['gflops'] / best['gflops']:.0%} of "
-                f"{best['engine']}'s ({best['gflops']:.0f}): the kernel holding it back is {own['engine']}'s fp32 GEMM; "
-                f"a backend on {best['engine']}'s MatMul could be up to {best['gflops'] / own['gflops']:.1f}x faster."]
-    against = f"its engine's own fp32 MatMul ({own['engine']}, {own['gflops']:.0f} GFLOP/s)" if own else "any fp32 MatMul here"
+        return [f"{where} is engine-limited: it reaches {top['gflops'] / own['gflops']:.0%} of {own['engine']}'s "
+                f"own fp32 MatMul ({own['gflops']:.0f} GFLOP/s), which is {own['gflops'] / best['gflops']:.0%} of "
+                f"{best['engine']}'s ({best['gflops']:.0f}): the kernel holding it back is {own['engine']}'s fp32 "
+                f"GEMM; a backend on {best['engine']}'s MatMul could be up to {best['gflops'] / own['gflops']:.1f}x "
+                "faster."]
+    own_share = f" and {top['gflops'] / own['gflops']:.0%} of {own['engine']}'s own" if own else ""
     return [f"{where} reaches {top['share_of_ceiling']:.0%} of the best fp32 MatMul ({best['engine']}, "
-            f"{best['gflops']:.0f} GFLOP/s) and under {AT_CEILING:.0%} of {against}: the time goes outside the GEMMs "
-            "(attention, LayerNorm, GELU, framework overhead, small batches), not into a slow MatMul kernel."]
+            f"{best['gflops']:.0f} GFLOP/s){own_share}: the time goes outside the GEMMs (attention, LayerNorm, "
+            "GELU, framework overhead, small batches), not into a slow MatMul kernel."]
 
 
 def add_cpu_figures(results: dict[str, Any]) -> None:
@@ -246,7 +248,7 @@ def add_cpu_figures(results: dict[str, Any]) -> None:
         return
     gflop = model_gflop(config, image_size=results["model"].get("image_size"))
     cells, notes = cpu_report_rows(results["backends"], ceilings, gflop)
-    results["gflop_per_image"] = round(gflop, 3)
+    results["gflop_per_image"] = gflop
     efficiency: dict[str, dict[str, Any]] = {}
     for c in cells:
         if c["share_of_ceiling"] is not None:
@@ -257,17 +259,31 @@ def add_cpu_figures(results: dict[str, Any]) -> None:
 
 
 def auto_picks(artifact_dir: Path, results: dict[str, Any], threads: int | None) -> list[dict[str, Any]]:
-    """What `--backend auto` picks at each batch size of the run, beside the fastest fp32 row of the table."""
-    from runtime.auto import choose
+    """What `--backend auto --precision fp32` picks at each batch size, against the table's fastest fp32 CPU rows.
 
+    `slower_by` compares the pick with the fastest row auto could have picked (registry backends);
+    `fastest_row` names the fastest fp32 CPU row of all (benchmark-only anchors included).
+    """
+    from runtime.auto import choose
+    from runtime.backends import BACKENDS
+
+    rows = [r for r in results["backends"] if r["status"] == "ok" and r.get("device") == "cpu" and r["precision"] == "fp32"]
     picks = []
     for batch in results["settings"]["batch_sizes"]:
-        choice = choose(Path(artifact_dir), batch_size=batch, threads=threads)
-        timed = [(t["median_ms"], row["label"]) for row in results["backends"] if row["status"] == "ok"
-                 and DTYPE_CLASS.get(row["precision"]) == "fp32" for t in row["timings"] if t["batch_size"] == batch]
-        verdict = choice.reason
-        if timed:
-            ms, label = min(timed)
-            verdict += f"; fastest fp32 row in the table: {label} {ms:.1f} ms"
-        picks.append({"batch_size": batch, "picked": f"{choice.backend} {choice.precision}", "verdict": verdict})
+        choice = choose(Path(artifact_dir), precision="fp32", batch_size=batch, threads=threads)
+        ms = {r["label"]: t["median_ms"] for r in rows for t in r["timings"] if t["batch_size"] == batch}
+        pick: dict[str, Any] = {"batch_size": batch, "picked": f"{choice.backend} {choice.precision}", "reason": choice.reason}
+        pickable = {label: v for label, v in ms.items() if label in BACKENDS}
+        if choice.backend in ms and pickable:
+            best = min(pickable, key=lambda k: pickable[k])
+            pick |= {"picked_ms": ms[choice.backend], "fastest_pickable": best, "fastest_pickable_ms": pickable[best],
+                     "slower_by": round(ms[choice.backend] / pickable[best] - 1, 4)}
+            overall = min(ms, key=lambda k: ms[k])
+            pick |= {"fastest_row": overall, "fastest_row_ms": ms[overall]}
+            pick["verdict"] = (f"{choice.backend} {ms[choice.backend]:.1f} ms vs fastest {best} {pickable[best]:.1f} ms: "
+                               f"{pick['slower_by']:+.1%}" + (f"; fastest row overall {overall} {ms[overall]:.1f} ms"
+                                                              if overall != best else ""))
+        else:
+            pick["verdict"] = f"{choice.backend} is not a row of this table ({choice.reason})"
+        picks.append(pick)
     return picks

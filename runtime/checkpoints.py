@@ -192,6 +192,7 @@ def _build_model(source: str, config: Any, arch: str, weights: str, attn_impleme
     import torch
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # our CLIs draw their own bars, on terminals only
     cls = getattr(transformers, arch)
     extra: dict[str, Any] = {"add_pooling_layer": False} if arch.endswith("Model") else {}
     if weights == "synthetic":

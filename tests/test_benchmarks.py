@@ -230,3 +230,25 @@ def test_cli(tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
     assert bench_main(["--model", str(tmp_path / "nope"), "--out", str(out)]) == 5
     assert capsys.readouterr().err.startswith("benchmarks: error:")
     assert bench_main(["--model", str(tiny_artifact), "--backends", "ort-gpu", "--out", str(out)]) == 2
+
+
+def test_cpu_report_with_ceilings_and_auto(tiny_artifact: Path, tmp_path: Path) -> None:
+    """The CPU report: MatMul ceilings measured in the same run, GFLOP/s and share per cell, and auto's pick."""
+    out = tmp_path / "cpu"
+    assert bench_main(["--model", str(tiny_artifact), "--batch-sizes", "1,4", "--backends", "ort-cpu,openvino-cpu",
+                       "--min-iters", "3", "--min-time", "0", "--retries", "0", "--out", str(out), "--no-progress",
+                       "--threads", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    engines = {(c["engine"], c["dtype"]) for c in results["cpu_ceilings"]["entries"]}
+    assert {("onnxruntime", "fp32"), ("torch", "fp32")} <= engines and all(c["gflops"] > 0 for c in results["cpu_ceilings"]["entries"])
+    best = max(c["gflops"] for c in results["cpu_ceilings"]["entries"] if c["dtype"] == "fp32")
+    ort = _rows(results)["ort-cpu"]
+    for t in ort["timings"]:
+        cell = results["cpu_efficiency"]["ort-cpu"][str(t["batch_size"])]
+        want = results["gflop_per_image"] * t["batch_size"] / (t["median_ms"] / 1000)
+        assert cell["gflops"] == pytest.approx(want, rel=1e-2) and cell["share_of_ceiling"] == pytest.approx(want / best, rel=1e-2)
+    assert [a["batch_size"] for a in results["auto"]] == [1, 4]
+    for a in results["auto"]:
+        assert a["picked"].split()[0] in ("ort-cpu", "openvino-cpu", "torch-sdpa") and "verdict" in a
+    md = (out / "results.md").read_text()
+    assert "MatMul ceilings of this CPU" in md and "GFLOP/s" in md and "What `--backend auto` picks" in md

@@ -129,8 +129,8 @@ class OrtBackend(Backend):
     def _cuda_options(self) -> dict[str, Any]:
         if self.device != "cuda":
             return {}
-        opts: dict[str, Any] = {"device_id": 0}
-        if self.config.io_binding:  # ORT runs on our stream, so CUDA events recorded there time it
+        opts: dict[str, Any] = {"device_id": 0, "use_tf32": "0" if self.precision == "fp32" else "1"}
+        if self.config.io_binding:  # ORT runs on our (non-blocking) stream, so CUDA events recorded there time it
             self._stream = self._stream or cudart.stream_create()
             opts["user_compute_stream"] = str(int(self._stream))
         if self.cuda_graphs:
@@ -200,7 +200,12 @@ class OrtBackend(Backend):
         return dict(zip(self.output_names, io.copy_outputs_to_cpu()))
 
     def _binding(self, batch: int) -> tuple[Any, Any, list[Any], int]:
-        """GPU buffers at fixed addresses for one batch size (CUDA graphs replay those addresses)."""
+        """GPU buffers at fixed addresses for one batch size, and its CUDA graph id (ids from 1: 0 is ORT's).
+
+        A captured graph replays the addresses it was captured with, so these buffers live as long as the
+        session. Before a new batch size is captured it runs once uncaptured (graph id -1), so its memory
+        is allocated and its kernels chosen outside the capture.
+        """
         if batch not in self._bound:
             import onnxruntime as ort
 
@@ -213,6 +218,10 @@ class OrtBackend(Backend):
                 value = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda", 0)
                 io.bind_ortvalue_output(out.name, value)
                 outputs.append(value)
+            if self.cuda_graphs:
+                warm = ort.RunOptions()
+                warm.add_run_config_entry("gpu_graph_id", "-1")
+                self.session.run_with_iobinding(io, warm)
             self._bound[batch] = (io, x_gpu, outputs, len(self._bound) + 1)
         return self._bound[batch]
 

@@ -116,15 +116,18 @@ class TorchBackend(Backend):
             self.model = torch.compile(self.model, mode=mode, dynamic=False)
 
     def _tf32_off(self) -> None:
-        """fp32 rows are true fp32: TF32 tensor-core matmuls and convolutions stay off while this backend is active."""
+        """fp32 rows are true fp32: TF32 tensor-core matmuls and convolutions stay off while this backend is active.
+
+        torch 2.9+ API (`fp32_precision`); reading the legacy `allow_tf32` flags after it is used raises.
+        """
         import torch
 
-        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv  # pyright: ignore[reportAttributeAccessIssue]
+        saved = (matmul.fp32_precision, conv.fp32_precision)
+        matmul.fp32_precision = conv.fp32_precision = "ieee"
 
         def restore() -> None:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+            matmul.fp32_precision, conv.fp32_precision = saved
 
         self._restore.append(restore)
 
