@@ -28,7 +28,7 @@ from export.verify import compare, verification_inputs
 from runtime.artifact import MODEL_FILES, SYNTHETIC_WARNING, ArtifactMeta, read_onnx_meta
 from runtime.backends import BACKENDS, PRECISIONS, Backend, BackendKind, backend_kind
 from runtime.console import progress_bar
-from runtime.cpuinfo import describe_cpu
+from runtime.cpuinfo import describe_cpu, usable_cores
 from runtime.errors import DeitError, UsageError, first_line
 from runtime.timing import LoadMeter, host_ms, measure
 
@@ -118,7 +118,8 @@ def unavailable_reason(spec: BenchSpec, artifact_dir: Path) -> str | None:
 
 def construct(spec: BenchSpec, artifact_dir: Path, settings: Settings) -> Backend:
     assert spec.kind is not None
-    return spec.kind(artifact_dir, precision=spec.precision, max_batch=max(settings.batch_sizes), threads=settings.threads)
+    threads = settings.threads or usable_cores()  # every CPU row at the same, recorded thread count (torch's too)
+    return spec.kind(artifact_dir, precision=spec.precision, max_batch=max(settings.batch_sizes), threads=threads)
 
 
 def make_buffers(meta: ArtifactMeta, batch: int, settings: Settings) -> list[np.ndarray]:

@@ -25,6 +25,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--attention", choices=["fused", "decomposed"], default="fused",
                    help="fused: opset-23 ONNX Attention op; decomposed: opset-18 MatMul/Softmax (TensorRT < 10.14)")
     p.add_argument("--no-fp16", dest="fp16", action="store_false", help="skip model.fp16.onnx")
+    p.add_argument("--no-ort-graph", dest="ort_graph", action="store_false",
+                   help="skip model.ort.onnx / model.ort.fp16.onnx (ONNX Runtime's fused-op graph for ort-cuda)")
     p.add_argument("--verify-images", type=Path, help="folder of photos to verify on, besides random tensors")
     p.add_argument("--verify-limit", type=int, default=32, help="at most this many photos (default 32)")
     p.add_argument("--name", help="artifact folder name (default: the checkpoint's name)")
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         report = export_checkpoint(ExportOptions(
             source=args.model, out_root=args.out, weights=args.weights, task=args.task, attention=args.attention,
-            fp16=args.fp16, verify_images=args.verify_images, verify_limit=args.verify_limit, name=args.name,
+            fp16=args.fp16, ort_graph=args.ort_graph, verify_images=args.verify_images, verify_limit=args.verify_limit, name=args.name,
             progress=args.progress,
         ))
         print_report(report)

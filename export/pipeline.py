@@ -16,8 +16,10 @@ import torch
 
 from export.fp16 import convert_to_fp16
 from export.onnx_export import OPSET, export_onnx, op_counts, tool_versions
+from export.ort_fusion import fuse_for_ort, to_ort_fp16
 from export.verify import compare, verification_inputs
-from runtime.artifact import MODEL_FILES, REPORT_FILE, ArtifactMeta, file_sha256, set_onnx_meta, write_hf_configs, write_json
+from runtime.artifact import (MODEL_FILES, ORT_FUSED_FILES, REPORT_FILE, ArtifactMeta, file_sha256, set_onnx_meta,
+                              write_hf_configs, write_json)
 from runtime.backends.onnxruntime import ORT_CPU
 from runtime.checkpoints import load_checkpoint, model_outputs
 from runtime.console import progress_bar
@@ -41,6 +43,7 @@ class ExportOptions:
     task: str = "classification"
     attention: str = "fused"
     fp16: bool = True
+    ort_graph: bool = True  # also ONNX Runtime's fused-op graph (model.ort.onnx / model.ort.fp16.onnx) for its CUDA provider
     verify_images: Path | None = None
     verify_limit: int = 32
     progress: bool = True
@@ -56,7 +59,9 @@ def export_checkpoint(opts: ExportOptions) -> dict[str, Any]:
     check_output_dir(opts.out_root)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    steps = ["load", "export", "verify fp32"] + (["fp16", "verify fp16"] if opts.fp16 else []) + ["write"]
+    ort_graph = opts.ort_graph and opts.attention == "fused"  # the rewrite starts from the standard Attention op
+    steps = (["load", "export", "verify fp32"] + (["fp16", "verify fp16"] if opts.fp16 else [])
+             + (["ort graph", "verify ort graph"] if ort_graph else []) + ["write"])
     with progress_bar(total=len(steps), desc="export", unit="step", enabled=opts.progress) as bar:
         last = t_start
 
@@ -81,7 +86,9 @@ def export_checkpoint(opts: ExportOptions) -> dict[str, Any]:
         opts.out_root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=opts.out_root))
         try:
-            report = _verify_and_write(opts, ckpt.model, model, meta, staging, step)
+            report, inputs, reference = _verify_and_write(opts, ckpt.model, model, meta, staging, step)
+            if ort_graph:
+                report["verification"] |= _ort_graph(model, meta, staging, inputs, reference, report, step)
             report.update({k: getattr(meta, k) for k in REPORTED_META})
             report.update(
                 preprocessing=meta.preprocessing.to_dict(),
@@ -104,7 +111,8 @@ def export_checkpoint(opts: ExportOptions) -> dict[str, Any]:
 def _verify_and_write(
     opts: ExportOptions, torch_model: torch.nn.Module, model: onnx.ModelProto, meta: ArtifactMeta, staging: Path,
     step: Callable[[str], None],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], np.ndarray, dict[str, np.ndarray]]:
+    """Write and verify model.onnx (and model.fp16.onnx); the report, the inputs and PyTorch's outputs on them."""
     onnx.save(model, str(staging / MODEL_FILES["fp32"]))
     inputs, n_photos = verification_inputs(meta.preprocessing, opts.verify_images, opts.verify_limit)
     with torch.inference_mode():
@@ -130,7 +138,36 @@ def _verify_and_write(
         report["verification"]["fp16_vs_fp32"] = fp16
         files[MODEL_FILES["fp16"]] = _file_info(staging / MODEL_FILES["fp16"])
         step("verify fp16")
-    return report
+    return report, inputs, reference
+
+
+def _ort_graph(model: onnx.ModelProto, meta: ArtifactMeta, staging: Path, inputs: np.ndarray,
+               reference: dict[str, np.ndarray], report: dict[str, Any], step: Callable[[str], None]) -> dict[str, Any]:
+    """ONNX Runtime's fused-op graph, fp32 and fp16, each verified: the fp32 twin against PyTorch with model.onnx's
+    gates (the contrib ops have fp32 CPU kernels), the fp16 file against it (on a CPU ORT runs its ops in fp32 behind
+    casts, so this checks the conversion; the fp16 kernels themselves run only on a GPU)."""
+    fused, counts = fuse_for_ort(model, int(meta.config["num_attention_heads"]))
+    graph = {"graph": "onnxruntime-fused", "fused_ops": counts}
+    set_onnx_meta(fused, meta.copy(extra=graph))
+    onnx.save(fused, str(staging / ORT_FUSED_FILES["fp32"]))
+    fused16 = to_ort_fp16(fused)
+    set_onnx_meta(fused16, meta.copy(precision="fp16", extra=graph))
+    onnx.save(fused16, str(staging / ORT_FUSED_FILES["fp16"]))
+    step("ort graph")
+    photos = report["verification"]["fp32_vs_torch"]["photos"]
+    with ORT_CPU(staging, model_file=staging / ORT_FUSED_FILES["fp32"]) as ort32, \
+            ORT_CPU(staging, model_file=staging / ORT_FUSED_FILES["fp16"]) as ort16:
+        got32, got16 = ort32.infer(inputs), ort16.infer(inputs)
+    fp32 = compare(reference, got32) | {"photos": photos}
+    _gate(fp32["max_abs_diff"] <= FP32_MAX_ABS_DIFF and (meta.task != "classification" or fp32["top1_agreement"] == 1.0),
+          f"{ORT_FUSED_FILES['fp32']} differs from PyTorch by {fp32['max_abs_diff']:.3g} (top-1 {fp32['top1_agreement']:.1%})")
+    fp16 = compare(got32, got16) | {"photos": photos}
+    _gate(fp16["min_cosine"] >= FP16_MIN_COSINE, f"{ORT_FUSED_FILES['fp16']} logits cosine {fp16['min_cosine']:.5f} < {FP16_MIN_COSINE}")
+    for name in ORT_FUSED_FILES.values():
+        report["files"][name] = _file_info(staging / name)
+    report["ort_fused_ops"] = counts
+    step("verify ort graph")
+    return {"ort_fp32_vs_torch": fp32, "ort_fp16_vs_ort_fp32": fp16}
 
 
 def _gate(ok: bool | np.bool_, message: str) -> None:

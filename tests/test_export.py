@@ -61,10 +61,14 @@ def test_metadata_makes_the_artifact_self_describing(tiny_artifact: Path, tiny_c
     assert meta.id2label == [f"thing{i}" for i in range(10)]
     assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(meta.versions)
     assert read_onnx_meta(tiny_artifact / "model.fp16.onnx").precision == "fp16"
+    ort16 = read_onnx_meta(tiny_artifact / "model.ort.fp16.onnx")
+    assert ort16.precision == "fp16" and ort16.extra["fused_ops"]["Attention"] == TINY["num_hidden_layers"]
 
     report = json.loads((tiny_artifact / "export.json").read_text())
-    fp32 = report["verification"]["fp32_vs_torch"]
-    assert fp32["max_abs_diff"] <= 1e-4 and fp32["top1_agreement"] == 1.0
+    for check in ("fp32_vs_torch", "ort_fp32_vs_torch"):
+        fp32 = report["verification"][check]
+        assert fp32["max_abs_diff"] <= 1e-4 and fp32["top1_agreement"] == 1.0, check
+    assert report["verification"]["ort_fp16_vs_ort_fp32"]["min_cosine"] >= 0.999
     assert fp32["photos"] == (32 if SAMPLE_DIR.is_dir() else 0)  # CI always has the photos (conftest)
     assert report["files"]["model.onnx"]["bytes"] == (tiny_artifact / "model.onnx").stat().st_size
 
@@ -240,7 +244,7 @@ def test_failed_verification_writes_nothing_and_keeps_the_previous_artifact(
     assert err.value.exit_code == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-deit"], "no staging leftovers"
     assert sorted(p.name for p in (tmp_path / "tiny-deit").iterdir()) == [
-        "config.json", "export.json", "model.onnx", "preprocessor_config.json"]
+        "config.json", "export.json", "model.onnx", "model.ort.fp16.onnx", "model.ort.onnx", "preprocessor_config.json"]
     assert (tmp_path / "tiny-deit" / "model.onnx").read_bytes() == before
 
 

@@ -310,7 +310,7 @@ def test_ort_cuda_says_what_is_missing_on_a_cpu_machine(tiny_artifact: Path) -> 
         pytest.skip("onnxruntime-gpu and a GPU are present; see the gpu test instead")
     assert "make install-gpu" in reason
     backend = create("ort-cuda", tiny_artifact)
-    assert backend.precision == "fp16" and backend.model_file.name == "model.fp16.onnx"
+    assert backend.precision == "fp16" and backend.model_file.name == "model.ort.fp16.onnx"  # ORT's own fused-op graph
     with pytest.raises(BackendUnavailable, match="make install-gpu"):
         backend.__enter__()
 

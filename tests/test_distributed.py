@@ -1,0 +1,319 @@
+"""runtime.distributed on a local Ray (started once for the module): same answers as runtime.classify,
+bad files as rows, a killed actor costing neither a lost nor a doubled row, resume, and every INPUT kind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SAMPLE_DIR, needs_sample
+
+BIG_COPIES = 96  # 2000 x 1500 JPEGs: ~35 ms each to decode, so decoding outlasts an actor's start
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Any:
+    pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install -e '.[distributed]')")
+    import ray
+
+    from runtime.distributed import connect
+
+    started = connect(num_cpus=2, object_store_bytes=512 * 2**20)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def photo(rng: np.random.Generator, w: int, h: int) -> Image.Image:
+    """Smooth colour fields plus noise: compresses and decodes like a photo, differs per seed."""
+    small = rng.integers(0, 255, (max(2, h // 40), max(2, w // 40), 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR)).astype(np.int16)
+    return Image.fromarray(np.clip(base + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 small JPEGs in two folders (the input is searched recursively)."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        folder = root / ("a" if i % 2 else "b")
+        folder.mkdir(exist_ok=True)
+        photo(rng, 320 + i, 240).save(folder / f"p{i:02d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def big_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("big")
+    photo(np.random.default_rng(2), 2000, 1500).save(root / "big000.jpg", quality=90)
+    for i in range(1, BIG_COPIES):
+        os.link(root / "big000.jpg", root / f"big{i:03d}.jpg")
+    return root
+
+
+def reference(artifact: Path, files: list[Path], topk: int = 3) -> dict[str, tuple[list[int], list[float]]]:
+    """runtime.classify's answers (what runtime.infer prints), by absolute path."""
+    from runtime.backends import create
+    from runtime.classify import ClassifyOptions, Prediction, classify
+
+    preds: list[Prediction] = []
+    with create("ort-cpu", artifact, max_batch=8) as backend:
+        classify(files, backend, ClassifyOptions(batch_size=8, topk=topk), preds.append)
+    return {os.path.abspath(p.path): ([i for i, _, _ in p.top or []], [q for _, _, q in p.top or []]) for p in preds}
+
+
+def run_job(inp: str | Path, out: Path, artifact: Path, **opts: Any) -> Any:
+    from runtime.distributed import Job, JobOptions
+
+    options = JobOptions(**{"backend": "ort-cpu", "batch_size": 8, "topk": 3, "progress": False, **opts})
+    return Job(str(inp), str(out), str(artifact), options).run()
+
+
+def rows(out: Path) -> Any:
+    import pandas as pd
+
+    parts = sorted(out.glob("part-*.jsonl"))
+    if parts:
+        return pd.concat([pd.read_json(p, lines=True) for p in parts], ignore_index=True)
+    return pd.read_parquet(out)
+
+
+def assert_same_answers(table: Any, expected: dict[str, tuple[list[int], list[float]]]) -> None:
+    ok = table[table["error"].isna()]
+    assert sorted(ok["path"]) == sorted(expected)
+    for path, indices, probs in zip(ok["path"], ok["indices"], ok["probs"]):
+        assert list(indices) == expected[path][0], path
+        np.testing.assert_allclose(list(probs), expected[path][1], rtol=0, atol=1e-6)
+
+
+def images(folder: Path) -> list[Path]:
+    from runtime.preprocess import list_images
+
+    return list_images([folder], recursive=True)
+
+
+@needs_sample()
+def test_same_answers_as_runtime_infer_on_the_shared_photos(ray_session: Any, tiny_artifact: Path,
+                                                            tmp_path: Path) -> None:
+    files = images(SAMPLE_DIR)
+    summary = run_job(SAMPLE_DIR, tmp_path / "out", tiny_artifact, topk=5)
+    table = rows(tmp_path / "out")
+    assert summary.images == summary.predicted == len(files) == len(table) == table["path"].nunique()
+    assert_same_answers(table, reference(tiny_artifact, files, topk=5))
+    labels = table["labels"].iloc[0]
+    assert len(labels) == 5 and all(label.startswith("thing") for label in labels)  # the artifact's id2label
+
+
+def test_a_corrupt_file_is_a_row_with_an_error_and_counted(ray_session: Any, tiny_artifact: Path, photos: Path,
+                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.distributed import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in images(photos)[:12]:
+        os.link(f, folder / f.name)
+    (folder / "corrupt.jpg").write_bytes(images(photos)[0].read_bytes()[:300])
+    (folder / "empty.png").write_bytes(b"")
+    status = main([str(folder), "--model", str(tiny_artifact), "--output", str(tmp_path / "out"),
+                   "--backend", "ort-cpu", "--topk", "3", "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 1  # done, some files failed
+    assert "14 images, 12 predicted, 2 failed" in err
+    table = rows(tmp_path / "out")
+    assert len(table) == 14
+    failed = table[table["error"].notna()].set_index("path")["error"]
+    corrupt, empty = str(folder / "corrupt.jpg"), str(folder / "empty.png")
+    assert sorted(failed.index) == [corrupt, empty]
+    assert failed[empty] == f"{empty}: empty file"
+    assert failed[corrupt].startswith(f"{corrupt}: ")
+    assert table[table["error"].isna()]["indices"].map(len).eq(3).all()
+    assert f"distributed: error: {empty}: empty file" in err
+
+
+def _descends_from_us(pid: int) -> bool:
+    """A process of this test's Ray (the raylet is our child), not another session's on the same machine."""
+    while pid > 1:
+        if pid == os.getpid():
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+    return False
+
+
+def classifier_actors() -> dict[int, bytes]:
+    """pid -> command line of this session's inference actors (Ray titles them after the stage)."""
+    found = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                title = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"MapBatches(Classifier)" in title and _descends_from_us(int(entry.name)):
+                found[int(entry.name)] = title
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the actor's process in /proc")
+def test_a_killed_actor_loses_and_duplicates_no_row(ray_session: Any, tiny_artifact: Path, big_photos: Path,
+                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.distributed import PartWriter
+
+    killed: list[int] = []
+    after: set[int] = set()
+    add = PartWriter.add
+
+    def kill_first_then_add(self: PartWriter, table: Any) -> None:
+        actors = classifier_actors()
+        if not killed:  # the first rows are here: the actor is mid-run, decoding is not finished
+            assert actors
+            for pid, title in actors.items():
+                assert b"decode" not in title  # decoding is its own stage, not fused into the actor
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        else:
+            after.update(actors)
+        add(self, table)
+
+    monkeypatch.setattr(PartWriter, "add", kill_first_then_add)
+    summary = run_job(big_photos, tmp_path / "out", tiny_artifact)
+    table = rows(tmp_path / "out")
+    assert killed and after - set(killed), "the actor was not restarted after the kill: nothing was left to do"
+    assert summary.images == summary.predicted == BIG_COPIES
+    assert len(table) == table["path"].nunique() == BIG_COPIES
+    files = images(big_photos)
+    assert sorted(table["path"]) == [str(f) for f in files]
+    answer = reference(tiny_artifact, files[:1])[str(files[0])]  # every file is a link to the same picture
+    assert_same_answers(table, {str(f): answer for f in files})
+
+
+def test_resume_skips_what_the_output_holds(ray_session: Any, tiny_artifact: Path, photos: Path,
+                                            tmp_path: Path) -> None:
+    files = images(photos)
+    first = tmp_path / "first.txt"
+    first.write_text("".join(f"{f}\n" for f in files[:10]))
+    out = tmp_path / "out"
+    assert run_job(first, out, tiny_artifact, fmt="jsonl").new == 10
+    again = run_job(photos, out, tiny_artifact, fmt="jsonl")
+    assert (again.resumed, again.new, again.images) == (10, len(files) - 10, len(files))
+    table = rows(out)
+    assert len(table) == table["path"].nunique() == len(files)
+    assert_same_answers(table, reference(tiny_artifact, files))
+    done = run_job(photos, out, tiny_artifact, fmt="jsonl")
+    assert (done.resumed, done.new, done.images) == (len(files), 0, len(files))
+
+
+def test_an_interrupted_run_keeps_whole_parts_and_resumes_to_the_same_rows(
+        ray_session: Any, tiny_artifact: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.distributed import PartWriter
+    from runtime.errors import Interrupted
+
+    files = images(photos)
+    calls: list[int] = []
+    add = PartWriter.add
+
+    def ctrl_c_on_third(self: PartWriter, table: Any) -> None:
+        calls.append(table.num_rows)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        add(self, table)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(PartWriter, "add", ctrl_c_on_third)
+    with pytest.raises(Interrupted) as info:
+        run_job(photos, out, tiny_artifact, rows_per_file=4)
+    kept = calls[0] + calls[1]
+    assert f"{kept} rows of this run committed" in str(info.value.saved)
+    assert len(rows(out)) == kept and not list(out.glob("_tmp-*"))
+    monkeypatch.setattr(PartWriter, "add", add)
+    summary = run_job(photos, out, tiny_artifact, rows_per_file=4)
+    assert (summary.resumed, summary.images) == (kept, len(files))
+    table = rows(out)
+    assert len(table) == table["path"].nunique() == len(files)
+    assert_same_answers(table, reference(tiny_artifact, files))
+
+
+def test_every_input_kind_lists_the_same_images(photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from runtime.distributed import list_inputs
+
+    files = [str(f) for f in images(photos)]
+    (tmp_path / "list.txt").write_text("# photos\n" + "\n".join(files + files[:1]) + "\n\n")
+    pq.write_table(pa.table({"n": range(len(files)), "path": files}), tmp_path / "list.parquet")
+    monkeypatch.chdir(photos)
+    kinds = {
+        "folder": str(photos),
+        "relative glob": "**/*.jpg",
+        "text list": str(tmp_path / "list.txt"),
+        "parquet list": str(tmp_path / "list.parquet"),
+    }
+    for kind, spec in kinds.items():
+        listed = list_inputs(spec)
+        assert sorted(listed.keys.to_pylist()) == sorted(files), kind
+    assert list_inputs(str(tmp_path / "list.txt")).duplicates == 1
+    assert list_inputs("a/*.jpg").keys.to_pylist() == [f for f in files if "/a/" in f]
+    uris = list_inputs(f"file://{photos}/**/p0*.jpg").keys.to_pylist()
+    assert uris == [f"file://{f}" for f in files if Path(f).name.startswith("p0")]
+    assert list_inputs(f"file://{photos}").keys.to_pylist() == [f"file://{f}" for f in files]
+
+
+def test_uris_are_read_through_pyarrow_with_the_same_answers(ray_session: Any, tiny_artifact: Path, photos: Path,
+                                                             tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = images(photos)[:16]
+    uris = [f"file://{f}" for f in files] + [f"file://{photos}/missing.jpg"]
+    pq.write_table(pa.table({"path": uris}), tmp_path / "uris.parquet")
+    summary = run_job(tmp_path / "uris.parquet", tmp_path / "out", tiny_artifact)
+    assert (summary.images, summary.failed) == (17, 1)
+    table = rows(tmp_path / "out")
+    missing = f"file://{photos}/missing.jpg"
+    assert table.set_index("path")["error"][missing] == f"{missing}: no such file"
+    expected = reference(tiny_artifact, files)
+    assert_same_answers(table, {f"file://{p}": v for p, v in expected.items()})
+
+
+def test_usage_errors_come_before_ray_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("ray.data", reason="Ray Data is not installed")
+    from runtime.distributed import main
+
+    assert main([str(tmp_path / "nothing"), "--output", str(tmp_path / "out")]) == 2
+    assert "distributed: error: no such file or folder:" in capsys.readouterr().err
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "part-x.jsonl").write_text("")
+    (tmp_path / "in.jpg").write_bytes(b"")
+    assert main([str(tmp_path / "in.jpg"), "--output", str(tmp_path / "out")]) == 2
+    assert "holds other part files" in capsys.readouterr().err
+
+
+def test_a_missing_model_is_one_line_from_the_worker_that_looked(ray_session: Any, photos: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.distributed import main
+
+    missing = tmp_path / "nothing"
+    status = main([str(photos), "--model", str(missing), "--output", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 5  # the model's exit status survives Ray's task error
+    assert err[-1] == f"distributed: error: {missing}: no such artifact folder or model file; run `make export`"
+
+
+def test_without_ray_the_cli_says_how_to_install_it(tmp_path: Path) -> None:
+    code = ("import sys; sys.modules['ray'] = None; import runtime.distributed as d; "
+            f"sys.exit(d.main([{str(tmp_path)!r}, '--output', {str(tmp_path / 'out')!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 6, done.stderr
+    assert "pip install -e '.[distributed]'" in done.stderr
