@@ -78,6 +78,8 @@ def export_checkpoint(opts: ExportOptions) -> dict[str, Any]:
         step("load")
         meta = ckpt.meta.copy(attention=opts.attention, opset=OPSET[opts.attention], versions=tool_versions())
         model = export_onnx(ckpt, opts.attention)
+        torch_model = ckpt.model
+        del ckpt
         set_onnx_meta(model, meta)
         step("export")
 
@@ -86,7 +88,8 @@ def export_checkpoint(opts: ExportOptions) -> dict[str, Any]:
         opts.out_root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=opts.out_root))
         try:
-            report, inputs, reference = _verify_and_write(opts, ckpt.model, model, meta, staging, step)
+            report, inputs, reference = _verify_and_write(opts, torch_model, model, meta, staging, step)
+            del torch_model  # PyTorch's copy of the weights is not needed past here (a base model is 350 MB)
             if ort_graph:
                 report["verification"] |= _ort_graph(model, meta, staging, inputs, reference, report, step)
             report.update({k: getattr(meta, k) for k in REPORTED_META})
@@ -151,13 +154,16 @@ def _ort_graph(model: onnx.ModelProto, meta: ArtifactMeta, staging: Path, inputs
     set_onnx_meta(fused, meta.copy(extra=graph))
     onnx.save(fused, str(staging / ORT_FUSED_FILES["fp32"]))
     fused16 = to_ort_fp16(fused)
+    del fused  # a base model's graph is 350 MB: hold one copy at a time
     set_onnx_meta(fused16, meta.copy(precision="fp16", extra=graph))
     onnx.save(fused16, str(staging / ORT_FUSED_FILES["fp16"]))
+    del fused16
     step("ort graph")
     photos = report["verification"]["fp32_vs_torch"]["photos"]
-    with ORT_CPU(staging, model_file=staging / ORT_FUSED_FILES["fp32"]) as ort32, \
-            ORT_CPU(staging, model_file=staging / ORT_FUSED_FILES["fp16"]) as ort16:
-        got32, got16 = ort32.infer(inputs), ort16.infer(inputs)
+    with ORT_CPU(staging, model_file=staging / ORT_FUSED_FILES["fp32"]) as ort32:
+        got32 = ort32.infer(inputs)
+    with ORT_CPU(staging, model_file=staging / ORT_FUSED_FILES["fp16"]) as ort16:
+        got16 = ort16.infer(inputs)
     fp32 = compare(reference, got32) | {"photos": photos}
     _gate(fp32["max_abs_diff"] <= FP32_MAX_ABS_DIFF and (meta.task != "classification" or fp32["top1_agreement"] == 1.0),
           f"{ORT_FUSED_FILES['fp32']} differs from PyTorch by {fp32['max_abs_diff']:.3g} (top-1 {fp32['top1_agreement']:.1%})")

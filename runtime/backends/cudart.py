@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,3 +168,19 @@ def event_elapsed_ms(start: Any, end: Any) -> float:
 
 def event_destroy(event: Any) -> None:
     _check("cudaEventDestroy", _rt().cudaEventDestroy(event))
+
+
+def time_on_stream(stream: Any, launch: Callable[[], object], iterations: int) -> list[float]:
+    """GPU milliseconds of each of `iterations` calls of `launch`, from CUDA events recorded on `stream` around it."""
+    start, end = event_create(), event_create()
+    try:
+        times = []
+        for _ in range(iterations):
+            event_record(start, stream)
+            launch()
+            event_record(end, stream)
+            times.append(event_elapsed_ms(start, end))
+        return times
+    finally:
+        event_destroy(start)
+        event_destroy(end)

@@ -246,19 +246,8 @@ class OrtBackend(Backend):
             raise NotImplementedError(f"{self.name} is timed on the host clock")
         self._launch(pixel_values)  # binds, copies the input in, and captures the graph if enabled
         io = self._bound[len(pixel_values)][0]
-        start, end = cudart.event_create(), cudart.event_create()
         options = self._run_options(len(pixel_values))
-        try:
-            times = []
-            for _ in range(iterations):
-                cudart.event_record(start, self._stream)
-                self.session.run_with_iobinding(io, options)
-                cudart.event_record(end, self._stream)
-                times.append(cudart.event_elapsed_ms(start, end))
-            return times
-        finally:
-            cudart.event_destroy(start)
-            cudart.event_destroy(end)
+        return cudart.time_on_stream(self._stream, lambda: self.session.run_with_iobinding(io, options), iterations)
 
     def _run_options(self, batch: int) -> Any:
         import onnxruntime as ort

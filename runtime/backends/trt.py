@@ -273,18 +273,7 @@ class TensorRTBackend(Backend):
 
     def time_runs(self, pixel_values: np.ndarray, iterations: int) -> list[float]:
         """GPU milliseconds per run (copy in, execute, copy out), measured with CUDA events."""
-        start, end = cudart.event_create(), cudart.event_create()
-        try:
-            times = []
-            for _ in range(iterations):
-                cudart.event_record(start, self._stream)
-                self._enqueue(pixel_values)
-                cudart.event_record(end, self._stream)
-                times.append(cudart.event_elapsed_ms(start, end))
-            return times
-        finally:
-            cudart.event_destroy(start)
-            cudart.event_destroy(end)
+        return cudart.time_on_stream(self._stream, lambda: self._enqueue(pixel_values), iterations)
 
     def deactivate(self) -> None:
         if self._stream is not None:
