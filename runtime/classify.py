@@ -102,7 +102,7 @@ def check_classifier(meta: ArtifactMeta, model_file: Path) -> None:
         raise ArtifactError(f"{model_file}: a '{meta.task}' model has no logits output; export with --task classification")
 
 
-def _load(path: Path, spec: Preprocessing, draft: bool, max_pixels: int) -> np.ndarray | str:
+def decode_file(path: Path, spec: Preprocessing, draft: bool, max_pixels: int) -> np.ndarray | str:
     """One file -> pixel array, or the one-line reason it cannot be read (the message names the file)."""
     # A FIFO or device named like a picture would block or never end; refuse before opening it.
     reason = regular_file_error(path)
@@ -126,14 +126,14 @@ def decoded(
         it = iter(files)
         try:
             for path in it:
-                pending.append((path, pool.submit(_load, path, spec, draft, max_pixels)))
+                pending.append((path, pool.submit(decode_file, path, spec, draft, max_pixels)))
                 if len(pending) >= prefetch:
                     break
             while pending:
                 path, fut = pending.popleft()
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append((nxt, pool.submit(_load, nxt, spec, draft, max_pixels)))
+                    pending.append((nxt, pool.submit(decode_file, nxt, spec, draft, max_pixels)))
                 yield path, fut.result()
         finally:  # a consumer that stops early must not wait for work nobody will read
             for _, fut in pending:

@@ -22,8 +22,10 @@ The work is one Ray Data pipeline, streamed, so memory stays bounded whatever th
 Exactly once: Ray retries the tasks of a killed actor on its restart, and a task's rows count only
 once it completed, so a lost worker costs time, never a lost or doubled row; each input is in
 exactly one committed part, and a re-run with the same --output skips the paths its parts hold.
-Ctrl-C (or SIGTERM) commits the rows that arrived and exits 130 (143). Exit status as
-runtime.infer: 0 all predicted, 1 some files failed, 2 usage, 5 model, 6 unavailable (Ray missing too).
+Ctrl-C (or SIGTERM) commits the rows that arrived and exits 130 (143). A run counts only its own
+inputs in the output, so one huge list can also be split into several runs sharing one --output (the
+driver holds its list as Arrow, about 100 bytes a path). Exit status as runtime.infer: 0 all
+predicted, 1 some files failed, 2 usage, 5 model, 6 unavailable (Ray missing too).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import contextlib
 import functools
 import glob
 import json
+import logging
 import math
 import os
 import re
@@ -41,7 +44,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -53,7 +56,7 @@ import numpy as np
 from runtime.artifact import SYNTHETIC_WARNING, find_model
 from runtime.auto import choose
 from runtime.backends import BACKENDS, MAX_BATCH, PRECISIONS, BackendUnavailable, backend_kind, create
-from runtime.classify import _load, check_classifier, display_path, top_k
+from runtime.classify import decode_file, check_classifier, display_path, top_k
 from runtime.console import progress_bar
 from runtime.errors import (ArgumentParser, DeitError, Interrupted, Unavailable, UsageError, run_cli, signals_deferred,
                             signals_raise_interrupted)
@@ -70,9 +73,10 @@ PART_PREFIX = "part-"
 TMP_PREFIX = "_tmp-"  # pyarrow and pandas skip names starting with "_" when they read a folder
 GLOB_CHARS = "*?["
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-# A task that died with its worker (node lost, OOM-killed, SIGKILL) is run again this many times; a
-# task that keeps killing its worker (a poison input) then fails the job instead of looping forever.
-TASK_RETRIES = 4
+# What a decode task can hold at once: one image at --max-pixels decoded and converted to RGB (two
+# copies of 3 bytes a pixel; a 16k x 16k image is 1.5 GB) besides its block of pixels. Ray reserves it
+# per task, so a node runs no more decoders than its memory holds.
+DECODE_BYTES_PER_PIXEL = 6
 # Inputs per decode task: large enough that a 50-million-image job stays at ~50,000 blocks, small
 # enough that a small job still gives every CPU a few tasks.
 MAX_BLOCK_ROWS = 1024
@@ -155,22 +159,37 @@ class Inputs:
 
 def list_inputs(spec: str) -> Inputs:
     """Expand INPUT (a folder, a glob, a list file or one image; local or a URI) into distinct inputs."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     names, errors = _list_uri(spec) if is_uri(spec) else _list_local(spec)
-    sources = pa.array([_source(n) for n in names], pa.binary())
-    distinct = pc.unique(sources)  # first occurrences, in order
+    sources = _sources(names)
+    distinct = sources.unique()  # first occurrences, in order
     return Inputs(distinct, errors, len(sources) - len(distinct))
 
 
-def _list_local(spec: str) -> tuple[list[str], list[tuple[str, str]]]:
+def _sources(names: list[str] | pa.Array) -> pa.Array:
+    """Names -> sources. A Parquet column of URIs only (the 50-million-object case) is used as it is;
+    anything else is converted a million names at a time, so no second copy exists as Python objects."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(names, pa.Array):
+        if len(names) and pc.all(pc.match_substring_regex(names, URI.pattern)).as_py():
+            return names.cast(pa.binary())
+        names = names.to_pylist()
+    step = 2**20
+    chunks = [pa.array([_source(n) for n in names[i : i + step]], pa.binary()) for i in range(0, len(names), step)]
+    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.binary())
+
+
+Listed = tuple["list[str] | pa.Array", list[tuple[str, str]]]  # names, and (folder, message) for unreadable folders
+
+
+def _list_local(spec: str) -> Listed:
     if os.path.isdir(spec):
         listing = find_images([Path(spec)], recursive=True)
         if not listing.files and not listing.errors:
             raise UsageError(f"no images found in {spec}")
-        errors = [(key_of(_source(str(d))), f"{display_path(d)}: {why}") for d, why in listing.errors]
-        return [str(f) for f in listing.files], errors
+        keys = [key_of(_source(str(d))) for d, _ in listing.errors]
+        return [str(f) for f in listing.files], [(k, f"{k}: {why}") for k, (_, why) in zip(keys, listing.errors)]
     if os.path.isfile(spec):
         import pyarrow.fs as pafs
 
@@ -183,7 +202,7 @@ def _list_local(spec: str) -> tuple[list[str], list[tuple[str, str]]]:
     raise UsageError(f"no such file or folder: {spec}")
 
 
-def _list_uri(spec: str) -> tuple[list[str], list[tuple[str, str]]]:
+def _list_uri(spec: str) -> Listed:
     import pyarrow.fs as pafs
 
     path = urlsplit(spec).path
@@ -191,9 +210,9 @@ def _list_uri(spec: str) -> tuple[list[str], list[tuple[str, str]]]:
         first = min(path.index(c) for c in GLOB_CHARS if c in path)
         base = path[:first].rsplit("/", 1)[0]
         fs, base_path = resolve(urlunsplit(urlsplit(spec)._replace(path=base or "/")))
-        pattern = [p for p in path.strip("/").split("/") if p]
-        names = [_uri_of(spec, i.path) for i in _files_under(fs, base_path)
-                 if _glob_match([p for p in urlsplit(_uri_of(spec, i.path)).path.split("/") if p], pattern)]
+        pattern = _segments(path)
+        names = [uri for uri in (_uri_of(spec, i.path) for i in _files_under(fs, base_path))
+                 if _glob_match(_segments(urlsplit(uri).path), pattern)]
         if not names:
             raise UsageError(f"no files match {spec}")
         return names, []
@@ -220,6 +239,10 @@ def _files_under(fs: Any, path: str) -> list[Any]:
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
 
+def _segments(path: str) -> list[str]:
+    return [p for p in path.split("/") if p]
+
+
 def _glob_match(parts: list[str], pattern: list[str]) -> bool:
     """Path segments against glob segments: `*` stays within a segment, `**` spans any number of them."""
     if not pattern:
@@ -229,23 +252,24 @@ def _glob_match(parts: list[str], pattern: list[str]) -> bool:
     return bool(parts) and fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
 
 
-def _from_file(fs: Any, path: str, shown: str) -> list[str]:
+def _from_file(fs: Any, path: str, shown: str) -> list[str] | pa.Array:
     """One image, or the entries of a list file: a Parquet `path` column (else its first text column) or
-    text lines (blank lines and `#` comments skipped). Relative local entries are relative to this folder."""
+    text lines (blank lines and `#` comments skipped). Relative local entries are relative to the current folder."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix in IMAGE_SUFFIXES:
         return [shown]
     if suffix == ".parquet":
         import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path, filesystem=fs)
-        columns = [n for n in table.column_names if pa.types.is_string(table.schema.field(n).type)
-                   or pa.types.is_large_string(table.schema.field(n).type)]
+        schema = pq.read_schema(path, filesystem=fs)
+        columns = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
         if not columns:
             raise UsageError(f"{shown}: a Parquet list needs a `path` column of strings")
-        column = "path" if "path" in columns else columns[0]
-        names = [n for n in table.column(column).to_pylist() if n]
+        table = pq.read_table(path, columns=["path" if "path" in columns else columns[0]], filesystem=fs)
+        column = table.column(0).combine_chunks().cast(pa.string())
+        names = column.filter(pc.greater(pc.utf8_length(column), 0))  # drops nulls and empty strings
     else:
         with fs.open_input_stream(path) as f:
             data = f.read()
@@ -321,8 +345,8 @@ class PartWriter:
         parts = [n for n in names if n.startswith(PART_PREFIX)]
         foreign = [n for n in parts if not n.endswith(FORMATS[self.fmt])]
         if foreign:
-            raise UsageError(f"--output {self.output} holds other part files ({foreign[0]}); use the --format they were "
-                             "written in, or another --output")
+            raise UsageError(f"--output {self.output} holds other part files ({foreign[0]}); use the --format they "
+                             "were written in, or another --output")
         schema = pa.schema([("path", pa.string()), ("error", pa.string())])
         tables = [self._read_keys(f"{self.root}/{n}", schema) for n in parts]
         return pa.concat_tables(tables) if tables else schema.empty_table()
@@ -413,7 +437,7 @@ def decode_source(source: bytes, spec: Preprocessing, draft: bool, max_pixels: i
     """One input -> pixels, or "<path>: <reason>" (runtime.classify's loader and messages; URIs read via pyarrow.fs)."""
     name = os.fsdecode(source)
     if not is_uri(name):
-        return _load(Path(name), spec, draft, max_pixels)
+        return decode_file(Path(name), spec, draft, max_pixels)
     try:
         fs, path = resolve(name)
         with fs.open_input_file(path) as f:
@@ -425,11 +449,12 @@ def decode_source(source: bytes, spec: Preprocessing, draft: bool, max_pixels: i
     except (OSError, ValueError) as err:  # pyarrow's network and protocol errors
         return f"{name}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
     with _as_file(data) as local:
-        result = _load(local, spec, draft, max_pixels)
+        result = decode_file(local, spec, draft, max_pixels)
     return result.replace(display_path(local), name, 1) if isinstance(result, str) else result
 
 
-def decode_batch(batch: dict[str, np.ndarray], spec: Preprocessing, draft: bool, max_pixels: int) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], spec: Preprocessing, draft: bool,
+                 max_pixels: int) -> dict[str, np.ndarray]:
     """The CPU stage: paths -> (path, pixels, error); a failed file keeps zero pixels and its message."""
     sources = [bytes(s) for s in batch["source"]]
     h, w = spec.input_size
@@ -537,25 +562,26 @@ def connect(address: str | None = None, num_cpus: int | None = None, object_stor
     ctx.enable_progress_bars = False  # ours counts rows written, which is what a user waits for
     ctx.print_on_execution_start = False
     ctx.target_max_block_size = PIXEL_BLOCK_BYTES
-    import logging
-
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     return started
 
 
 def _unwrapped(err: BaseException) -> BaseException:
     """The project's own error inside a Ray task error (so its one line and exit status survive), else `err`."""
+    from ray.exceptions import RayError
+
     seen: BaseException | None = err
     while seen is not None:
-        if isinstance(seen, DeitError) and type(seen).__module__.startswith("runtime"):
+        if isinstance(seen, DeitError) and not isinstance(seen, RayError):  # Ray's copy also subclasses the cause
             return seen
         seen = getattr(seen, "cause", None) or seen.__cause__
     return err
 
 
 def _remote_plan(ray: Any, job: JobOptions, model: str | None, artifacts: str) -> Plan:
+    """`make_plan` on a worker, on a GPU node when the cluster has one (where `auto` and the GPU backends run)."""
     gpus = ray.cluster_resources().get("GPU", 0)
-    task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=TASK_RETRIES)(make_plan)
+    task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(make_plan)
     try:
         return ray.get(task.remote(job.backend, model, artifacts, job.precision, job.batch_size, job.threads, job.topk))
     except Exception as err:
@@ -569,6 +595,8 @@ def _pool(ray: Any, plan: Plan, job: JobOptions) -> tuple[int, dict[str, Any]]:
     cpus = resources.get("CPU", 0)
     if plan.device == "cuda":
         gpus = resources.get("GPU", 0)
+        if not gpus:
+            raise BackendUnavailable(f"backend {plan.backend!r} runs on a GPU and the Ray cluster has none")
         size = job.num_workers or max(1, int(gpus // job.num_gpus_per_worker))
         ask = {"num_cpus": job.num_cpus_per_worker, "num_gpus": job.num_gpus_per_worker}
     else:
@@ -581,6 +609,14 @@ def _pool(ray: Any, plan: Plan, job: JobOptions) -> tuple[int, dict[str, Any]]:
     return size, ask
 
 
+def _decode_memory(ray: Any, max_pixels: int) -> int:
+    """The memory a decode task reserves (DECODE_BYTES_PER_PIXEL), at most half the largest node's, so
+    a small machine still decodes (where one huge image can then run out of memory, as in runtime.infer)."""
+    need = DECODE_BYTES_PER_PIXEL * max_pixels + PIXEL_BLOCK_BYTES
+    largest = max((n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    return int(min(need, largest // 2)) if largest else need
+
+
 def build_dataset(ray: Any, sources: pa.Array, plan: Plan, job: JobOptions, workers: int,
                   actor_resources: dict[str, Any]) -> ray.data.Dataset:
     """The pipeline over `sources`: decode tasks (1 CPU each), then the actor pool, streamed."""
@@ -591,17 +627,18 @@ def build_dataset(ray: Any, sources: pa.Array, plan: Plan, job: JobOptions, work
     blocks = [pa.table({"source": sources.slice(i, rows)}) for i in range(0, len(sources), rows)]
     h, w = plan.spec.input_size
     decode_rows = max(1, min(rows, PIXEL_BLOCK_BYTES // (3 * h * w * 4)))
-    # Different remote arguments also keep Ray from fusing decoding into the actors, which would
-    # serialise it with inference instead of overlapping the two.
+    # Fault tolerance is Ray Data's default, which exactly-once needs: a task lost with its worker runs
+    # again (max_retries=-1), a dead actor restarts and its tasks run again (max_restarts=-1,
+    # max_task_retries=-1). The decode tasks' memory reservation also keeps Ray from fusing decoding
+    # into the actors (fused, the two would run one after the other instead of overlapping).
     return (ray.data.from_arrow(blocks)
             .map_batches(decode_batch, batch_size=decode_rows, batch_format="numpy", num_cpus=1,
-                         max_retries=TASK_RETRIES,
+                         memory=_decode_memory(ray, job.max_pixels),
                          fn_kwargs={"spec": plan.spec, "draft": job.draft, "max_pixels": job.max_pixels})
             .map_batches(Classifier, batch_size=job.batch_size, batch_format="numpy",
                          compute=ray.data.ActorPoolStrategy(size=workers),
                          fn_constructor_kwargs={"plan": plan, "batch_size": job.batch_size, "threads": job.threads,
                                                 "topk": job.topk},
-                         max_restarts=-1, max_task_retries=TASK_RETRIES, scheduling_strategy="SPREAD",
                          **actor_resources))
 
 
@@ -626,11 +663,11 @@ class JobOptions:
 
 @dataclass
 class JobSummary:
-    backend: str = ""
-    precision: str = ""
-    model: str = ""
-    synthetic: bool = False
-    workers: int = 0
+    backend: str
+    precision: str
+    model: str
+    synthetic: bool
+    workers: int
     images: int = 0  # rows the output holds for this job's inputs
     failed: int = 0
     resumed: int = 0  # predictions earlier runs wrote (not recomputed)
@@ -638,7 +675,6 @@ class JobSummary:
     new_failed: int = 0
     seconds: float = 0.0  # this run's pipeline, from submitting it to the last row
     first_row_s: float | None = None  # actors started, model loaded, first block decoded and classified
-    interrupted: bool = False
     failures: list[str] = field(default_factory=list)  # the first MAX_LISTED_FAILURES messages of this run
 
     @property
@@ -651,10 +687,12 @@ class JobSummary:
 
 
 class Job:
-    """One classification job: inputs listed and the output read (no Ray needed), then `run()` on Ray."""
+    """One classification job: inputs listed and the output read when made (no Ray needed, so a bad
+    argument fails at once), then `plan()` and `run()` on the connected Ray."""
 
     def __init__(self, input: str, output: str, model: str | None = None, opts: JobOptions = JobOptions(),
                  artifacts: str = "artifacts") -> None:
+        import pyarrow as pa
         import pyarrow.compute as pc
 
         self.opts = opts
@@ -664,42 +702,47 @@ class Job:
         self.writer = PartWriter(output, opts.fmt, opts.rows_per_file)
         done = self.writer.done()
         keys = self.inputs.keys
-        mine = done.filter(pc.is_in(done["path"], value_set=keys))  # rows of this job's inputs (ignore others)
+        folders = pa.array([k for k, _ in self.inputs.errors], pa.string())
+        mine = done.filter(pc.is_in(done["path"], value_set=pa.concat_arrays([keys, folders])))  # not other jobs' rows
         self.done_rows = mine.num_rows
         self.done_failed = mine.num_rows - mine["error"].null_count
         self.todo = self.inputs.sources.filter(pc.invert(pc.is_in(keys, value_set=done["path"])))
-        done_keys = set(mine["path"].to_pylist()) if self.inputs.errors else set()
-        self.folder_errors = [(k, e) for k, e in self.inputs.errors if k not in done_keys]
+        reported = pc.is_in(folders, value_set=done["path"]).to_pylist()
+        self.folder_errors = [e for e, r in zip(self.inputs.errors, reported) if not r]
+        self.settled: tuple[Plan, int, dict[str, Any]] | None = None
 
-    def run(self) -> JobSummary:
-        """Classify what is left; requires `connect()`. Interrupted: commits what arrived, then raises `Interrupted`."""
+    def plan(self) -> tuple[Plan, int, dict[str, Any]]:
+        """What runs and how many actors (a worker opens the model and settles `auto`), once per job."""
+        if self.settled is None:
+            ray = import_ray()
+            plan = _remote_plan(ray, self.opts, self.model, self.artifacts)
+            self.settled = (plan, *_pool(ray, plan, self.opts))
+        return self.settled
+
+    def run(self, show_errors: bool = False, on_rows: Callable[[pa.Table], None] | None = None) -> JobSummary:
+        """Classify what is left (per-file errors on stderr if asked). Rows go to the output as they arrive and, if
+        given, to `on_rows` (like runtime.classify's on_prediction). Interrupted: commits what arrived, then raises
+        `Interrupted`; failed: commits what arrived, then raises."""
         ray = import_ray()
-        plan = _remote_plan(ray, self.opts, self.model, self.artifacts)
-        workers, resources = _pool(ray, plan, self.opts)
-        s = JobSummary(plan.backend, plan.resolved_precision, plan.checkpoint, plan.synthetic, workers,
+        plan, workers, resources = self.plan()
+        s = JobSummary(plan.backend, plan.resolved_precision, plan.artifact, plan.synthetic, workers,
                        images=self.done_rows, failed=self.done_failed, resumed=self.done_rows - self.done_failed)
-        if plan.choice:
-            print(f"backend: {plan.choice}", file=sys.stderr)
-        if plan.synthetic:
-            print(SYNTHETIC_WARNING, file=sys.stderr)
-        if self.inputs.duplicates:
-            print(f"distributed: note: {self.inputs.duplicates} inputs listed more than once; each is classified once",
-                  file=sys.stderr)
-        if self.done_rows:
-            print(f"distributed: resuming: {self.done_rows} inputs done earlier, {len(self.todo)} to go", file=sys.stderr)
         start = time.perf_counter()
-        with progress_bar(total=len(self.todo) + len(self.folder_errors), unit="img", enabled=self.opts.progress) as bar:
+        total = len(self.todo) + len(self.folder_errors)
+        with progress_bar(total=total, unit="img", enabled=self.opts.progress) as bar:
             def take(rows: pa.Table) -> None:
-                self.writer.add(rows)
                 failed = [e for e in rows["error"].to_pylist() if e]
-                with signals_deferred():
+                with signals_deferred():  # the rows and the count of them go together
+                    self.writer.add(rows)
                     s.images += rows.num_rows
                     s.new += rows.num_rows
                     s.failed += len(failed)
                     s.new_failed += len(failed)
                     s.failures.extend(failed[: MAX_LISTED_FAILURES - len(s.failures)])
                 bar.update(rows.num_rows)
-                for message in failed:
+                if on_rows is not None:
+                    on_rows(rows)
+                for message in failed if show_errors else ():
                     bar.write(f"distributed: error: {message}", file=sys.stderr)
 
             try:
@@ -707,13 +750,15 @@ class Job:
                     take(error_rows(self.folder_errors))
                 if len(self.todo):
                     ds = build_dataset(ray, self.todo, plan, self.opts, workers, resources)
-                    for rows in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                        if s.first_row_s is None:
-                            s.first_row_s = time.perf_counter() - start
-                        take(rows)
+                    # closing the stream on the way out stops the execution (its actors) at once, not at GC
+                    batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))  # a generator
+                    with contextlib.closing(batches) as stream:  # pyright: ignore[reportArgumentType]
+                        for rows in stream:
+                            if s.first_row_s is None:
+                                s.first_row_s = time.perf_counter() - start
+                            take(rows)
                 self.writer.commit()
             except KeyboardInterrupt as err:
-                s.seconds, s.interrupted = time.perf_counter() - start, True
                 self.writer.commit()
                 saved = (f"{self.writer.committed} rows of this run committed to {self.writer.output} "
                          f"({s.images} of {len(self.inputs.sources) + len(self.inputs.errors)} inputs done); "
@@ -761,7 +806,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help=f"images per inference batch, 1-{MAX_BATCH} (default 8)")
     p.add_argument("--topk", type=int, default=5, help="classes per image (at most the model's class count)")
     p.add_argument("--num-workers", type=int, help="inference actors (default: one per GPU share, or one per node)")
-    p.add_argument("--num-gpus-per-worker", type=float, default=1.0, help="GPUs per actor of a GPU backend (0.5: two per GPU)")
+    p.add_argument("--num-gpus-per-worker", type=float, default=1.0,
+                   help="GPUs per actor of a GPU backend (0.5: two per GPU)")
     p.add_argument("--num-cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves per actor (default 1)")
     p.add_argument("--threads", type=int, help="inference threads of CPU backends (default: the node's cores)")
     p.add_argument("--rows-per-file", type=int, default=10_000, help="rows per part file (default 10,000)")
@@ -795,6 +841,11 @@ def run(args: argparse.Namespace) -> int:
                       max_pixels=args.max_pixels, draft=args.draft, progress=args.progress)
     ray = import_ray()
     job = Job(args.input, args.output, args.model, opts, args.artifacts)  # inputs and output checked before Ray starts
+    if job.inputs.duplicates:
+        print(f"distributed: note: {job.inputs.duplicates} inputs listed more than once; each is classified once",
+              file=sys.stderr)
+    if job.done_rows:
+        print(f"distributed: resuming: {job.done_rows} inputs done earlier, {len(job.todo)} to go", file=sys.stderr)
     t0 = time.perf_counter()
     started = connect(args.address)
     try:
@@ -803,7 +854,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"distributed: {where} ({res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs) in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
         with signals_raise_interrupted():  # ray.init replaced the SIGTERM handler run_cli set
-            summary = job.run()
+            plan = job.plan()[0]
+            if plan.choice:
+                print(f"backend: {plan.choice}", file=sys.stderr)
+            if plan.synthetic:
+                print(SYNTHETIC_WARNING, file=sys.stderr)
+            summary = job.run(show_errors=True)
     finally:
         if started:
             ray.shutdown()
@@ -817,4 +873,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module, not __main__: Ray ships the stages' functions to workers by module name.
+    from runtime.distributed import main as module_main
+
+    sys.exit(module_main())

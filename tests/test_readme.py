@@ -11,6 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+# What the README shows as commands: fenced code blocks and inline code spans, not prose.
+FENCED = re.compile(r"```[a-z]*\n(.*?)```", re.S)
+CODE = "\n".join(FENCED.findall(README) + [span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", FENCED.sub("", README))])
 MAKEFILE = (ROOT / "Makefile").read_text()
 # `python -m <module>` -> the module whose build_parser() defines that CLI
 CLIS = {
@@ -31,7 +34,7 @@ CLIS = {
 def _commands() -> list[tuple[str, list[str]]]:
     """(module, words after it) for every `python -m module ...` the README shows, in code or code blocks."""
     found = []
-    text = README.replace("\\\n", " ")
+    text = CODE.replace("\\\n", " ")
     for match in re.finditer(r"python3? -m ([\w.]+)([^`\n|>#;]*)", text):
         found.append((match.group(1), shlex.split(match.group(2).replace("[", " ").replace("]", " "), posix=True)))
     return found
@@ -60,7 +63,7 @@ def test_every_command_the_readme_names_is_known() -> None:
 
 def test_every_make_target_and_variable_exists() -> None:
     targets = set(re.findall(r"^([\w-]+):", MAKEFILE, re.M))
-    shown = re.findall(r"\bmake ([a-z][\w-]*)((?: [A-Z_]+=\S+)*)", README)
+    shown = re.findall(r"\bmake ([a-z][\w-]*)((?: [A-Z_]+=\S+)*)", CODE)
     assert shown
     for target, variables in shown:
         assert target in targets, f"make {target}"
