@@ -113,6 +113,8 @@ class Backend(ABC):
         if self.model_file.suffix != ".onnx":
             raise UsageError(f"{self.model_file}: backend {self.name!r} runs ONNX files, not {self.model_file.suffix} files")
         meta = self.read_meta()
+        if asked is not None and asked not in self.precisions:
+            raise UsageError(f"backend {self.name!r} runs {', '.join(self.precisions)}, not {asked}")
         if asked is not None and asked != meta.precision and not (asked == "bf16" and meta.precision == "fp32"):
             raise UsageError(f"{self.model_file} is a {meta.precision} model; --precision {asked} would run another file "
                              f"(pass the artifact folder {self.artifact_dir} instead)")
