@@ -55,8 +55,9 @@ import numpy as np
 
 from runtime.artifact import SYNTHETIC_WARNING, find_model
 from runtime.auto import choose
-from runtime.backends import BACKENDS, MAX_BATCH, PRECISIONS, BackendUnavailable, backend_kind, create
-from runtime.classify import decode_file, check_classifier, display_path, top_k
+from runtime.backends import BackendUnavailable, backend_kind, create
+from runtime.classify import check_classifier, decode_file, display_path, top_k
+from runtime.infer import add_classify_arguments, check_classify_arguments
 from runtime.console import progress_bar
 from runtime.errors import (ArgumentParser, DeitError, Interrupted, Unavailable, UsageError, run_cli, signals_deferred,
                             signals_raise_interrupted)
@@ -796,38 +797,20 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--output", required=True,
                    help="folder (local or URI) for the part files; a re-run with the same one resumes")
     p.add_argument("--format", choices=FORMATS, default="parquet", help="part files: parquet (default) or jsonl")
-    p.add_argument("--model", help="artifact folder, or one model file in it (default: the newest under --artifacts); "
-                                   "the same path must exist on every node")
-    p.add_argument("--artifacts", default="artifacts", help="where to look for the newest artifact")
-    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
-                   help="auto: TensorRT > ORT CUDA on a GPU worker; on CPU workers the fastest measured there")
-    p.add_argument("--precision", choices=PRECISIONS, help="model precision (default: the backend's own)")
+    add_classify_arguments(p, "; the same path must exist on every node")
     p.add_argument("--address", help="join this Ray cluster (auto, ray://head:10001, head:6379); default: a local Ray")
-    p.add_argument("--batch-size", type=int, default=8, help=f"images per inference batch, 1-{MAX_BATCH} (default 8)")
-    p.add_argument("--topk", type=int, default=5, help="classes per image (at most the model's class count)")
     p.add_argument("--num-workers", type=int, help="inference actors (default: one per GPU share, or one per node)")
     p.add_argument("--num-gpus-per-worker", type=float, default=1.0,
                    help="GPUs per actor of a GPU backend (0.5: two per GPU)")
     p.add_argument("--num-cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves per actor (default 1)")
-    p.add_argument("--threads", type=int, help="inference threads of CPU backends (default: the node's cores)")
     p.add_argument("--rows-per-file", type=int, default=10_000, help="rows per part file (default 10,000)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse images with more pixels than this, from their header (default {DEFAULT_MAX_PIXELS:,})")
-    p.add_argument("--draft", action="store_true",
-                   help="decode big JPEGs at reduced scale: faster, pixels not identical to the image processor")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
-    if not 1 <= args.batch_size <= MAX_BATCH:
-        p.error(f"--batch-size {args.batch_size}: must be between 1 and {MAX_BATCH}")
-    for name in ("topk", "num_workers", "threads", "rows_per_file", "max_pixels"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_classify_arguments(p, args, "num_workers", "rows_per_file")
     for name in ("num_gpus_per_worker", "num_cpus_per_worker"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be more than 0")

@@ -33,42 +33,52 @@ from runtime.paths import check_output_file
 from runtime.preprocess import DEFAULT_MAX_PIXELS, Listing, find_images
 
 
-def build_parser() -> ArgumentParser:
-    title, _, usage = (__doc__ or "").partition("\n")
-    p = ArgumentParser(prog="python -m runtime.infer", description=title, epilog=usage,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", type=Path, help="image files and/or folders")
-    p.add_argument("--model", help="artifact folder, or one model file in it (default: the newest under --artifacts)")
-    p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where to look for the newest artifact")
+def add_classify_arguments(p: ArgumentParser, where: str) -> None:
+    """The flags runtime.infer and runtime.distributed share, so they mean the same in both."""
+    p.add_argument("--model", help=f"artifact folder, or one model file in it (default: the newest under --artifacts){where}")
+    p.add_argument("--artifacts", default="artifacts", help="where to look for the newest artifact")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
-                   help="auto: TensorRT > ORT CUDA on a GPU; on a CPU the fastest measured here")
+                   help="auto: TensorRT > ORT CUDA on a GPU; on a CPU the fastest measured there")
     p.add_argument("--precision", choices=PRECISIONS, help="model precision (default: the backend's own)")
     p.add_argument("--batch-size", type=int, default=8, help=f"images per batch, 1-{MAX_BATCH} (default 8)")
     p.add_argument("--topk", type=int, default=5, help="classes per image (at most the model's class count)")
-    p.add_argument("--format", choices=FORMATS, default="text",
-                   help="text: path<TAB>label prob..., names escaped (\\t \\n \\\\ \\xNN); json; csv")
-    p.add_argument("--output", type=Path, help="write predictions here (via <output>.partial) instead of stdout")
-    p.add_argument("--resume", action="store_true", help="skip files an interrupted run already wrote to --output")
-    p.add_argument("--recursive", "-r", action="store_true", help="also look inside sub-folders (symlinks followed)")
-    p.add_argument("--workers", type=int, default=default_workers(), help="decode threads (default: one per core)")
     p.add_argument("--threads", type=int, help="inference threads of CPU backends (default: one per core)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images with more pixels than this, from their header (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--draft", action="store_true",
                    help="decode big JPEGs at reduced scale: faster, pixels not identical to the image processor")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+
+
+def check_classify_arguments(p: ArgumentParser, args: argparse.Namespace, *at_least_one: str) -> None:
+    """Usage errors for the shared flags (and the named integer flags), before any work."""
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        p.error(f"--batch-size {args.batch_size}: must be between 1 and {MAX_BATCH}")
+    for name in ("topk", "max_pixels", "threads", *at_least_one):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def build_parser() -> ArgumentParser:
+    title, _, usage = (__doc__ or "").partition("\n")
+    p = ArgumentParser(prog="python -m runtime.infer", description=title, epilog=usage,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", type=Path, help="image files and/or folders")
+    add_classify_arguments(p, "")
+    p.add_argument("--format", choices=FORMATS, default="text",
+                   help="text: path<TAB>label prob..., names escaped (\\t \\n \\\\ \\xNN); json; csv")
+    p.add_argument("--output", type=Path, help="write predictions here (via <output>.partial) instead of stdout")
+    p.add_argument("--resume", action="store_true", help="skip files an interrupted run already wrote to --output")
+    p.add_argument("--recursive", "-r", action="store_true", help="also look inside sub-folders (symlinks followed)")
+    p.add_argument("--workers", type=int, default=default_workers(), help="decode threads (default: one per core)")
     return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
-    if not 1 <= args.batch_size <= MAX_BATCH:
-        p.error(f"--batch-size {args.batch_size}: must be between 1 and {MAX_BATCH}")
-    for name in ("topk", "workers", "max_pixels", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_classify_arguments(p, args, "workers")
     if args.resume and args.output is None:
         p.error("--resume needs --output (the file an interrupted run was writing)")
     return args
