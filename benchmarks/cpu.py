@@ -13,7 +13,6 @@ MatMul or the work around the MatMuls holds the fastest fp32 row back.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.cpuinfo import has_bf16, has_int8_dot_product
+from runtime.cpuinfo import has_bf16, has_int8_dot_product, usable_cores
 from runtime.errors import first_line
 from runtime.timing import host_ms, measure
 
@@ -134,7 +133,7 @@ def matmul_ceilings(threads: int | None = None, size: int = 2048, seconds: float
     that is missing or fails becomes a note, not an error: the benchmark goes on. `seconds` is the least time
     timed per entry (and at least 5 runs), so the whole measurement stays a few seconds.
     """
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = threads or usable_cores()
     plans: list[tuple[str, str, str, Callable[[], Callable[[], object]]]] = [
         ("torch", "fp32", "torch.matmul", lambda: _torch_runner(size, "float32")),
         ("onnxruntime", "fp32", "MatMul", lambda: _ort_runner(size, "float", threads)),

@@ -23,6 +23,7 @@ import numpy as np
 from runtime.artifact import SYNTHETIC_WARNING, find_artifact, write_json
 from runtime.backends import Backend, create
 from runtime.classify import ClassifyOptions, classify, decoded, default_workers
+from runtime.predictor import Predictor
 from runtime.console import progress_bar
 from runtime.errors import ArgumentParser, UsageError, run_cli
 from runtime.preprocess import Preprocessing, list_images
@@ -82,7 +83,7 @@ def measure_pipeline(
             best["model_only"] = _best_rate(len(exact), lambda: _model_only(be, exact, batch_size), repeats)
             steps.update()
             for key, draft in (("end_to_end", False), ("end_to_end_draft", True)):
-                best[key] = _best_rate(len(exact), lambda d=draft: classify(files, be, opts[d]), repeats)
+                best[key] = _best_rate(len(exact), lambda d=draft: classify(files, Predictor(be, opts[d].topk), opts[d]), repeats)
                 steps.update()
     diff = np.abs(exact - draft_pixels).reshape(len(exact), -1)
     changed = [f for f, d in zip(ok_files, diff.max(axis=1)) if d > 0]

@@ -42,9 +42,8 @@ import re
 import secrets
 import signal
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -56,12 +55,12 @@ import numpy as np
 from runtime.artifact import SYNTHETIC_WARNING, find_model
 from runtime.auto import choose
 from runtime.backends import BackendUnavailable, backend_kind, create
-from runtime.classify import check_classifier, decode_file, display_path, top_k
-from runtime.infer import add_classify_arguments, check_classify_arguments
+from runtime.cli import add_classify_arguments, check_classify_arguments
+from runtime.predictor import Predictor, decode_bytes, decode_file
 from runtime.console import progress_bar
+from runtime.cpuinfo import usable_cores
 from runtime.errors import (ArgumentParser, DeitError, Interrupted, Unavailable, UsageError, run_cli, signals_deferred,
                             signals_raise_interrupted)
-from runtime.labels import resolve_labels
 from runtime.paths import check_output_dir
 from runtime.preprocess import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, Preprocessing, find_images
 
@@ -418,22 +417,6 @@ class PartWriter:
 
 # ------------------------------------------------------------------------------------------- the stages
 
-@contextlib.contextmanager
-def _as_file(data: bytes) -> Iterator[Path]:
-    """Bytes as a file name the project's loader opens: an anonymous in-memory file on Linux
-    (nothing left behind if the worker is killed), a temporary file elsewhere."""
-    if hasattr(os, "memfd_create"):
-        with os.fdopen(os.memfd_create("deit-input"), "wb") as f:
-            f.write(data)
-            f.flush()
-            yield Path(f"/proc/self/fd/{f.fileno()}")
-    else:
-        with tempfile.NamedTemporaryFile(prefix="deit-input-") as f:
-            f.write(data)
-            f.flush()
-            yield Path(f.name)
-
-
 def decode_source(source: bytes, spec: Preprocessing, draft: bool, max_pixels: int) -> np.ndarray | str:
     """One input -> pixels, or "<path>: <reason>" (runtime.classify's loader and messages; URIs read via pyarrow.fs)."""
     name = os.fsdecode(source)
@@ -449,9 +432,7 @@ def decode_source(source: bytes, spec: Preprocessing, draft: bool, max_pixels: i
         return f"{name}: permission denied"
     except (OSError, ValueError) as err:  # pyarrow's network and protocol errors
         return f"{name}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-    with _as_file(data) as local:
-        result = decode_file(local, spec, draft, max_pixels)
-    return result.replace(display_path(local), name, 1) if isinstance(result, str) else result
+    return decode_bytes(data, name, spec, draft, max_pixels)
 
 
 def decode_batch(batch: dict[str, np.ndarray], spec: Preprocessing, draft: bool,
@@ -487,33 +468,25 @@ class Plan:
 
 
 class Classifier:
-    """The inference stage: one backend per actor, loaded once, and runtime.classify's top-k."""
+    """The inference stage: one backend per actor, loaded once, and the project's one Predictor."""
 
     def __init__(self, plan: Plan, batch_size: int, threads: int | None, topk: int) -> None:
         model_file = Path(plan.model_file) if plan.model_file else None
-        self.backend = create(plan.backend, plan.artifact, precision=plan.precision, max_batch=batch_size,
-                              threads=threads, model_file=model_file).__enter__()
-        self.topk = topk
-        self.labels: list[str] | None = None
+        backend = create(plan.backend, plan.artifact, precision=plan.precision, max_batch=batch_size,
+                         threads=threads, model_file=model_file)
+        self.predictor = Predictor(backend.__enter__(), topk)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import pyarrow as pa
 
-        errors = [str(e) for e in batch["error"]]
-        ok = np.array([not e for e in errors], dtype=bool)
-        tops: Iterator[list[tuple[int, str, float]]] = iter(())
-        if ok.any():
-            logits = self.backend.infer(batch["pixels"][ok])["logits"]
-            if self.labels is None:
-                self.labels = resolve_labels(self.backend.meta.id2label, logits.shape[1])
-            tops = iter(top_k(logits, self.labels, self.topk))
-        rows = [next(tops) if good else None for good in ok]
+        decoded = [str(e) if e else pixels for e, pixels in zip(batch["error"], batch["pixels"])]
+        rows = self.predictor.predict([str(p) for p in batch["path"]], decoded)
         return pa.table({
-            "path": [str(p) for p in batch["path"]],
-            "indices": [[i for i, _, _ in t] if t else None for t in rows],
-            "labels": [[label for _, label, _ in t] if t else None for t in rows],
-            "probs": [[p for _, _, p in t] if t else None for t in rows],
-            "error": [e or None for e in errors],
+            "path": [str(r.source) for r in rows],
+            "indices": [[i for i, _, _ in r.top] if r.top else None for r in rows],
+            "labels": [[label for _, label, _ in r.top] if r.top else None for r in rows],
+            "probs": [[p for _, _, p in r.top] if r.top else None for r in rows],
+            "error": [r.error for r in rows],
         }, schema=output_schema())
 
 
@@ -525,11 +498,8 @@ def make_plan(backend: str, model: str | None, artifacts: str, precision: str | 
     if backend == "auto":
         picked = choose(artifact, precision, batch_size, threads, model_file)
         backend, precision, choice = picked.backend, (None if model_file else picked.precision), picked.describe()
-    be = create(backend, artifact, precision=precision, max_batch=batch_size, threads=threads, model_file=model_file)
-    check_classifier(be.meta, be.model_file)
-    classes = be.meta.num_labels
-    if classes is not None and topk > classes:
-        raise UsageError(f"--topk {topk}: the model has only {classes} classes")
+    be = Predictor(create(backend, artifact, precision=precision, max_batch=batch_size, threads=threads,
+                          model_file=model_file), topk).backend
     reason = backend_kind(backend).unavailable_reason()
     if reason:
         raise BackendUnavailable(f"backend {backend!r} is unavailable on the Ray workers: {reason}")
@@ -556,7 +526,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, object_stor
         started = False
     else:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        ray.init(num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False,
+        ray.init(num_cpus=num_cpus or usable_cores(), include_dashboard=False,
                  object_store_memory=object_store_bytes or int(min(4 * 2**30, max(2**29, memory // 10))), **quiet)
         started = True
     ctx = ray.data.DataContext.get_current()

@@ -22,42 +22,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from runtime.artifact import SYNTHETIC_WARNING, find_model
-from runtime.auto import choose
-from runtime.backends import BACKENDS, MAX_BATCH, PRECISIONS, Backend, BackendUnavailable, backend_kind, create
-from runtime.classify import ClassifyOptions, Prediction, Summary, check_classifier, default_workers, display_path, iter_predictions
+from runtime.artifact import SYNTHETIC_WARNING
+from runtime.classify import ClassifyOptions, Summary, default_workers, iter_predictions
+from runtime.cli import add_classify_arguments, check_classify_arguments, check_thread_count, open_predictor
 from runtime.console import progress_bar
 from runtime.errors import ArgumentParser, Interrupted, UsageError, run_cli, signals_deferred
 from runtime.output import FORMATS, PredictionWriter, RecordFormat, partial_path, read_done
 from runtime.paths import check_output_file
-from runtime.preprocess import DEFAULT_MAX_PIXELS, Listing, find_images
-
-
-def add_classify_arguments(p: ArgumentParser, where: str) -> None:
-    """The flags runtime.infer and runtime.distributed share, so they mean the same in both."""
-    p.add_argument("--model", help=f"artifact folder, or one model file in it (default: the newest under --artifacts){where}")
-    p.add_argument("--artifacts", default="artifacts", help="where to look for the newest artifact")
-    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
-                   help="auto: TensorRT > ORT CUDA on a GPU; on a CPU the fastest measured there")
-    p.add_argument("--precision", choices=PRECISIONS, help="model precision (default: the backend's own)")
-    p.add_argument("--batch-size", type=int, default=8, help=f"images per batch, 1-{MAX_BATCH} (default 8)")
-    p.add_argument("--topk", type=int, default=5, help="classes per image (at most the model's class count)")
-    p.add_argument("--threads", type=int, help="inference threads of CPU backends (default: one per core)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse images with more pixels than this, from their header (default {DEFAULT_MAX_PIXELS:,})")
-    p.add_argument("--draft", action="store_true",
-                   help="decode big JPEGs at reduced scale: faster, pixels not identical to the image processor")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
-
-
-def check_classify_arguments(p: ArgumentParser, args: argparse.Namespace, *at_least_one: str) -> None:
-    """Usage errors for the shared flags (and the named integer flags), before any work."""
-    if not 1 <= args.batch_size <= MAX_BATCH:
-        p.error(f"--batch-size {args.batch_size}: must be between 1 and {MAX_BATCH}")
-    for name in ("topk", "max_pixels", "threads", *at_least_one):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+from runtime.predictor import Prediction, display_path
+from runtime.preprocess import Listing, find_images
 
 
 def build_parser() -> ArgumentParser:
@@ -79,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     check_classify_arguments(p, args, "workers")
+    check_thread_count(p, "--workers", args.workers)
     if args.resume and args.output is None:
         p.error("--resume needs --output (the file an interrupted run was writing)")
     return args
@@ -93,26 +67,6 @@ def find_files(paths: list[Path], recursive: bool) -> Listing:
         hint = "" if recursive else " (use --recursive for sub-folders)"
         raise UsageError(f"no images found in {', '.join(display_path(p) for p in paths)}{hint}")
     return listing
-
-
-def open_backend(args: argparse.Namespace) -> Backend:
-    """The backend the arguments ask for, constructed (not yet loaded); `auto` says what it chose and why."""
-    artifact, model_file = find_model(args.model, args.artifacts)
-    name, precision = args.backend, args.precision
-    if name == "auto":
-        choice = choose(artifact, precision, args.batch_size, args.threads, model_file)
-        print(f"backend: {choice.describe()}", file=sys.stderr)
-        name, precision = choice.backend, (None if model_file else choice.precision)
-    reason = backend_kind(name).unavailable_reason()
-    if reason:
-        raise BackendUnavailable(f"backend {name!r} is unavailable here: {reason}")
-    backend = create(name, artifact, precision=precision, max_batch=args.batch_size, threads=args.threads,
-                     model_file=model_file)
-    check_classifier(backend.meta, backend.model_file)
-    classes = backend.meta.num_labels
-    if classes is not None and args.topk > classes:
-        raise UsageError(f"--topk {args.topk}: the model has only {classes} classes")
-    return backend
 
 
 @contextmanager
@@ -133,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(partial_path(args.output), needed_bytes=needed)
     fmt = RecordFormat(args.format, args.topk)
     done = read_done(args.output, fmt) if args.resume and args.output is not None else []
-    backend = open_backend(args)
+    predictor = open_predictor(args, "infer")
+    backend = predictor.backend
     if backend.meta.synthetic:
         print(SYNTHETIC_WARNING, file=sys.stderr)
     for folder in listing.skipped_loops:
@@ -167,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
                     summary.failed.append(Prediction(Path(key), error=f"{key}: failed in the earlier run"))
             for folder, reason in listing.errors:
                 emit(Prediction(folder, error=f"{display_path(folder)}: {reason}"))
-            for pred in iter_predictions(todo, backend, opts):
+            for pred in iter_predictions(todo, predictor, opts):
                 emit(pred)
         except KeyboardInterrupt as err:
             summary.seconds, summary.interrupted = time.perf_counter() - start, True

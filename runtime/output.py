@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 from typing import IO
 
-from runtime.classify import Prediction, Summary, display_path
+from runtime.classify import Summary
+from runtime.predictor import Prediction, display_path
 
 FORMATS = ("text", "json", "csv")
 JSON_HEAD = '{"predictions": [\n'
@@ -60,7 +61,7 @@ class RecordFormat:
 
     def record(self, pred: Prediction) -> str | None:
         """The record for one prediction (text format has no error records: errors go to stderr)."""
-        name = self.key(pred.path)
+        name = self.key(Path(pred.source))
         if self.fmt == "text":
             if pred.top is None:
                 return None

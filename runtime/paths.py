@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from runtime.errors import UsageError
@@ -44,3 +48,25 @@ def check_output_dir(path: Path, flag: str = "--out", needed_bytes: int = 0) -> 
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path}: is a file, not a folder")
     _check_writable_folder(_existing_ancestor(path), path, flag, needed_bytes)
+
+
+@contextmanager
+def output_lock(lock_file: Path, shown: str) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file` while a run writes `shown`, so two runs never write one output.
+
+    The lock is the kernel's (flock): it goes with the process, so a killed run never leaves a stale
+    lock behind. The file holds the owner's pid, which the refusal names.
+    """
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise UsageError(f"{shown}: another run (pid {owner}) is writing it; wait for it or choose another output") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

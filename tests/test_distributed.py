@@ -63,11 +63,12 @@ def big_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference(artifact: Path, files: list[Path], topk: int = 3) -> dict[str, tuple[list[int], list[float]]]:
     """runtime.classify's answers (what runtime.infer prints), by absolute path."""
     from runtime.backends import create
-    from runtime.classify import ClassifyOptions, Prediction, classify
+    from runtime.classify import ClassifyOptions, classify
+    from runtime.predictor import Prediction, Predictor
 
     preds: list[Prediction] = []
     with create("ort-cpu", artifact, max_batch=8) as backend:
-        classify(files, backend, ClassifyOptions(batch_size=8, topk=topk), preds.append)
+        classify(files, Predictor(backend, topk), ClassifyOptions(batch_size=8, topk=topk), preds.append)
     return {os.path.abspath(p.path): ([i for i, _, _ in p.top or []], [q for _, _, q in p.top or []]) for p in preds}
 
 

@@ -26,7 +26,8 @@ from PIL import Image
 from runtime.artifact import SYNTHETIC_WARNING, read_onnx_meta, set_onnx_meta
 from runtime.backends import BackendUnavailable, create
 from runtime.backends.onnxruntime import ORT_CUDA
-from runtime.classify import ClassifyOptions, Prediction, classify, decoded, display_path
+from runtime.classify import ClassifyOptions, classify, decoded
+from runtime.predictor import Prediction, Predictor, display_path
 from runtime.infer import main
 from runtime.labels import imagenet_classes
 
@@ -53,7 +54,7 @@ def backend(tiny_artifact: Path):  # type: ignore[no-untyped-def]
 def probs(backend, path: Path) -> np.ndarray:  # type: ignore[no-untyped-def]
     """The full probability vector the pipeline gives one file."""
     preds: list[Prediction] = []
-    classify([path], backend, ClassifyOptions(topk=10, workers=1), preds.append)
+    classify([path], Predictor(backend, 10), ClassifyOptions(topk=10, workers=1), preds.append)
     (pred,) = preds
     assert pred.ok, pred.error
     assert pred.top is not None
@@ -342,8 +343,8 @@ def test_auto_says_what_it_picked_and_synthetic_weights_warn(
     # No --model: the newest artifact under --artifacts; labels from the shipped ImageNet list.
     rc, out, err = run_cli([str(tmp_path / "x.png"), "--artifacts", str(tmp_path / "artifacts"), "--topk", "10"], capsys)
     assert rc == 0
-    picked = next(line for line in err.splitlines() if line.startswith("backend: "))
-    assert picked.split()[1] in ("ort-cpu", "openvino-cpu", "torch-sdpa") and "fp32" in picked
+    picked = next(line for line in err.splitlines() if line.startswith("infer: backend: "))
+    assert picked.split()[2] in ("ort-cpu", "openvino-cpu", "torch-sdpa") and "fp32" in picked
     assert "fastest measured on" in picked and "ort-cuda fp16:" in picked  # measured here; the GPU route said why not
     assert err.count(SYNTHETIC_WARNING) == 2  # when the model loads, and again under the summary
     names = {name for _, name in imagenet_classes()[:10]}
@@ -365,8 +366,8 @@ def test_batches_split_and_partial_batches_give_the_same_answers(backend, tiny_a
     # batch 5 on a backend that takes at most 2: split 2+2+1, then a partial batch of 2.
     with create("ort-cpu", tiny_artifact, max_batch=2) as small:
         preds: list[Prediction] = []
-        summary = classify(files, small, ClassifyOptions(batch_size=5, topk=10, workers=2, prefetch=3), preds.append)
-    assert [p.path for p in preds] == files  # input order, the failure in its place
+        summary = classify(files, Predictor(small, 10), ClassifyOptions(batch_size=5, topk=10, workers=2, prefetch=3), preds.append)
+    assert [p.source for p in preds] == files  # input order, the failure in its place
     assert preds[3].error and summary.images == 8 and summary.predicted == 7 and summary.images_per_s > 0
     for pred, want in zip([p for p in preds if p.ok], singles):
         got = np.zeros(10)
@@ -383,9 +384,9 @@ def test_torch_backends_give_the_same_predictions(backend, tiny_artifact: Path, 
         files.append(tmp_path / f"{i}.png")
     want: list[Prediction] = []
     got: list[Prediction] = []
-    classify(files, backend, ClassifyOptions(topk=3), want.append)
+    classify(files, Predictor(backend, 3), ClassifyOptions(topk=3), want.append)
     with create(name, tiny_artifact) as torch_backend:
-        classify(files, torch_backend, ClassifyOptions(topk=3), got.append)
+        classify(files, Predictor(torch_backend, 3), ClassifyOptions(topk=3), got.append)
     for g, w in zip(got, want, strict=True):
         assert [i for i, _, _ in g.top or []] == [i for i, _, _ in w.top or []]
         assert np.allclose([p for _, _, p in g.top or []], [p for _, _, p in w.top or []], atol=1e-5)

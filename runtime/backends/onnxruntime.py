@@ -18,7 +18,6 @@ configurations, not subclasses, so a setting cannot leak from one provider to an
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 from runtime.artifact import INT8_CPU_FILE, MODEL_FILES, ORT_FUSED_FILES, ArtifactError, ArtifactMeta, file_sha256
 from runtime.backends import cudart
 from runtime.backends.base import Backend, BackendUnavailable
+from runtime.cpuinfo import usable_cores
 from runtime.errors import first_line
 
 CPU_EP, CUDA_EP, TRT_EP = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
@@ -94,7 +94,7 @@ class OrtBackend(Backend):
                  **kwargs: Any) -> None:
         self.config = config
         super().__init__(artifact_dir, kind=kind or OrtKind(config), **kwargs)
-        self.threads = self.threads or len(os.sched_getaffinity(0))
+        self.threads = self.threads or usable_cores()
         self.cuda_graphs = config.cuda_graphs
         self.clock = "cuda-events" if config.io_binding else "host"
         self.notes: list[str] = list(config.notes)

@@ -16,7 +16,6 @@ per batch size, without a compile per size) and one infer request is reused.
 
 from __future__ import annotations
 
-import os
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 
 from runtime.artifact import MODEL_FILES, ArtifactError, ArtifactMeta
 from runtime.backends.base import Backend, BackendUnavailable
+from runtime.cpuinfo import usable_cores
 from runtime.errors import UsageError
 
 INSTALL_HINT = "pip install openvino (or `make install`, whose cpu extra has it)"
@@ -92,7 +92,7 @@ class OpenVinoBackend(Backend):
     def __init__(self, artifact_dir: str | Path, *, kind: OpenVinoKind | None = None, **kwargs: Any) -> None:
         self.ov_kind = kind or OPENVINO_CPU
         super().__init__(artifact_dir, kind=self.ov_kind, **kwargs)
-        self.threads = self.threads or len(os.sched_getaffinity(0))
+        self.threads = self.threads or usable_cores()
         self.hint = FILES[self.precision][1]
         self.request: Any = None
         self.output_names: list[str] = []

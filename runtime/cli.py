@@ -1,0 +1,81 @@
+"""Flags every classifying CLI shares (runtime.infer, runtime.distributed, runtime.serve), so they mean the same in each."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from runtime.artifact import find_model
+from runtime.auto import choose
+from runtime.backends import BACKENDS, MAX_BATCH, PRECISIONS, Backend, BackendUnavailable, backend_kind, create
+from runtime.cpuinfo import usable_cores
+from runtime.errors import ArgumentParser
+from runtime.predictor import Predictor
+from runtime.preprocess import DEFAULT_MAX_PIXELS
+
+# More threads than cores only adds switching; this many times more is a typo (100000 threads took 16 GB).
+THREADS_LIMIT_FACTOR = 4
+
+
+def add_model_arguments(p: ArgumentParser, where: str = "") -> None:
+    """Which model runs where: --model --artifacts --backend --precision --batch-size --threads."""
+    p.add_argument("--model", help=f"artifact folder, or one model file in it (default: the newest under --artifacts){where}")
+    p.add_argument("--artifacts", default="artifacts", help="where to look for the newest artifact")
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+                   help="auto: TensorRT > ORT CUDA on a GPU; on a CPU the fastest measured there")
+    p.add_argument("--precision", choices=PRECISIONS, help="model precision (default: the backend's own)")
+    p.add_argument("--batch-size", type=int, default=8, help=f"images per batch, 1-{MAX_BATCH} (default 8)")
+    p.add_argument("--threads", type=int, help="inference threads of CPU backends (default: one per core)")
+
+
+def add_classify_arguments(p: ArgumentParser, where: str = "") -> None:
+    """The model arguments plus what a classification record holds and how images are decoded."""
+    add_model_arguments(p, where)
+    p.add_argument("--topk", type=int, default=5, help="classes per image (at most the model's class count)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images with more pixels than this, from their header (default {DEFAULT_MAX_PIXELS:,})")
+    p.add_argument("--draft", action="store_true",
+                   help="decode big JPEGs at reduced scale: faster, pixels not identical to the image processor")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+
+
+def check_thread_count(p: ArgumentParser, flag: str, value: int | None) -> None:
+    """A thread count above the usable cores is allowed with a warning; far above them it is a usage error."""
+    cores = usable_cores()
+    if value is None or value <= cores:
+        return
+    if value > THREADS_LIMIT_FACTOR * cores:
+        p.error(f"{flag} {value}: more than {THREADS_LIMIT_FACTOR}x the {cores} usable cores")
+    print(f"{p.prog.split('.')[-1]}: warning: {flag} {value} is more than the {cores} usable cores; "
+          "runs will be slower, not faster", file=sys.stderr)
+
+
+def check_classify_arguments(p: ArgumentParser, args: argparse.Namespace, *at_least_one: str) -> None:
+    """Usage errors for the shared flags (and the named integer flags), before any work."""
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        p.error(f"--batch-size {args.batch_size}: must be between 1 and {MAX_BATCH}")
+    for name in ("topk", "max_pixels", "threads", *at_least_one):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_thread_count(p, "--threads", args.threads)
+
+
+def open_backend(args: argparse.Namespace, prog: str) -> Backend:
+    """The backend the arguments ask for, constructed (not yet loaded); `auto` says on stderr what it chose and why."""
+    artifact, model_file = find_model(args.model, args.artifacts)
+    name, precision = args.backend, args.precision
+    if name == "auto":
+        choice = choose(artifact, precision, args.batch_size, args.threads, model_file)
+        print(f"{prog}: backend: {choice.describe()}", file=sys.stderr)
+        name, precision = choice.backend, (None if model_file else choice.precision)
+    reason = backend_kind(name).unavailable_reason()
+    if reason:
+        raise BackendUnavailable(f"backend {name!r} is unavailable here: {reason}")
+    return create(name, artifact, precision=precision, max_batch=args.batch_size, threads=args.threads,
+                  model_file=model_file)
+
+
+def open_predictor(args: argparse.Namespace, prog: str) -> Predictor:
+    """`open_backend` and the top-k records of `--topk` over it (checked against the model's classes)."""
+    return Predictor(open_backend(args, prog), args.topk)
