@@ -69,7 +69,7 @@ def reference(artifact: Path, files: list[Path], topk: int = 3) -> dict[str, tup
     preds: list[Prediction] = []
     with create("ort-cpu", artifact, max_batch=8) as backend:
         classify(files, Predictor(backend, topk), ClassifyOptions(batch_size=8, topk=topk), preds.append)
-    return {os.path.abspath(p.path): ([i for i, _, _ in p.top or []], [q for _, _, q in p.top or []]) for p in preds}
+    return {os.path.abspath(p.source): ([i for i, _, _ in p.top or []], [q for _, _, q in p.top or []]) for p in preds}
 
 
 def run_job(inp: str | Path, out: Path, artifact: Path, **opts: Any) -> Any:
