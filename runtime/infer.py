@@ -27,7 +27,7 @@ from typing import IO
 
 from runtime.artifact import SYNTHETIC_WARNING
 from runtime.backends import Backend
-from runtime.classify import ClassifyOptions, Summary, classify, default_workers
+from runtime.classify import ClassifyOptions, Summary, classify, default_workers, print_summary
 from runtime.cli import add_classify_arguments, check_classify_arguments, check_thread_count, open_predictor
 from runtime.console import progress_bar
 from runtime.errors import ArgumentParser, Interrupted, UsageError, leave, run_cli, signals_deferred
@@ -204,18 +204,6 @@ def describe_change(before: str, now: str) -> str:
         if old.get(key) != new[key]:
             return f"with --{key} {old.get(key)}; this run asks for --{key} {new[key]}"
     return "by another version of the model file (its size or time changed)"
-
-
-def print_summary(s: Summary) -> None:
-    resumed = f" ({s.resumed} from the earlier run)" if s.resumed else ""
-    print(f"{s.images} images, {s.predicted} predicted{resumed}, {len(s.failed)} failed, {s.images_per_s:.1f} images/s, "
-          f"backend {s.backend} ({s.precision}), model {s.model}", file=sys.stderr)
-    if s.synthetic:
-        print(SYNTHETIC_WARNING, file=sys.stderr)
-    if s.failed:
-        print("failed files:", file=sys.stderr)
-        for pred in s.failed:
-            print(f"  {pred.error}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

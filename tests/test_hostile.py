@@ -206,7 +206,7 @@ def test_a_signal_mid_record_keeps_whole_records_that_resume_completes(tiny_arti
     assert resumed.returncode == 1, resumed.stderr
     assert "resuming: 7 files done earlier, 18 to go" in resumed.stderr
     assert f"infer: error: {images / '0-broken.jpg'}" not in resumed.stderr  # not decoded again
-    assert "25 images, 24 predicted (6 from the earlier run), 1 failed" in resumed.stderr
+    assert "25 images, 24 predicted (6 from earlier runs), 1 failed" in resumed.stderr
     assert not partial.exists() and not Path(f"{partial}.lock").exists()
     if fmt == "json":
         got, want = json.loads(out.read_text()), json.loads(reference.read_text())
