@@ -236,6 +236,18 @@ def test_resume_refuses_another_format_topk_or_model(tiny_artifact: Path, tmp_pa
     assert proc.returncode == 0 and len(list(csv.DictReader(io.StringIO(out.read_text())))) == 8, proc.stderr
 
 
+def test_a_second_run_on_the_same_output_is_refused_before_work(tiny_artifact: Path, tmp_path: Path) -> None:
+    from runtime.paths import output_lock
+
+    images = photos(tmp_path / "images", 2)
+    out = tmp_path / "out.csv"
+    with output_lock(Path(f"{out}.partial.lock"), str(out)):  # as a first run holds it while it writes
+        proc = cli("runtime.infer", str(images), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--output", str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert f"{out}: another run (pid {os.getpid()}) is writing it" in assert_one_line(proc.stderr, "infer: error: ")
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
 def stalling_file(path: Path, size: int = 2 * 2**30) -> Path:
     """A sparse file behind a JPEG header: Pillow scans it for markers a byte at a time (minutes for 2 GiB)."""
     with path.open("wb") as f:
@@ -281,16 +293,19 @@ def test_sigterm_closes_json_on_stdout(tiny_artifact: Path, tmp_path: Path) -> N
     stalling_file(images / "stall.jpg")
     proc = subprocess.Popen([PY, "-m", "runtime.infer", str(images), "--model", str(tiny_artifact), "--backend", "ort-cpu",
                              "--format", "json", "--batch-size", "1", "--workers", "1", "--no-progress",
-                             "--max-file-bytes", str(4 * 2**30)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                             "--max-file-bytes", str(4 * 2**30)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
-    head = [proc.stdout.readline(), proc.stdout.readline()]  # the document's opening and the first record
-    assert head[1].startswith('{"path": '), head
+    head = b""
+    while head.count(b"\n") < 2:  # the document's opening and the first record (raw reads: nothing buffered here)
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        assert chunk, proc.communicate()
+        head += chunk
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
-    doc = json.loads("".join(head) + out)  # closed into valid JSON
-    assert doc["summary"]["interrupted"] is True and len(doc["predictions"]) == doc["summary"]["images"] in (1, 2)
+    doc = json.loads(head + out)  # closed into valid JSON
+    assert doc["summary"]["interrupted"] is True and len(doc["predictions"]) == doc["summary"]["images"]
+    assert doc["summary"]["images"] in (1, 2)
 
 
 # --- inputs that must not get past the guards -----------------------------------------------------
