@@ -28,7 +28,7 @@ CLIS = {
     "export.engines": "export.engines",
     "calibration": "calibration.__main__",
     "runtime.infer": "runtime.infer",
-    "runtime.distributed": "runtime.distributed",
+    "runtime.distributed": "runtime.distributed.cli",
     "benchmarks": "benchmarks.__main__",
     "benchmarks.gpu_check": "benchmarks.gpu_check",
     "benchmarks.pipeline_throughput": "benchmarks.pipeline_throughput",
