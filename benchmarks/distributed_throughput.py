@@ -119,7 +119,7 @@ def measure_distributed(
                     on_rows=lambda rows: arrivals.append((time.perf_counter(), rows.num_rows)))
                 total_s = time.perf_counter() - t
                 if summary.predicted != n or len(arrivals) < 2:
-                    raise UsageError(f"{images}: {summary.failed} images failed, or too few to time; use more")
+                    raise UsageError(f"{images}: {summary.failures} images failed, or too few to time; use more")
                 rate = (n - arrivals[0][1]) / (arrivals[-1][0] - arrivals[0][0])
                 runs.append({"rate": rate, "total_s": total_s, "first_rows_s": arrivals[0][0] - t})
                 return n * 1000.0 / rate

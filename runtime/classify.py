@@ -8,6 +8,7 @@ file that cannot be read becomes a `Prediction` with an `error` instead of stopp
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.artifact import SYNTHETIC_WARNING
 from runtime.cpuinfo import usable_cores
 from runtime.predictor import Prediction, Predictor, decode_file, display_path
 from runtime.preprocess import DEFAULT_MAX_PIXELS, Preprocessing
@@ -49,10 +51,17 @@ class Summary:
     seconds: float = 0.0
     resumed: int = 0  # predictions carried over from an interrupted run (--resume), not recomputed
     interrupted: bool = False
+    more_failed: int = 0  # failures counted but not kept in `failed` (a Ray job keeps the first few; its output has all)
+    workers: int | None = None  # inference actors of a Ray job
+    first_row_s: float | None = None  # a Ray job's start-up: actors started, model loaded, first block classified
+
+    @property
+    def failures(self) -> int:
+        return len(self.failed) + self.more_failed
 
     @property
     def predicted(self) -> int:
-        return self.images - len(self.failed)
+        return self.images - self.failures
 
     @property
     def images_per_s(self) -> float:
@@ -77,6 +86,23 @@ class Summary:
             "resumed": self.resumed,
             "interrupted": self.interrupted,
         }
+
+
+def print_summary(s: Summary) -> None:
+    """The one summary every runner prints on stderr: counts, rate, what ran, then each failed file."""
+    resumed = f" ({s.resumed} from earlier runs)" if s.resumed else ""
+    workers = f" x {s.workers} workers" if s.workers else ""
+    first = f", first row after {s.first_row_s:.1f} s" if s.first_row_s is not None else ""
+    print(f"{s.images} images, {s.predicted} predicted{resumed}, {s.failures} failed, {s.images_per_s:.1f} images/s, "
+          f"backend {s.backend} ({s.precision}){workers}{first}, model {s.model}", file=sys.stderr)
+    if s.synthetic:
+        print(SYNTHETIC_WARNING, file=sys.stderr)
+    if s.failures:
+        print("failed files:", file=sys.stderr)
+        for pred in s.failed:
+            print(f"  {pred.error}", file=sys.stderr)
+        if s.more_failed:
+            print(f"  ... and {s.more_failed} more (the output's `error` column has them all)", file=sys.stderr)
 
 
 def decoded(

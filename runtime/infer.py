@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from runtime.artifact import SYNTHETIC_WARNING
-from runtime.classify import ClassifyOptions, Summary, default_workers, iter_predictions
+from runtime.classify import ClassifyOptions, Summary, default_workers, iter_predictions, print_summary
 from runtime.cli import add_classify_arguments, check_classify_arguments, check_thread_count, open_predictor
 from runtime.console import progress_bar
 from runtime.errors import ArgumentParser, Interrupted, UsageError, run_cli, signals_deferred
@@ -140,18 +140,6 @@ def run(args: argparse.Namespace) -> int:
                 os.replace(partial_path(args.output), args.output)
     print_summary(summary)
     return 1 if summary.failed else 0
-
-
-def print_summary(s: Summary) -> None:
-    resumed = f" ({s.resumed} from the earlier run)" if s.resumed else ""
-    print(f"{s.images} images, {s.predicted} predicted{resumed}, {len(s.failed)} failed, {s.images_per_s:.1f} images/s, "
-          f"backend {s.backend} ({s.precision}), model {s.model}", file=sys.stderr)
-    if s.synthetic:
-        print(SYNTHETIC_WARNING, file=sys.stderr)
-    if s.failed:
-        print("failed files:", file=sys.stderr)
-        for pred in s.failed:
-            print(f"  {pred.error}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -205,14 +205,14 @@ def test_resume_skips_what_the_output_holds(ray_session: Any, tiny_artifact: Pat
     first = tmp_path / "first.txt"
     first.write_text("".join(f"{f}\n" for f in files[:10]))
     out = tmp_path / "out"
-    assert run_job(first, out, tiny_artifact, fmt="jsonl").new == 10
+    assert run_job(first, out, tiny_artifact, fmt="jsonl").images == 10
     again = run_job(photos, out, tiny_artifact, fmt="jsonl")
-    assert (again.resumed, again.new, again.images) == (10, len(files) - 10, len(files))
+    assert (again.resumed, again.images) == (10, len(files))
     table = rows(out)
     assert len(table) == table["path"].nunique() == len(files)
     assert_same_answers(table, reference(tiny_artifact, files))
     done = run_job(photos, out, tiny_artifact, fmt="jsonl")
-    assert (done.resumed, done.new, done.images) == (len(files), 0, len(files))
+    assert (done.resumed, done.images) == (len(files), len(files))
 
 
 def test_an_interrupted_run_keeps_whole_parts_and_resumes_to_the_same_rows(
@@ -280,7 +280,7 @@ def test_uris_are_read_through_pyarrow_with_the_same_answers(ray_session: Any, t
     uris = [f"file://{f}" for f in files] + [f"file://{photos}/missing.jpg"]
     pq.write_table(pa.table({"path": uris}), tmp_path / "uris.parquet")
     summary = run_job(tmp_path / "uris.parquet", tmp_path / "out", tiny_artifact)
-    assert (summary.images, summary.failed) == (17, 1)
+    assert (summary.images, summary.failures) == (17, 1)
     table = rows(tmp_path / "out")
     missing = f"file://{photos}/missing.jpg"
     assert table.set_index("path")["error"][missing] == f"{missing}: no such file"

@@ -1,0 +1,82 @@
+"""`python -m runtime.distributed`: the command line over `Job` (arguments, Ray start-up, the summary)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import runtime.distributed as package
+from runtime.artifact import SYNTHETIC_WARNING
+from runtime.classify import print_summary
+from runtime.cli import add_classify_arguments, check_classify_arguments
+from runtime.distributed.job import Job, JobOptions, connect, import_ray
+from runtime.distributed.writer import FORMATS
+from runtime.errors import ArgumentParser, run_cli, signals_raise_interrupted
+
+
+def build_parser() -> ArgumentParser:
+    title, _, usage = (package.__doc__ or "").partition("\n")
+    p = ArgumentParser(prog="python -m runtime.distributed", description=title, epilog=usage,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="a folder (recursive), a glob, or a .parquet / text list of paths or URIs")
+    p.add_argument("--output", required=True,
+                   help="folder (local or URI) for the part files; a re-run with the same one resumes")
+    p.add_argument("--format", choices=FORMATS, default="parquet", help="part files: parquet (default) or jsonl")
+    add_classify_arguments(p, "; the same path must exist on every node")
+    p.add_argument("--address", help="join this Ray cluster (auto, ray://head:10001, head:6379); default: a local Ray")
+    p.add_argument("--num-workers", type=int, help="inference actors (default: one per GPU share, or one per node)")
+    p.add_argument("--num-gpus-per-worker", type=float, default=1.0,
+                   help="GPUs per actor of a GPU backend (0.5: two per GPU)")
+    p.add_argument("--num-cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves per actor (default 1)")
+    p.add_argument("--rows-per-file", type=int, default=10_000, help="rows per part file (default 10,000)")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_classify_arguments(p, args, "num_workers", "rows_per_file")
+    for name in ("num_gpus_per_worker", "num_cpus_per_worker"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be more than 0")
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = JobOptions(backend=args.backend, precision=args.precision, batch_size=args.batch_size, topk=args.topk,
+                      threads=args.threads, num_workers=args.num_workers, num_gpus_per_worker=args.num_gpus_per_worker,
+                      num_cpus_per_worker=args.num_cpus_per_worker, fmt=args.format, rows_per_file=args.rows_per_file,
+                      max_pixels=args.max_pixels, draft=args.draft, progress=args.progress)
+    ray = import_ray()
+    job = Job(args.input, args.output, args.model, opts, args.artifacts)  # inputs and output checked before Ray starts
+    if job.inputs.duplicates:
+        print(f"distributed: note: {job.inputs.duplicates} inputs listed more than once; each is classified once",
+              file=sys.stderr)
+    if job.done_rows:
+        print(f"distributed: resuming: {job.done_rows} inputs done earlier, {len(job.todo)} to go", file=sys.stderr)
+    t0 = time.perf_counter()
+    started = connect(args.address)
+    try:
+        res = ray.cluster_resources()
+        where = "started a local Ray" if started else f"joined the Ray cluster at {args.address or 'this process'}"
+        print(f"distributed: {where} ({res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs) in "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        with signals_raise_interrupted():  # ray.init replaced the SIGTERM handler run_cli set
+            plan = job.plan()[0]
+            if plan.choice:
+                print(f"backend: {plan.choice}", file=sys.stderr)
+            if plan.synthetic:
+                print(SYNTHETIC_WARNING, file=sys.stderr)
+            summary = job.run(show_errors=True)
+    finally:
+        if started:
+            ray.shutdown()
+    print_summary(summary)
+    return 1 if summary.failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli("distributed", lambda: run(args))
+
