@@ -26,6 +26,7 @@ MAKEFILE = (ROOT / "Makefile").read_text()
 CLIS = {
     "export": "export.__main__",
     "export.engines": "export.engines",
+    "export.triton": "export.triton",
     "calibration": "calibration.__main__",
     "runtime.infer": "runtime.infer",
     "runtime.distributed": "runtime.distributed.cli",
