@@ -311,14 +311,21 @@ def test_real_truncated_engine_is_refused(built: Path) -> None:
             pass
 
 
-def test_gpu_check_table() -> None:
+def test_gpu_check_table_reads_back_row_by_row() -> None:
+    """Each step is one row whose columns line up whatever the name lengths, so the table can be read back."""
     from benchmarks.gpu_check import Step, format_table
 
-    table = format_table([Step("export", "PASS", 31.2, "synthetic weights -> x"),
-                          Step("infer trt fp16 vs ORT fp32", "FAIL", 2.0, "top-1 agreement 97.00% < 99.5%"),
-                          Step("engines", "SKIP", 0.0, "TensorRT is not installed")])
-    lines = table.splitlines()
-    assert len(lines) == 5 and "PASS" in lines[2] and "31.2s" in lines[2] and "FAIL" in lines[3] and "SKIP" in lines[4]
+    steps = [Step("export", "PASS", 31.2, "synthetic weights -> x"),
+             Step("infer trt fp16 vs ORT fp32", "FAIL", 2.0, "top-1 agreement 97.00% < 99.5%"),
+             Step("engines", "SKIP", 0.0, "TensorRT is not installed")]
+    lines = format_table(steps).splitlines()
+    body = lines[-len(steps):]
+    columns = {line.index(f"  {step.status}  ") + 2 for line, step in zip(body, steps)}
+    assert len(columns) == 1 and lines[0].index("result") in columns, "the result column moves from row to row"
+    col = columns.pop()
+    for line, step in zip(body, steps):
+        status, seconds, detail = line[col:].split(maxsplit=2)
+        assert (line[:col].rstrip(), status, float(seconds.rstrip("s")), detail) == (step.name, step.status, step.seconds, step.detail)
 
 
 def test_polygraphy_cross_check_commands(artifact: Path, tmp_path: Path) -> None:
@@ -342,5 +349,8 @@ def test_gpu_check_without_a_gpu_skips_every_step_and_says_why(capsys: pytest.Ca
         pytest.skip("some GPU route can run here")
     assert main(["--out", "/nonexistent/never-written"]) == 6
     out, err = capsys.readouterr()
-    assert out.count("SKIP") == 8 and err.count("\n") == 1 and err.startswith("gpu_check: error: no GPU step")
+    rows = out.splitlines()[2:]
+    assert rows and all(row.split(" SKIP ", 1)[1].split(maxsplit=1)[1:] for row in rows), out  # each SKIP says why
+    assert err.count("\n") == 1 and err.startswith("gpu_check: error: no GPU step")
+    assert all(reason in err for reason in gpu_missing().values())  # each missing piece is named
     assert not Path("/nonexistent/never-written").exists()
