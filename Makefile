@@ -12,7 +12,7 @@ VERIFY := $(if $(VERIFY_IMAGES),--verify-images $(VERIFY_IMAGES),)
 # Every dependency but torch comes from the lock; torch is pinned exactly in pyproject.toml and
 # installed first, so nothing can pull a multi-GB CUDA build onto a CPU machine.
 LOCK := requirements.lock
-EXTRAS := cpu,distributed,dev
+EXTRAS := cpu,distributed,serve,dev
 PIP_VERSION := 26.3
 PIP_TOOLS := pip-tools==7.6.2
 TENSORRT_STUBS := tensorrt-stubs==10.13.0.35.1
@@ -20,7 +20,7 @@ COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --s
 	--unsafe-package torch $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) pyproject.toml
 comma := ,
 
-.PHONY: install lock check-lock test export bench install-gpu engines gpu-check calibrate
+.PHONY: install lock check-lock test export bench install-gpu engines gpu-check calibrate serve
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -88,3 +88,8 @@ CALIB_DIR ?=
 calibrate:
 	@test -n "$(CALIB_DIR)" || { echo "make calibrate: set CALIB_DIR=<folder of photos> (ImageNet train/val or any photos)" >&2; exit 2; }
 	$(PY) -m calibration --model $(ARTIFACT) --calib-dir $(CALIB_DIR) $(CALIB_ARGS)
+
+# An Open Inference Protocol endpoint (Triton's HTTP API) on 127.0.0.1:8000: make serve SERVE_ARGS="--port 9000 --max-batch-size 16"
+SERVE_ARGS ?=
+serve:
+	$(PY) -m runtime.serve --model $(ARTIFACT) $(SERVE_ARGS)

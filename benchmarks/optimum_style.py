@@ -4,21 +4,23 @@ Optimum exports with torch's legacy (TorchScript) exporter and then runs
 `onnxruntime.transformers.optimizer.optimize_model(model_type="vit")` (with `use_gpu=True` and an
 fp16 conversion for the CUDA provider). The benchmark puts that model beside ours to show that our
 graphs are at least as fast. These are ONNX Runtime configurations (runtime/backends/onnxruntime.py)
-whose model is built from the checkpoint the artifact names into a temporary folder when the
-backend is activated, not read from the artifact.
+run on a `ModelSource` that builds the model from the checkpoint the artifact names into a
+temporary folder when the backend is activated, instead of reading an artifact file.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import tempfile
 import warnings
 from contextlib import redirect_stdout
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.artifact import ArtifactMeta
+from runtime.artifact import MODEL_FILES, ArtifactMeta
+from runtime.backends.base import ModelSource
 from runtime.backends.onnxruntime import CPU_EP, CUDA_EP, OrtConfig, OrtKind
 
 LEGACY_OPSET = 17  # the first opset with LayerNormalization; Optimum's ViT default is lower, never higher
@@ -66,11 +68,43 @@ def build_optimum_style(meta: ArtifactMeta, precision: str, out_dir: Path, use_g
     return optimized, info
 
 
-ORT_CPU_OPTIMUM_STYLE = OrtKind(OrtConfig(
+@dataclass
+class OptimumStyleSource(ModelSource):
+    """The artifact's checkpoint, exported and optimized the Optimum way when the backend activates."""
+
+    use_gpu: bool = False
+    workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    def load(self) -> Path:
+        self.workdir = tempfile.TemporaryDirectory(prefix="deit-optimum-style-")
+        self.file, self.info = build_optimum_style(self.meta, self.precision, Path(self.workdir.name), self.use_gpu)
+        return self.file
+
+    def release(self) -> None:
+        if self.workdir is not None:
+            self.workdir.cleanup()
+            self.workdir = None
+
+
+class OptimumStyleKind(OrtKind):
+    """An ONNX Runtime configuration whose model is built from the checkpoint, not read from the artifact."""
+
+    def __init__(self, config: OrtConfig, use_gpu: bool) -> None:
+        super().__init__(config)
+        self.use_gpu = use_gpu
+
+    def model_file_for(self, artifact_dir: Path, precision: str) -> Path:
+        return Path(artifact_dir) / MODEL_FILES["fp32"]  # its metadata names the checkpoint
+
+    def source(self, artifact_dir: str | Path, precision: str | None = None, model_file: Path | None = None) -> ModelSource:
+        base = super().source(artifact_dir, precision, model_file)
+        return OptimumStyleSource(base.artifact_dir, base.file, base.precision, base.meta, use_gpu=self.use_gpu)
+
+
+ORT_CPU_OPTIMUM_STYLE = OptimumStyleKind(OrtConfig(
     name="ort-cpu-optimum-style", device="cpu", providers=(CPU_EP,), default_precision="fp32", files={"fp32": ()},
-    build=partial(build_optimum_style, use_gpu=False),
-))
-ORT_CUDA_OPTIMUM_STYLE = OrtKind(OrtConfig(
+), use_gpu=False)
+ORT_CUDA_OPTIMUM_STYLE = OptimumStyleKind(OrtConfig(
     name="ort-cuda-optimum-style", device="cuda", providers=(CUDA_EP, CPU_EP), default_precision="fp16",
-    files={"fp16": (), "fp32": ()}, io_binding=True, cuda_graphs=True, build=partial(build_optimum_style, use_gpu=True),
-))
+    files={"fp16": (), "fp32": ()}, io_binding=True, cuda_graphs=True,
+), use_gpu=True)

@@ -11,29 +11,32 @@ from runtime.backends import BACKENDS, MAX_BATCH, PRECISIONS, Backend, BackendUn
 from runtime.cpuinfo import usable_cores
 from runtime.errors import ArgumentParser
 from runtime.predictor import Predictor
-from runtime.preprocess import DEFAULT_MAX_PIXELS
+from runtime.preprocess import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 
 # More threads than cores only adds switching; this many times more is a typo (100000 threads took 16 GB).
 THREADS_LIMIT_FACTOR = 4
 
 
-def add_model_arguments(p: ArgumentParser, where: str = "") -> None:
-    """Which model runs where: --model --artifacts --backend --precision --batch-size --threads."""
+def add_model_arguments(p: ArgumentParser, where: str = "", batch_flag: str = "--batch-size") -> None:
+    """Which model runs where: --model --artifacts --backend --precision --batch-size (or the server's
+    --max-batch-size, its Triton name) --threads."""
     p.add_argument("--model", help=f"artifact folder, or one model file in it (default: the newest under --artifacts){where}")
     p.add_argument("--artifacts", default="artifacts", help="where to look for the newest artifact")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
                    help="auto: TensorRT > ORT CUDA on a GPU; on a CPU the fastest measured there")
     p.add_argument("--precision", choices=PRECISIONS, help="model precision (default: the backend's own)")
-    p.add_argument("--batch-size", type=int, default=8, help=f"images per batch, 1-{MAX_BATCH} (default 8)")
+    p.add_argument(batch_flag, dest="batch_size", type=int, default=8, help=f"images per batch, 1-{MAX_BATCH} (default 8)")
     p.add_argument("--threads", type=int, help="inference threads of CPU backends (default: one per core)")
 
 
-def add_classify_arguments(p: ArgumentParser, where: str = "") -> None:
+def add_classify_arguments(p: ArgumentParser, where: str = "", batch_flag: str = "--batch-size") -> None:
     """The model arguments plus what a classification record holds and how images are decoded."""
-    add_model_arguments(p, where)
+    add_model_arguments(p, where, batch_flag)
     p.add_argument("--topk", type=int, default=5, help="classes per image (at most the model's class count)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images with more pixels than this, from their header (default {DEFAULT_MAX_PIXELS:,})")
+    p.add_argument("--max-file-bytes", type=int, default=DEFAULT_MAX_FILE_BYTES,
+                   help=f"refuse files larger than this before opening them (default {DEFAULT_MAX_FILE_BYTES:,})")
     p.add_argument("--draft", action="store_true",
                    help="decode big JPEGs at reduced scale: faster, pixels not identical to the image processor")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
@@ -53,8 +56,9 @@ def check_thread_count(p: ArgumentParser, flag: str, value: int | None) -> None:
 def check_classify_arguments(p: ArgumentParser, args: argparse.Namespace, *at_least_one: str) -> None:
     """Usage errors for the shared flags (and the named integer flags), before any work."""
     if not 1 <= args.batch_size <= MAX_BATCH:
-        p.error(f"--batch-size {args.batch_size}: must be between 1 and {MAX_BATCH}")
-    for name in ("topk", "max_pixels", "threads", *at_least_one):
+        flag = next(a.option_strings[0] for a in p._actions if a.dest == "batch_size")
+        p.error(f"{flag} {args.batch_size}: must be between 1 and {MAX_BATCH}")
+    for name in ("topk", "max_pixels", "max_file_bytes", "threads", *at_least_one):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

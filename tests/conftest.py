@@ -73,6 +73,30 @@ def tiny_artifact(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactor
     return out / "tiny-deit"
 
 
+@pytest.fixture(scope="session")
+def tiny_int8_artifact(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of `tiny_artifact` with a Q/DQ `model.int8.onnx` placed the way `python -m calibration` places it
+    (plan_qdq, per-channel weights, per-tensor activations from max calibration on random batches)."""
+    import shutil
+
+    import onnx
+
+    from calibration.quantize import amax_table, collect_stats, insert_qdq, plan_qdq
+    from runtime.artifact import MODEL_FILES, read_onnx_meta, set_onnx_meta
+
+    folder = tmp_path_factory.mktemp("int8") / tiny_artifact.name
+    shutil.copytree(tiny_artifact, folder)
+    model = onnx.load(str(folder / MODEL_FILES["fp32"]))
+    plan = plan_qdq(model)
+    h, w = read_onnx_meta(folder / MODEL_FILES["fp32"]).preprocessing.input_size
+    batches = [np.random.default_rng(seed).standard_normal((16, 3, h, w)).astype(np.float32) for seed in range(100, 104)]
+    amax = amax_table(collect_stats(model, plan.activations, batches, progress=False), "max")
+    quantized = insert_qdq(model, plan, amax)
+    set_onnx_meta(quantized, read_onnx_meta(folder / MODEL_FILES["fp32"]).copy(precision="int8"))
+    onnx.save(quantized, str(folder / MODEL_FILES["int8"]))
+    return folder
+
+
 def pattern(kind: int, rng: np.random.Generator, size: int = 40) -> np.ndarray:
     """A bright blob in quadrant `kind` over a dark striped background, random colours and noise."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)

@@ -16,6 +16,7 @@ from benchmarks.harness import BenchSpec, Settings, default_labels, resolve, run
 from benchmarks.optimum_style import ORT_CPU_OPTIMUM_STYLE
 from benchmarks.report import markdown, write_report
 from conftest import SAMPLE_DIR, needs_sample
+from runtime.backends import ModelSource
 from runtime.backends.onnxruntime import ORT_CPU, OrtBackend, OrtKind
 from runtime.timing import CONTENDED, Timing, measure
 
@@ -39,12 +40,12 @@ QUICK = Settings(batch_sizes=(1, 2), warmup=1, min_iters=3, min_time_s=0.0, retr
 class ScriptedKind(OrtKind):
     """ort-cpu with a twist in `run`, to stand in for a wrong, failing or GPU-timed backend."""
 
-    def __init__(self, name: str, backend: type[OrtBackend]) -> None:
+    def __init__(self, name: str, backend_class: type[OrtBackend]) -> None:
         super().__init__(replace(ORT_CPU.config, name=name))
-        self.backend = backend
+        self.backend_class = backend_class
 
-    def __call__(self, artifact_dir: str | Path, **kwargs: Any) -> OrtBackend:  # type: ignore[override]
-        return self.backend(self.config, artifact_dir, kind=self, **kwargs)
+    def backend(self, source: ModelSource, *, max_batch: int = 8, threads: int | None = None) -> OrtBackend:
+        return self.backend_class(source, self, max_batch=max_batch, threads=threads)
 
 
 class Reversed(OrtBackend):
@@ -187,7 +188,7 @@ def test_optimum_style_backend_honours_threads(tiny_artifact: Path) -> None:
     """Regression: the Optimum-style row used to ignore --threads."""
     with ORT_CPU_OPTIMUM_STYLE(tiny_artifact, threads=1) as backend:
         assert backend.session.get_session_options().intra_op_num_threads == 1
-        assert backend.info["fused_ops"]  # ORT's optimizer fused something (SkipLayerNormalization at least)
+        assert backend.source.info["fused_ops"]  # ORT's optimizer fused something (SkipLayerNormalization at least)
 
 
 @needs_sample()

@@ -22,7 +22,8 @@ from runtime.backends import BackendUnavailable, cudart
 from runtime.backends.onnxruntime import ORT_TRT
 from runtime.backends.trt import (
     EngineError,
-    TensorRTBackend,
+    TRT,
+    TensorRTKind,
     check_engine,
     engine_path,
     read_sidecar,
@@ -146,27 +147,27 @@ def test_missing_engine_file(artifact: Path) -> None:
 
 def test_trt_backend_reads_meta_from_the_sidecar(artifact: Path) -> None:
     plan = fake_engine(artifact)
-    backend = TensorRTBackend(artifact, precision="fp16")
+    backend = TRT(artifact, precision="fp16")
     assert backend.model_file == plan
     assert backend.meta == read_onnx_meta(model_path(artifact, "fp16"))
     assert backend.input.shape == ("batch", 3, 32, 32)
-    assert TensorRTBackend.missing_files(artifact) is None
-    assert "model.int8.plan not found" in (TensorRTBackend.missing_files(artifact, "int8") or "")
+    assert TRT.missing_files(artifact) is None
+    assert "model.int8.plan not found" in (TRT.missing_files(artifact, "int8") or "")
 
 
 def test_trt_backend_without_sidecar_fails_at_construction(artifact: Path) -> None:
     sidecar_path(fake_engine(artifact)).unlink()
-    assert "model.fp16.plan.json not found" in (TensorRTBackend.missing_files(artifact) or "")
+    assert "model.fp16.plan.json not found" in (TRT.missing_files(artifact) or "")
     with pytest.raises(ArtifactError, match="sidecar is missing"):
-        TensorRTBackend(artifact)
+        TRT(artifact)
 
 
 @pytest.mark.skipif(GPU_REASON is None, reason="this machine has TensorRT and a GPU")
 def test_feature_detection_without_gpu(artifact: Path) -> None:
-    assert TensorRTBackend.unavailable_reason() == GPU_REASON
+    assert TRT.unavailable_reason() == GPU_REASON
     fake_engine(artifact)
     with pytest.raises(BackendUnavailable, match="backend 'trt' is unavailable") as err:
-        with TensorRTBackend(artifact):
+        with TRT(artifact):
             pass
     assert "make install-gpu" in str(err.value) or "GPU" in str(err.value)
     choice = choose(artifact, batch_size=2)
@@ -176,12 +177,12 @@ def test_feature_detection_without_gpu(artifact: Path) -> None:
 def test_a_named_engine_file_means_that_file(artifact: Path) -> None:
     """--model .../model.int8.plan runs that engine; an ONNX file given to trt is refused, not swapped."""
     fake_engine(artifact, precision="fp16")
-    backend = TensorRTBackend(artifact, model_file=engine_path(artifact, "fp16"))
+    backend = TRT(artifact, model_file=engine_path(artifact, "fp16"))
     assert backend.precision == "fp16" and backend.model_file == engine_path(artifact, "fp16")
     with pytest.raises(UsageError, match="is a fp16 engine, not int8"):
-        TensorRTBackend(artifact, precision="int8", model_file=engine_path(artifact, "fp16"))
+        TRT(artifact, precision="int8", model_file=engine_path(artifact, "fp16"))
     with pytest.raises(UsageError, match="runs TensorRT engines"):
-        TensorRTBackend(artifact, model_file=artifact / "model.fp16.onnx")
+        TRT(artifact, model_file=artifact / "model.fp16.onnx")
 
 
 def test_tensorrt_stubs_are_not_mistaken_for_tensorrt() -> None:
@@ -291,7 +292,7 @@ def test_engine_matches_onnx_runtime(built: Path) -> None:
     with ORT_CPU(built, precision="fp32") as ref:
         expected = ref.infer(x)
     for graphs in (True, False):
-        with TensorRTBackend(built, cuda_graphs=graphs) as trt_backend:
+        with TensorRTKind(cuda_graphs=graphs)(built) as trt_backend:
             assert trt_backend.max_batch == 4
             got = trt_backend.infer(x)
             got_again = trt_backend.infer(x[:3])
@@ -306,18 +307,25 @@ def test_real_truncated_engine_is_refused(built: Path) -> None:
     plan = engine_path(built, "fp16")
     plan.write_bytes(plan.read_bytes()[:1000])
     with pytest.raises(EngineError, match="truncated"):
-        with TensorRTBackend(built):
+        with TRT(built):
             pass
 
 
-def test_gpu_check_table() -> None:
+def test_gpu_check_table_reads_back_row_by_row() -> None:
+    """Each step is one row whose columns line up whatever the name lengths, so the table can be read back."""
     from benchmarks.gpu_check import Step, format_table
 
-    table = format_table([Step("export", "PASS", 31.2, "synthetic weights -> x"),
-                          Step("infer trt fp16 vs ORT fp32", "FAIL", 2.0, "top-1 agreement 97.00% < 99.5%"),
-                          Step("engines", "SKIP", 0.0, "TensorRT is not installed")])
-    lines = table.splitlines()
-    assert len(lines) == 5 and "PASS" in lines[2] and "31.2s" in lines[2] and "FAIL" in lines[3] and "SKIP" in lines[4]
+    steps = [Step("export", "PASS", 31.2, "synthetic weights -> x"),
+             Step("infer trt fp16 vs ORT fp32", "FAIL", 2.0, "top-1 agreement 97.00% < 99.5%"),
+             Step("engines", "SKIP", 0.0, "TensorRT is not installed")]
+    lines = format_table(steps).splitlines()
+    body = lines[-len(steps):]
+    columns = {line.index(f"  {step.status}  ") + 2 for line, step in zip(body, steps)}
+    assert len(columns) == 1 and lines[0].index("result") in columns, "the result column moves from row to row"
+    col = columns.pop()
+    for line, step in zip(body, steps):
+        status, seconds, detail = line[col:].split(maxsplit=2)
+        assert (line[:col].rstrip(), status, float(seconds.rstrip("s")), detail) == (step.name, step.status, step.seconds, step.detail)
 
 
 def test_polygraphy_cross_check_commands(artifact: Path, tmp_path: Path) -> None:
@@ -341,5 +349,8 @@ def test_gpu_check_without_a_gpu_skips_every_step_and_says_why(capsys: pytest.Ca
         pytest.skip("some GPU route can run here")
     assert main(["--out", "/nonexistent/never-written"]) == 6
     out, err = capsys.readouterr()
-    assert out.count("SKIP") == 8 and err.count("\n") == 1 and err.startswith("gpu_check: error: no GPU step")
+    rows = out.splitlines()[2:]
+    assert rows and all(row.split(" SKIP ", 1)[1].split(maxsplit=1)[1:] for row in rows), out  # each SKIP says why
+    assert err.count("\n") == 1 and err.startswith("gpu_check: error: no GPU step")
+    assert all(reason in err for reason in gpu_missing().values())  # each missing piece is named
     assert not Path("/nonexistent/never-written").exists()

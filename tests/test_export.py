@@ -255,14 +255,17 @@ def test_child_peak_memory_is_that_childs_own(tmp_path: Path) -> None:
     big = run_measured([sys.executable, "-c", "b = b'x' * (400 * 2**20)"])
     small = run_measured([sys.executable, "-c", "pass"])
     assert big[0] == small[0] == 0
-    assert 400 * 1024 < big[2] < 600 * 1024, big  # KiB: 400 MiB touched plus the interpreter
-    assert small[2] < 100 * 1024, small  # measured after the big child: not its peak
+    # KiB. The small child is the baseline (the interpreter alone): the big one is it plus the 400 MiB it touched,
+    # and the small one, measured after it, is not the big one's peak (that would make the difference zero).
+    assert big[2] - small[2] == pytest.approx(400 * 1024, rel=0.1), (big, small)
 
 
 def test_export_time_benchmark_reports_time_and_memory(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from benchmarks.export_time import measure_export
+    from benchmarks.export_time import measure_export, run_measured
 
     result = measure_export(str(tiny_checkpoint), "pretrained", None, tmp_path)
     assert result["wall_s"] > result["steps_s"]["export"] > 0
-    assert 200 < result["peak_rss_mib"] < 4_000  # torch + transformers + onnxruntime loaded, a tiny model
+    # The baseline: a child that only loads the libraries the export uses. A tiny model adds little to them.
+    libraries_kib = run_measured([sys.executable, "-c", "import torch, transformers, onnx, onnxruntime"])[2]
+    assert libraries_kib / 1024 < result["peak_rss_mib"] < 3 * libraries_kib / 1024, (result["peak_rss_mib"], libraries_kib)
     assert result["verification"]["fp32_vs_torch"]["max_abs_diff"] <= 1e-4

@@ -1,7 +1,8 @@
 """openvino-cpu against ONNX Runtime CPU on the tiny DeiT: fp32 equal to 1e-4, bf16 and int8 within their error.
 
-The int8 file is built here the way `python -m calibration` builds `model.int8.onnx` (plan_qdq, max
-calibration on random batches, insert_qdq), so OpenVINO is checked on the project's own Q/DQ placement.
+The int8 file (conftest's `tiny_int8_artifact`) is built the way `python -m calibration` builds
+`model.int8.onnx` (plan_qdq, max calibration on random batches, insert_qdq), so OpenVINO is checked on
+the project's own Q/DQ placement.
 """
 
 from __future__ import annotations
@@ -10,13 +11,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
-from calibration.quantize import amax_table, collect_stats, insert_qdq, plan_qdq
-from export.verify import compare
-from runtime.artifact import MODEL_FILES, read_onnx_meta, set_onnx_meta
+from runtime.artifact import MODEL_FILES, read_onnx_meta
 from runtime.backends import BackendUnavailable, create
+from runtime.compare import compare
 from runtime.errors import UsageError
 
 pytest.importorskip("openvino", reason="openvino is not installed (pip install openvino, or `make install`)")
@@ -34,17 +33,8 @@ def ort_fp32(artifact: Path, x: np.ndarray) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def int8_file(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Q/DQ int8 copy of the tiny model (per-channel weights, per-tensor activations from max calibration)."""
-    model = onnx.load(str(tiny_artifact / MODEL_FILES["fp32"]))
-    plan = plan_qdq(model)
-    batches = [pixels(16, seed) for seed in range(100, 104)]
-    amax = amax_table(collect_stats(model, plan.activations, batches, progress=False), "max")
-    quantized = insert_qdq(model, plan, amax)
-    set_onnx_meta(quantized, read_onnx_meta(tiny_artifact / MODEL_FILES["fp32"]).copy(precision="int8"))
-    path = tmp_path_factory.mktemp("int8") / MODEL_FILES["int8"]
-    onnx.save(quantized, str(path))
-    return path
+def int8_file(tiny_int8_artifact: Path) -> Path:
+    return tiny_int8_artifact / MODEL_FILES["int8"]
 
 
 @pytest.mark.parametrize("batch", [1, 3, 9])

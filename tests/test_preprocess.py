@@ -50,13 +50,55 @@ def test_matches_transformers_image_processor(checkpoint: str) -> None:
     assert worst <= 1e-5, f"{checkpoint}: max abs difference {worst}"
 
 
-def test_spec_round_trips_and_reads_old_style_configs() -> None:
-    spec = Preprocessing.from_hf_config({"size": 224, "resample": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
-    assert spec == PUBLISHED["facebook/deit-tiny-patch16-224"].preprocessing
-    assert Preprocessing.from_dict(spec.to_dict()) == spec
-    new_style = {"size": {"height": 438, "width": 438}, "do_center_crop": True, "crop_size": {"height": 384, "width": 384},
-                 "resample": 3, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
-    assert Preprocessing.from_hf_config(new_style) == PUBLISHED["facebook/deit-base-distilled-patch16-384"].preprocessing
+@pytest.mark.parametrize("checkpoint", sorted(PUBLISHED))
+def test_the_published_table_matches_the_published_recipes(checkpoint: str) -> None:
+    """Each row of the offline table against the recipes the checkpoints were published with, not against itself.
+
+    Distilled checkpoints (converted by transformers' `convert_deit_timm_to_pytorch.py`): resize to
+    int(256 / 224 * input size) bicubic, centre crop to the input size, ImageNet mean/std (transformers'
+    own constants). The others are stored as ViT feature-extractor configs: a square bilinear resize to the
+    input size, no crop, mean/std 0.5. The input size is the one the checkpoint's config states.
+    """
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_STANDARD_MEAN
+
+    from runtime.checkpoints import published_config
+
+    spec, config = PUBLISHED[checkpoint].preprocessing, published_config(checkpoint)
+    size = int(config.image_size)
+    assert spec.input_size == (size, size)
+    if config.model_type == "deit":
+        resize = int(256 / 224 * size)
+        assert (spec.resize_height, spec.resize_width, spec.crop_height, spec.crop_width) == (resize, resize, size, size)
+        assert spec.resample == Image.Resampling.BICUBIC
+        assert spec.mean == pytest.approx(IMAGENET_DEFAULT_MEAN) and spec.std == pytest.approx(IMAGENET_DEFAULT_STD)
+    else:
+        assert (spec.resize_height, spec.resize_width, spec.crop_height) == (size, size, None)
+        assert spec.resample == Image.Resampling.BILINEAR
+        assert spec.mean == pytest.approx(IMAGENET_STANDARD_MEAN) and spec.std == pytest.approx(IMAGENET_STANDARD_MEAN)
+
+
+def test_configs_are_read_in_both_styles_as_transformers_writes_them() -> None:
+    """What `from_hf_config` reads is what transformers' processors write, old (int sizes) and new (dict) style."""
+    from transformers.models.deit.image_processing_pil_deit import DeiTImageProcessorPil
+
+    new_style = DeiTImageProcessorPil(size={"height": 438, "width": 438}, crop_size={"height": 384, "width": 384},
+                                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).to_dict()
+    spec = Preprocessing.from_hf_config(new_style)
+    assert (spec.resize_height, spec.crop_height, spec.resample) == (438, 384, Image.Resampling.BICUBIC)
+    assert spec.mean == (0.485, 0.456, 0.406) and spec.std == (0.229, 0.224, 0.225)
+    old_style = Preprocessing.from_hf_config({"size": 224, "resample": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    assert (old_style.resize_height, old_style.resize_width, old_style.crop_height, old_style.resample) == (224, 224, None, 2)
+    assert Preprocessing.from_dict(spec.to_dict()) == spec and Preprocessing.from_dict(old_style.to_dict()) == old_style
+
+
+def test_a_flat_colour_becomes_its_normalised_value_in_channel_order() -> None:
+    """Independent of any resize or crop, a flat colour is (value / 255 - mean) / std per channel, in RGB order."""
+    spec = PUBLISHED["facebook/deit-small-distilled-patch16-224"].preprocessing
+    rgb = np.array([250, 10, 128])
+    got = preprocess(Image.new("RGB", (300, 200), tuple(int(v) for v in rgb)), spec)
+    want = (rgb / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    assert got.shape == (3, 224, 224) and got.dtype == np.float32
+    np.testing.assert_allclose(got.reshape(3, -1), np.repeat(want[:, None], 224 * 224, axis=1), atol=1e-5)
 
 
 def test_pictures_smaller_than_the_crop_are_zero_padded_like_transformers() -> None:

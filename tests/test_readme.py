@@ -26,9 +26,11 @@ MAKEFILE = (ROOT / "Makefile").read_text()
 CLIS = {
     "export": "export.__main__",
     "export.engines": "export.engines",
+    "export.triton": "export.triton",
     "calibration": "calibration.__main__",
     "runtime.infer": "runtime.infer",
     "runtime.distributed": "runtime.distributed.cli",
+    "runtime.serve": "runtime.serve",
     "benchmarks": "benchmarks.__main__",
     "benchmarks.gpu_check": "benchmarks.gpu_check",
     "benchmarks.pipeline_throughput": "benchmarks.pipeline_throughput",

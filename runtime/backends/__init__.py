@@ -6,13 +6,13 @@ import importlib
 from pathlib import Path
 
 from runtime.errors import UsageError
-from runtime.backends.base import MAX_BATCH, PRECISIONS, Backend, BackendKind, BackendUnavailable, InputSpec
+from runtime.backends.base import MAX_BATCH, PRECISIONS, Backend, BackendKind, BackendUnavailable, InputSpec, ModelSource
 
 __all__ = ["BACKENDS", "GPU_ORDER", "MAX_BATCH", "PRECISIONS", "Backend", "BackendKind", "BackendUnavailable",
-           "InputSpec", "backend_kind", "create"]
+           "InputSpec", "ModelSource", "backend_kind", "create"]
 
 BACKENDS: dict[str, str] = {
-    "trt": "runtime.backends.trt:TensorRTBackend",
+    "trt": "runtime.backends.trt:TRT",
     "ort-trt": "runtime.backends.onnxruntime:ORT_TRT",
     "ort-cuda": "runtime.backends.onnxruntime:ORT_CUDA",
     "ort-cpu": "runtime.backends.onnxruntime:ORT_CPU",
@@ -38,5 +38,5 @@ def backend_kind(name: str) -> BackendKind:
 
 def create(name: str, artifact_dir: str | Path, precision: str | None = None, max_batch: int = 8,
            threads: int | None = None, model_file: Path | None = None) -> Backend:
-    """Construct (not yet activate) a registry backend."""
+    """Construct (not yet activate) a registry backend on what the artifact (or the named file) holds for it."""
     return backend_kind(name)(artifact_dir, precision=precision, max_batch=max_batch, threads=threads, model_file=model_file)

@@ -1,9 +1,9 @@
 """ONNX Runtime, one backend configured per execution provider: ort-cpu, ort-cuda, ort-trt.
 
-Like Polygraphy's runners take a loader, `OrtBackend` takes an `OrtConfig`: which providers, which
-artifact file each precision runs (in order of preference), whether outputs stay on the GPU behind
-IOBinding and whether each batch size is captured into a CUDA graph. The registry entries below are
-configurations, not subclasses, so a setting cannot leak from one provider to another.
+Each registry entry is an `OrtKind` holding an `OrtConfig`: which providers, which artifact file
+each precision runs (in order of preference), whether outputs stay on the GPU behind IOBinding and
+whether each batch size is captured into a CUDA graph. The entries below are configurations, not
+subclasses, so a setting cannot leak from one provider to another.
 
 - ort-cpu runs the standard files, and at int8 prefers `model.int8-cpu.onnx` (ORT's dynamic int8:
   its u8 x s8 kernels are the fast CPU path) over the TensorRT Q/DQ file.
@@ -18,16 +18,15 @@ configurations, not subclasses, so a setting cannot leak from one provider to an
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from runtime.artifact import INT8_CPU_FILE, MODEL_FILES, ORT_FUSED_FILES, ArtifactError, ArtifactMeta, file_sha256
+from runtime.artifact import INT8_CPU_FILE, MODEL_FILES, ORT_FUSED_FILES, ArtifactError, file_sha256
 from runtime.backends import cudart
-from runtime.backends.base import Backend, BackendUnavailable
+from runtime.backends.base import Backend, BackendKind, BackendUnavailable, ModelSource
 from runtime.cpuinfo import usable_cores
 from runtime.errors import first_line
 
@@ -44,12 +43,10 @@ class OrtConfig:
     files: dict[str, tuple[str, ...]]  # precision -> artifact files, preferred first
     io_binding: bool = False  # inputs copied once into GPU buffers, outputs bound on the GPU
     cuda_graphs: bool = False  # one captured CUDA graph per batch size
-    # Benchmark-only models that are not artifact files: (metadata, precision, work folder) -> model file.
-    build: Callable[[ArtifactMeta, str, Path], tuple[Path, dict[str, Any]]] | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-class OrtKind:
+class OrtKind(BackendKind):
     """A registry entry: answers the registry's questions from an OrtConfig and builds OrtBackends."""
 
     def __init__(self, config: OrtConfig) -> None:
@@ -74,43 +71,22 @@ class OrtKind:
                 return Path(artifact_dir) / name
         return Path(artifact_dir) / names[-1]
 
-    def missing_files(self, artifact_dir: Path, precision: str | None = None) -> str | None:
-        precision = precision or self.default_precision
-        if precision not in self.config.files:
-            return f"{self.name} does not run {precision}"
-        if self.config.build is not None:
-            return None if (Path(artifact_dir) / MODEL_FILES["fp32"]).is_file() else f"{artifact_dir}: no model.onnx"
-        path = self.model_file_for(artifact_dir, precision)
-        return None if path.is_file() else f"{path} not found"
-
-    def __call__(self, artifact_dir: str | Path, *, precision: str | None = None, max_batch: int = 8,
-                 threads: int | None = None, model_file: Path | None = None) -> OrtBackend:
-        return OrtBackend(self.config, artifact_dir, precision=precision, max_batch=max_batch, threads=threads,
-                          model_file=model_file, kind=self)
+    def backend(self, source: ModelSource, *, max_batch: int = 8, threads: int | None = None) -> OrtBackend:
+        return OrtBackend(source, self, max_batch=max_batch, threads=threads)
 
 
 class OrtBackend(Backend):
-    def __init__(self, config: OrtConfig, artifact_dir: str | Path, *, kind: OrtKind | None = None,
-                 **kwargs: Any) -> None:
-        self.config = config
-        super().__init__(artifact_dir, kind=kind or OrtKind(config), **kwargs)
+    def __init__(self, source: ModelSource, kind: OrtKind, **kwargs: Any) -> None:
+        super().__init__(source, kind, **kwargs)
+        self.config = config = kind.config
         self.threads = self.threads or usable_cores()
         self.cuda_graphs = config.cuda_graphs
         self.clock = "cuda-events" if config.io_binding else "host"
         self.notes: list[str] = list(config.notes)
-        self.info: dict[str, Any] = {}  # how a built model was made (benchmark-only configs)
         self.session: Any = None
         self.output_names: list[str] = []
-        self._workdir: Any = None
         self._bound: dict[int, tuple[Any, Any, list[Any], int]] = {}  # batch -> (IOBinding, input, outputs, graph id)
         self._stream: Any = None
-
-    def read_meta(self) -> ArtifactMeta:
-        if self.config.build is not None:  # the model is built at activation from the artifact's fp32 metadata
-            from runtime.artifact import read_onnx_meta
-
-            return read_onnx_meta(self.artifact_dir / MODEL_FILES["fp32"])
-        return super().read_meta()
 
     def session_options(self) -> Any:
         import onnxruntime as ort
@@ -160,12 +136,8 @@ class OrtBackend(Backend):
         }
 
     def activate(self) -> None:
-        if self.config.build is not None:
-            import tempfile
-
-            self._workdir = tempfile.TemporaryDirectory(prefix=f"deit-{self.name}-")
-            self.model_file, self.info = self.config.build(self.meta, self.precision, Path(self._workdir.name))
         try:
+            self.model_file = self.source.load()
             self._open_session()
         except BaseException:
             self.deactivate()
@@ -266,13 +238,11 @@ class OrtBackend(Backend):
         if self._stream is not None:
             cudart.stream_destroy(self._stream)
             self._stream = None
-        if self._workdir is not None:
-            self._workdir.cleanup()
-            self._workdir = None
+        self.source.release()
 
     def describe(self) -> dict[str, object]:
         return super().describe() | {"providers": list(self.config.providers), "cuda_graphs": self.cuda_graphs,
-                                     "notes": self.notes, **({"built": self.info} if self.info else {})}
+                                     "notes": self.notes}
 
 
 ORT_CPU = OrtKind(OrtConfig(

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from runtime.artifact import MODEL_FILES, ArtifactError, ArtifactMeta
-from runtime.backends.base import Backend, BackendUnavailable
+from runtime.backends.base import Backend, BackendKind, BackendUnavailable, ModelSource
 from runtime.cpuinfo import usable_cores
 from runtime.errors import UsageError
 
@@ -47,12 +47,10 @@ def ov_message(err: BaseException) -> str:
     return lines[0][:400] if lines else type(err).__name__
 
 
-class OpenVinoKind:
+class OpenVinoKind(BackendKind):
     """The registry entry: answers the registry's questions and builds OpenVinoBackends."""
 
     name = "openvino-cpu"
-    device = "cpu"
-    default_precision = "fp32"
     precisions = tuple(FILES)
 
     def unavailable_reason(self) -> str | None:
@@ -75,34 +73,25 @@ class OpenVinoKind:
     def model_file_for(self, artifact_dir: Path, precision: str) -> Path:
         return Path(artifact_dir) / FILES[precision][0]
 
-    def missing_files(self, artifact_dir: Path, precision: str | None = None) -> str | None:
-        precision = precision or self.default_precision
+    def open_file(self, file: Path, artifact_dir: Path, asked: str | None) -> tuple[str, ArtifactMeta]:
+        precision, meta = super().open_file(file, artifact_dir, asked)  # an fp32 file may run at bf16: the same file, another hint
         if precision not in FILES:
-            return f"{self.name} does not run {precision}"
-        path = self.model_file_for(artifact_dir, precision)
-        return self.precision_unavailable(precision) or (None if path.is_file() else f"{path} not found")
+            raise UsageError(f"{file} is a {precision} model; {self.name} runs {', '.join(FILES)}")
+        return precision, meta
 
-    def __call__(self, artifact_dir: str | Path, *, precision: str | None = None, max_batch: int = 8,
-                 threads: int | None = None, model_file: Path | None = None) -> OpenVinoBackend:
-        return OpenVinoBackend(artifact_dir, precision=precision, max_batch=max_batch, threads=threads,
-                               model_file=model_file, kind=self)
+    def backend(self, source: ModelSource, *, max_batch: int = 8, threads: int | None = None) -> OpenVinoBackend:
+        return OpenVinoBackend(source, self, max_batch=max_batch, threads=threads)
 
 
 class OpenVinoBackend(Backend):
-    def __init__(self, artifact_dir: str | Path, *, kind: OpenVinoKind | None = None, **kwargs: Any) -> None:
-        self.ov_kind = kind or OPENVINO_CPU
-        super().__init__(artifact_dir, kind=self.ov_kind, **kwargs)
+    def __init__(self, source: ModelSource, kind: OpenVinoKind, **kwargs: Any) -> None:
+        super().__init__(source, kind, **kwargs)
+        self.ov_kind = kind
         self.threads = self.threads or usable_cores()
         self.hint = FILES[self.precision][1]
         self.request: Any = None
         self.output_names: list[str] = []
         self.compiled_precision: str | None = None  # what the compiled model reports, to show the hint held
-
-    def open_file(self, asked: str | None) -> tuple[str, ArtifactMeta]:
-        precision, meta = super().open_file(asked)  # an fp32 file may run at bf16: the same file, another hint
-        if precision not in FILES:
-            raise UsageError(f"{self.model_file} is a {precision} model; {self.name} runs {', '.join(FILES)}")
-        return precision, meta
 
     def activate(self) -> None:
         import openvino as ov

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from runtime.artifact import MODEL_FILES, ArtifactMeta
-from runtime.backends.base import Backend, BackendUnavailable
+from runtime.backends.base import Backend, BackendKind, BackendUnavailable, ModelSource
 from runtime.checkpoints import load_checkpoint, model_outputs
 from runtime.errors import UsageError
 
@@ -45,10 +45,9 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-class TorchKind:
+class TorchKind(BackendKind):
     """A registry entry: answers the registry's questions from a TorchConfig and builds TorchBackends."""
 
-    default_precision = "fp32"
     precisions = tuple(DTYPES)
 
     def __init__(self, config: TorchConfig) -> None:
@@ -56,7 +55,7 @@ class TorchKind:
         self.name = config.name
 
     @property
-    def device(self) -> str:
+    def device(self) -> str:  # pyright: ignore[reportIncompatibleVariableOverride]  (asked when needed: it depends on the machine)
         return "cuda" if cuda_available() else "cpu"
 
     def unavailable_reason(self) -> str | None:
@@ -71,33 +70,24 @@ class TorchKind:
     def model_file_for(self, artifact_dir: Path, precision: str) -> Path:
         return Path(artifact_dir) / MODEL_FILES["fp32"]  # metadata only: the weights come from the checkpoint
 
-    def missing_files(self, artifact_dir: Path, precision: str | None = None) -> str | None:
-        if (precision or self.default_precision) not in self.precisions:
-            return f"{self.name} does not run {precision}"
-        path = self.model_file_for(artifact_dir, self.default_precision)
-        return None if path.is_file() else f"{path} not found"
+    def open_file(self, file: Path, artifact_dir: Path, asked: str | None) -> tuple[str, ArtifactMeta]:
+        raise UsageError(f"{file}: {self.name} rebuilds the PyTorch model from the checkpoint the artifact "
+                         f"names and cannot run an ONNX file; pass the artifact folder {artifact_dir} instead")
 
-    def __call__(self, artifact_dir: str | Path, *, precision: str | None = None, max_batch: int = 8,
-                 threads: int | None = None, model_file: Path | None = None) -> TorchBackend:
-        return TorchBackend(self.config, artifact_dir, precision=precision, max_batch=max_batch, threads=threads,
-                            model_file=model_file, kind=self)
+    def backend(self, source: ModelSource, *, max_batch: int = 8, threads: int | None = None) -> TorchBackend:
+        return TorchBackend(source, self, max_batch=max_batch, threads=threads)
 
 
 class TorchBackend(Backend):
-    def __init__(self, config: TorchConfig, artifact_dir: str | Path, *, kind: TorchKind | None = None,
-                 **kwargs: Any) -> None:
-        self.config = config
-        super().__init__(artifact_dir, kind=kind or TorchKind(config), **kwargs)
+    def __init__(self, source: ModelSource, kind: TorchKind, **kwargs: Any) -> None:
+        super().__init__(source, kind, **kwargs)
+        self.config = kind.config
         self.clock = "cuda-events" if self.device == "cuda" else "host"
         self.model: Any = None
         self.output_names: list[str] = []
         self._restore: list[Any] = []  # undo of the global torch settings activate() changed
         self._graphs: dict[int, tuple[Any, Any, tuple[Any, ...]]] = {}  # batch -> (graph, static input, static outputs)
         self._inputs: dict[int, Any] = {}  # batch -> device-resident input buffer
-
-    def open_file(self, asked: str | None) -> tuple[str, ArtifactMeta]:
-        raise UsageError(f"{self.model_file}: {self.name} rebuilds the PyTorch model from the checkpoint the artifact "
-                         f"names and cannot run an ONNX file; pass the artifact folder {self.artifact_dir} instead")
 
     def activate(self) -> None:
         import torch

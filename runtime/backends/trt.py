@@ -19,7 +19,7 @@ import numpy as np
 
 from runtime.artifact import ArtifactError, ArtifactMeta, file_sha256
 from runtime.backends import cudart
-from runtime.backends.base import Backend, BackendUnavailable
+from runtime.backends.base import Backend, BackendKind, BackendUnavailable, ModelSource
 from runtime.errors import UsageError
 
 if TYPE_CHECKING:  # typed from tensorrt-stubs; imported for real only inside activate()
@@ -117,22 +117,57 @@ def check_engine(plan: str | Path, sidecar: dict[str, Any], trt_version: str, gp
     return []
 
 
+class TensorRTKind(BackendKind):
+    """The registry entry `trt`: engines and their sidecars in an artifact folder."""
+
+    name = "trt"
+    device = "cuda"
+    default_precision = "fp16"
+    precisions = ("fp16", "int8")
+    suffix = ".plan"
+    missing_hint = "; build it with `make engines`"
+
+    def __init__(self, cuda_graphs: bool = True) -> None:
+        self.cuda_graphs = cuda_graphs
+
+    def unavailable_reason(self) -> str | None:
+        return tensorrt_unavailable_reason() or cudart.gpu_unavailable_reason()
+
+    def model_file_for(self, artifact_dir: Path, precision: str) -> Path:
+        return engine_path(artifact_dir, precision)
+
+    def needed_files(self, artifact_dir: Path, precision: str) -> tuple[Path, ...]:
+        plan = self.model_file_for(artifact_dir, precision)
+        return plan, sidecar_path(plan)
+
+    def read_meta(self, file: Path) -> ArtifactMeta:
+        return ArtifactMeta.from_json(json.dumps(read_sidecar(file)["artifact_meta"]), str(sidecar_path(file)))
+
+    def open_file(self, file: Path, artifact_dir: Path, asked: str | None) -> tuple[str, ArtifactMeta]:
+        if file.suffix != self.suffix:
+            raise UsageError(f"{file}: the trt backend runs TensorRT engines (.plan files built by "
+                             "`make engines`), not ONNX files; use --backend ort-trt for ONNX on TensorRT")
+        have = str(read_sidecar(file)["precision"])
+        if asked is not None and asked != have:
+            raise UsageError(f"{file} is a {have} engine, not {asked}")
+        return have, self.read_meta(file)
+
+    def backend(self, source: ModelSource, *, max_batch: int = 8, threads: int | None = None) -> TensorRTBackend:
+        return TensorRTBackend(source, self, max_batch=max_batch, threads=threads)
+
+
 class TensorRTBackend(Backend):
     """Device buffers sized once for the largest batch, page-locked host buffers, one stream.
 
-    With `cuda_graphs` (default) the enqueue for each batch size is captured once into a CUDA graph
-    and replayed, which removes per-layer launch overhead from small batches.
+    With `cuda_graphs` (the kind's setting, default on) the enqueue for each batch size is captured
+    once into a CUDA graph and replayed, which removes per-layer launch overhead from small batches.
     """
 
-    name = "trt"
-    default_precision = "fp16"
-    device = "cuda"
-    precisions = ("fp16", "int8")
     clock = "cuda-events"
 
-    def __init__(self, *args: Any, cuda_graphs: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.cuda_graphs = cuda_graphs
+    def __init__(self, source: ModelSource, kind: TensorRTKind, **kwargs: Any) -> None:
+        super().__init__(source, kind, **kwargs)
+        self.cuda_graphs = kind.cuda_graphs
         self.warnings: list[str] = []
         self.graph_error: str | None = None  # why graphs were turned off, if they were
         self._reset()
@@ -147,35 +182,6 @@ class TensorRTBackend(Backend):
         self._graphs: dict[int, Any] = {}
         self._batch: int | None = None
         self.output_names: list[str] = []
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        return tensorrt_unavailable_reason() or cudart.gpu_unavailable_reason()
-
-    @classmethod
-    def model_file_for(cls, artifact_dir: Path, precision: str) -> Path:
-        return engine_path(artifact_dir, precision)
-
-    @classmethod
-    def missing_files(cls, artifact_dir: Path, precision: str | None = None) -> str | None:
-        precision = precision or cls.default_precision
-        if precision not in cls.precisions:
-            return f"TensorRT engines are built at {', '.join(cls.precisions)}, not {precision}"
-        plan = cls.model_file_for(artifact_dir, precision)
-        absent = [p for p in (plan, sidecar_path(plan)) if not p.is_file()]
-        return f"{absent[0]} not found; build it with `make engines`" if absent else None
-
-    def open_file(self, asked: str | None) -> tuple[str, ArtifactMeta]:
-        if self.model_file.suffix != ".plan":
-            raise UsageError(f"{self.model_file}: the trt backend runs TensorRT engines (.plan files built by "
-                             "`make engines`), not ONNX files; use --backend ort-trt for ONNX on TensorRT")
-        have = str(read_sidecar(self.model_file)["precision"])
-        if asked is not None and asked != have:
-            raise UsageError(f"{self.model_file} is a {have} engine, not {asked}")
-        return have, self.read_meta()
-
-    def read_meta(self) -> ArtifactMeta:
-        return ArtifactMeta.from_json(json.dumps(read_sidecar(self.model_file)["artifact_meta"]), str(sidecar_path(self.model_file)))
 
     def activate(self) -> None:
         try:
@@ -287,3 +293,6 @@ class TensorRTBackend(Backend):
         if self._stream is not None:
             cudart.stream_destroy(self._stream)
         self._reset()
+
+
+TRT = TensorRTKind()

@@ -1,0 +1,233 @@
+"""`python -m export.triton`: a model repository for NVIDIA Triton Inference Server on a GPU machine.
+
+    python -m export.triton --model artifacts/deit-base-distilled-patch16-224 --out model_repository/
+    python -m export.triton --model artifacts/deit-base-distilled-patch16-224 --out model_repository/ --max-batch-size 16
+
+One Triton model per runtime file the artifact holds: ONNX Runtime (platform `onnxruntime_onnx`, the CUDA
+execution provider on a KIND_GPU instance) on each ONNX Runtime graph (`model.ort.fp16.onnx`,
+`model.ort.onnx`), TensorRT (`tensorrt_plan`) on each engine (`model.fp16.plan`, `model.int8.plan`, whose
+sidecar caps the batch size at the engine's profile). Each gets `config.pbtxt` (inputs and outputs read
+from the file itself, max_batch_size, dynamic batching with preferred sizes, instance group, version
+policy), `labels.txt` for Triton's classification extension, and `1/model.onnx` or `1/model.plan`
+(a hard link to the artifact's file where the file system allows). The tensor names are the ones
+`runtime.serve` uses (`pixel_values` in, `logits` out), so a `tritonclient` program moves between them.
+Every config is checked against Triton's own protobuf schema (from `tritonclient`) when it is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from runtime.artifact import ORT_FUSED_FILES, ArtifactError, ArtifactMeta, find_model, read_onnx_meta
+from runtime.backends.trt import ENGINE_FILES, read_sidecar
+from runtime.errors import ArgumentParser, UsageError, run_cli
+from runtime.labels import resolve_labels
+from runtime.oip import io_config
+from runtime.paths import check_output_dir
+
+PROG = "triton"
+LABELS_FILE = "labels.txt"
+CONFIG_FILE = "config.pbtxt"
+ENUM_FIELDS = {"data_type", "kind"}  # protobuf enums: written bare, not quoted
+# ONNX TensorProto element types -> Triton's
+ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32"}
+
+
+@dataclass(frozen=True)
+class RepoModel:
+    name: str
+    platform: str  # onnxruntime_onnx | tensorrt_plan
+    source: Path
+    target: str  # Triton's default file name for the platform
+    max_batch: int
+    onnx: Path  # the ONNX file whose inputs and outputs the model has (a plan's source)
+
+
+def plan_models(artifact_dir: Path, name: str, max_batch: int) -> list[RepoModel]:
+    """The Triton models this artifact yields, fp16 first; an artifact with none is a ModelError."""
+    models = []
+    for precision in ("fp16", "fp32"):
+        onnx_file = artifact_dir / ORT_FUSED_FILES[precision]
+        if onnx_file.is_file():
+            models.append(RepoModel(f"{name}-ort-{precision}", "onnxruntime_onnx", onnx_file, "model.onnx", max_batch, onnx_file))
+    for precision, plan_name in ENGINE_FILES.items():
+        plan = artifact_dir / plan_name
+        if plan.is_file():
+            sidecar = read_sidecar(plan)
+            profile_max = int(sidecar["profile"]["max"][0])
+            models.append(RepoModel(f"{name}-trt-{precision}", "tensorrt_plan", plan, "model.plan",
+                                    min(max_batch, profile_max), artifact_dir / sidecar["source_onnx"]))
+    if not models:
+        raise ArtifactError(f"{artifact_dir}: no file Triton can run ({', '.join(ORT_FUSED_FILES.values())} or "
+                            f"{', '.join(ENGINE_FILES.values())}); re-export with `python -m export`, or `make engines`")
+    return models
+
+
+def _io_types(onnx_file: Path) -> dict[str, str]:
+    """Tensor name -> Triton datatype, from the ONNX graph's inputs and outputs."""
+    import onnx
+
+    graph = onnx.load(str(onnx_file), load_external_data=False).graph
+    return {v.name: ONNX_TO_TRITON.get(v.type.tensor_type.elem_type, "TYPE_FP32") for v in [*graph.input, *graph.output]}
+
+
+def preferred_sizes(max_batch: int) -> list[int]:
+    """The batch sizes Triton should aim for: the largest two powers of two up to max_batch (the max itself)."""
+    sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length())} | {max_batch})
+    return sizes[-2:]
+
+
+def model_config(model: RepoModel, meta: ArtifactMeta, classes: int | None, delay_us: int, instances: int) -> dict[str, Any]:
+    """Triton's ModelConfig as a dict (field names of model_config.proto)."""
+    io = io_config(meta, classes, LABELS_FILE)
+    types = _io_types(model.onnx)
+    for tensor in [*io["input"], *io["output"]]:
+        if tensor["name"] not in types:
+            raise ArtifactError(f"{model.onnx}: has no tensor {tensor['name']!r} (it has {', '.join(types)}); re-export it")
+        tensor["data_type"] = types[tensor["name"]]
+    return {
+        "name": model.name, "platform": model.platform, "max_batch_size": model.max_batch,
+        "input": io["input"], "output": io["output"],
+        "dynamic_batching": {"preferred_batch_size": preferred_sizes(model.max_batch), "max_queue_delay_microseconds": delay_us},
+        "instance_group": [{"count": instances, "kind": "KIND_GPU"}],
+        "version_policy": {"latest": {"num_versions": 1}},
+    }
+
+
+def to_pbtxt(message: dict[str, Any], indent: int = 0) -> str:
+    """Protobuf text format of a dict of scalars, lists and nested dicts."""
+    pad = "  " * indent
+    lines = []
+    for key, value in message.items():
+        if isinstance(value, dict):
+            lines.append(f"{pad}{key} {{\n{to_pbtxt(value, indent + 1)}{pad}}}")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            blocks = ",\n".join(f"{pad}  {{\n{to_pbtxt(v, indent + 2)}{pad}  }}" for v in value)
+            lines.append(f"{pad}{key} [\n{blocks}\n{pad}]")
+        elif isinstance(value, list):
+            lines.append(f"{pad}{key}: [ {', '.join(_scalar(key, v) for v in value)} ]")
+        else:
+            lines.append(f"{pad}{key}: {_scalar(key, value)}")
+    return "".join(line + "\n" for line in lines)
+
+
+def _scalar(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    text = str(value)
+    return text if key in ENUM_FIELDS else '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def triton_schema() -> ModuleType | None:
+    """Triton's model_config_pb2 from the tritonclient package, or None when it is not installed.
+
+    Loaded from its file: importing `tritonclient.grpc` would need grpcio, which this project does not use.
+    """
+    spec = importlib.util.find_spec("tritonclient")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "grpc" / "model_config_pb2.py"
+    module_spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
+    if not path.is_file() or module_spec is None or module_spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def parse_config(text: str, schema: ModuleType) -> Any:
+    """A config.pbtxt parsed with Triton's schema (a ParseError names the line and field when it does not fit)."""
+    from google.protobuf import text_format
+
+    return text_format.Parse(text, schema.ModelConfig())
+
+
+def _place(source: Path, target: Path) -> None:
+    """The model file in the repository: a hard link (no copy of a large file), else a copy."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def write_repository(artifact_dir: Path, out: Path, name: str, max_batch: int = 8, delay_us: int = 100,
+                     instances: int = 1) -> list[Path]:
+    """Write one model folder per runtime file into `out`; returns their config files. A model folder is built
+    beside its final place and swapped in, so an interrupted run leaves the previous one whole."""
+    models = plan_models(artifact_dir, name, max_batch)
+    meta = read_onnx_meta(models[0].onnx)
+    classes = meta.num_labels
+    labels = resolve_labels(meta.id2label, classes) if classes else None
+    schema = triton_schema()
+    written = []
+    for model in models:
+        text = to_pbtxt(model_config(model, meta, classes, delay_us, instances))
+        if schema is not None:
+            parse_config(text, schema)  # what Triton would refuse to load fails here, before anything is replaced
+        final = out / model.name
+        staging = out / f".{model.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / "1").mkdir(parents=True)
+        _place(model.source, staging / "1" / model.target)
+        (staging / CONFIG_FILE).write_text(text)
+        if labels:
+            (staging / LABELS_FILE).write_text("".join(label.replace("\n", " ") + "\n" for label in labels))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        written.append(final / CONFIG_FILE)
+    return written
+
+
+def build_parser() -> ArgumentParser:
+    title, _, usage = (__doc__ or "").partition("\n")
+    p = ArgumentParser(prog="python -m export.triton", description=title, epilog=usage,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="artifact folder (default: the newest under --artifacts)")
+    p.add_argument("--artifacts", default="artifacts", help="where to look for the newest artifact")
+    p.add_argument("--out", type=Path, default=Path("model_repository"), help="the repository folder (default model_repository)")
+    p.add_argument("--name", help="model name prefix (default: the artifact folder's name)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="Triton's max_batch_size (engines: at most their profile's max)")
+    p.add_argument("--max-queue-delay-us", type=int, default=100, help="dynamic batching delay in microseconds (default 100)")
+    p.add_argument("--instances", type=int, default=1, help="model instances per GPU (default 1)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    for flag in ("max_batch_size", "instances"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.max_queue_delay_us < 0:
+        p.error("--max-queue-delay-us must be at least 0")
+
+    def work() -> int:
+        artifact, model_file = find_model(args.model, args.artifacts)
+        if model_file is not None:
+            raise UsageError(f"--model {args.model}: give the artifact folder; every runtime file in it becomes a model")
+        check_output_dir(args.out)
+        configs = write_repository(artifact, args.out, args.name or artifact.name, args.max_batch_size,
+                                   args.max_queue_delay_us, args.instances)
+        checked = "checked with Triton's schema" if triton_schema() else "not checked: tritonclient is not installed"
+        for config in configs:
+            print(config.parent)
+        print(f"{PROG}: {len(configs)} models in {args.out} ({checked}); serve them with "
+              f"tritonserver --model-repository={args.out.resolve()}", file=sys.stderr)
+        return 0
+
+    return run_cli(PROG, work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""The Open Inference Protocol (KServe "v2", as Triton speaks it over HTTP): requests in, responses out.
+
+Only the wire format lives here: JSON tensors, the binary-tensor extension (a JSON header of
+`Inference-Header-Content-Length` bytes followed by raw tensor bytes, BYTES elements as a 4-byte
+little-endian length and the bytes) and Triton's model-configuration fields. What a model accepts
+(names, shapes, limits) is `runtime.serve`'s business; a malformed request is a `ProtocolError`,
+one line naming the input, which the server answers with 400.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from runtime.artifact import ArtifactMeta
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+# Protocol datatype -> numpy dtype (BYTES elements are Python bytes).
+DTYPES: dict[str, Any] = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
+}
+
+
+class ProtocolError(ValueError):
+    """A request that is not valid protocol or that the model cannot take: one line naming the input."""
+
+
+@dataclass
+class Tensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray | list[bytes]  # BYTES tensors: the elements, flattened
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    binary: bool
+    class_count: int = 0  # Triton's classification extension: the k best as "value:index:label" strings
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    inputs: dict[str, Tensor]
+    outputs: list[RequestedOutput] | None  # None: every output
+    binary_output: bool  # the request-wide default for outputs that do not say
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def serialize_bytes(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(x)) + x for x in items)
+
+
+def deserialize_bytes(buf: bytes | memoryview, name: str) -> list[bytes]:
+    items, at = [], 0
+    while at < len(buf):
+        if at + 4 > len(buf):
+            raise ProtocolError(f"input {name!r}: BYTES data ends inside an element's 4-byte length")
+        (size,) = struct.unpack_from("<I", buf, at)
+        at += 4
+        if at + size > len(buf):
+            raise ProtocolError(f"input {name!r}: BYTES element {len(items)} claims {size} bytes, "
+                                f"only {len(buf) - at} remain")
+        items.append(bytes(buf[at : at + size]))
+        at += size
+    return items
+
+
+def _shape(raw: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
+        raise ProtocolError(f"input {name!r}: shape must be a list of non-negative integers, got {raw!r}")
+    return tuple(raw)
+
+
+def _json_data(raw: Any, datatype: str, count: int, name: str, parameters: dict[str, Any]) -> np.ndarray | list[bytes]:
+    if not isinstance(raw, list):
+        raise ProtocolError(f"input {name!r}: 'data' must be a list")
+    if datatype == "BYTES":
+        flat = list(_flatten(raw))
+        if not all(isinstance(x, str) for x in flat):
+            raise ProtocolError(f"input {name!r}: BYTES elements in JSON must be strings")
+        if parameters.get("content_type") == "base64":  # MLServer's convention, for clients such as curl
+            try:
+                return [base64.b64decode(x, validate=True) for x in flat]
+            except (binascii.Error, ValueError):
+                raise ProtocolError(f"input {name!r}: an element is not valid base64") from None
+        return [x.encode("utf-8", "surrogateescape") for x in flat]
+    try:
+        data = np.asarray(raw, dtype=DTYPES[datatype]).reshape(-1)
+    except (ValueError, TypeError, OverflowError) as err:
+        raise ProtocolError(f"input {name!r}: data is not a list of {datatype} numbers ({err})") from None
+    if data.size != count:
+        raise ProtocolError(f"input {name!r}: {data.size} values for shape of {count} elements")
+    return data
+
+
+def _flatten(x: Any) -> Any:
+    for item in x:
+        if isinstance(item, list):
+            yield from _flatten(item)
+        else:
+            yield item
+
+
+def parse_request(body: bytes, header_length: str | None) -> InferRequest:
+    """An `infer` request body (JSON, or JSON header + binary tensors) -> its inputs, checked for consistency."""
+    if header_length is None:
+        head, binary = body, memoryview(b"")
+    else:
+        try:
+            n = int(header_length)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= len(body):
+            raise ProtocolError(f"{HEADER_LENGTH} {header_length!r} is not a length within the {len(body)}-byte body")
+        head, binary = body[:n], memoryview(body)[n:]
+    try:
+        req = json.loads(head)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ProtocolError(f"the request is not valid JSON ({err})") from None
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
+        raise ProtocolError("the request needs a non-empty 'inputs' list")
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError("'parameters' must be an object")
+    inputs: dict[str, Tensor] = {}
+    at = 0
+    for raw in req["inputs"]:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise ProtocolError("every input needs a 'name'")
+        name, datatype = raw["name"], raw.get("datatype")
+        if name in inputs:
+            raise ProtocolError(f"input {name!r} appears twice")
+        if datatype not in DTYPES:
+            raise ProtocolError(f"input {name!r}: unknown datatype {datatype!r}")
+        shape = _shape(raw.get("shape"), name)
+        count = math.prod(shape)
+        in_params = raw.get("parameters") or {}
+        size = in_params.get("binary_data_size") if isinstance(in_params, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or at + size > len(binary):
+                raise ProtocolError(f"input {name!r}: binary_data_size {size!r} runs past the request's binary part")
+            chunk = binary[at : at + size]
+            at += size
+            if datatype == "BYTES":
+                data: np.ndarray | list[bytes] = deserialize_bytes(chunk, name)
+            else:
+                itemsize = np.dtype(DTYPES[datatype]).itemsize
+                if size != count * itemsize:
+                    raise ProtocolError(f"input {name!r}: {size} bytes for shape {list(shape)} of {datatype} "
+                                        f"({count * itemsize} expected)")
+                data = np.frombuffer(chunk, dtype=DTYPES[datatype])
+        elif "data" in raw:
+            data = _json_data(raw["data"], datatype, count, name, in_params)
+        else:
+            raise ProtocolError(f"input {name!r} has neither 'data' nor binary_data_size")
+        if datatype == "BYTES" and len(data) != count:
+            raise ProtocolError(f"input {name!r}: {len(data)} elements for shape {list(shape)}")
+        inputs[name] = Tensor(name, datatype, shape, data)
+    if at != len(binary):
+        raise ProtocolError(f"{len(binary) - at} bytes of binary data belong to no input")
+    return InferRequest(_request_id(req), inputs, _outputs(req, params), bool(params.get("binary_data_output", False)), params)
+
+
+def _request_id(req: dict[str, Any]) -> str | None:
+    rid = req.get("id")
+    return rid if isinstance(rid, str) else None
+
+
+def _outputs(req: dict[str, Any], params: dict[str, Any]) -> list[RequestedOutput] | None:
+    raw = req.get("outputs")
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise ProtocolError("'outputs' must be a list")
+    default = bool(params.get("binary_data_output", False))
+    outs = []
+    for o in raw:
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise ProtocolError("every requested output needs a 'name'")
+        p = o.get("parameters") or {}
+        k = p.get("classification", 0)
+        if not isinstance(k, int) or k < 0:
+            raise ProtocolError(f"output {o['name']!r}: classification must be a non-negative integer")
+        outs.append(RequestedOutput(o["name"], bool(p.get("binary_data", default)), k))
+    return outs
+
+
+def encode_response(model: str, request_id: str | None, outputs: list[tuple[str, str, np.ndarray, bool]]) -> tuple[bytes, dict[str, str]]:
+    """(name, datatype, array, binary) per output -> the response body and its extra headers."""
+    described, chunks = [], []
+    for name, datatype, array, binary in outputs:
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if binary:
+            raw = (serialize_bytes(list(array.reshape(-1))) if datatype == "BYTES"
+                   else np.ascontiguousarray(array, dtype=DTYPES[datatype]).tobytes())
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        elif datatype == "BYTES":
+            entry["data"] = [x.decode("utf-8", "replace") for x in array.reshape(-1)]
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        described.append(entry)
+    head: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": described}
+    if request_id is not None:
+        head["id"] = request_id
+    text = json.dumps(head).encode()
+    if not chunks:
+        return text, {"Content-Type": "application/json"}
+    return text + b"".join(chunks), {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(text))}
+
+
+def io_config(meta: ArtifactMeta, num_classes: int | None, labels_file: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Triton model-configuration `input`/`output` of an exported model (batch dimension implicit): the
+    names a client uses with this project's server and with Triton alike."""
+    h, w = meta.preprocessing.input_size
+    logits: dict[str, Any] = {"name": "logits", "data_type": "TYPE_FP32", "dims": [num_classes or -1]}
+    if labels_file:
+        logits["label_filename"] = labels_file
+    return {"input": [{"name": "pixel_values", "data_type": "TYPE_FP32", "dims": [3, h, w]}], "output": [logits]}

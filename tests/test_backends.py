@@ -1,0 +1,106 @@
+"""The contract every registry backend keeps, checked for each name and precision the registry knows.
+
+Like timm's tests parametrize over its model list: each backend that can run here is built from the
+registry, opened, runs a batch larger than its `max_batch` (so it is split), is closed, and agrees
+with fp32 PyTorch within its precision's tolerance; a backend or precision that cannot run here is
+a skip that says why (a missing library, GPU, engine or file), never a silent pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SAMPLE_DIR
+from export.verify import verification_inputs
+from runtime.backends import BACKENDS, PRECISIONS, Backend, BackendUnavailable, ModelSource, backend_kind, create
+from runtime.compare import MIN_COSINE, compare
+
+MAX_BATCH = 3
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_int8_artifact: Path) -> np.ndarray:
+    """Random tensors and, where the shared sample is present, real photos (7 rows or more: 3 + 3 + 1 batches)."""
+    meta = backend_kind("ort-cpu").source(tiny_int8_artifact).meta
+    x, _ = verification_inputs(meta.preprocessing, SAMPLE_DIR if SAMPLE_DIR.is_dir() else None, limit=8, n_random=7)
+    return x
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_int8_artifact: Path, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    with create("torch-eager", tiny_int8_artifact, precision="fp32") as backend:
+        return backend.infer(inputs)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_backend_contract(name: str, precision: str, tiny_int8_artifact: Path, inputs: np.ndarray,
+                          reference: dict[str, np.ndarray]) -> None:
+    try:
+        kind = backend_kind(name)
+    except BackendUnavailable as err:
+        pytest.skip(str(err))
+    if precision not in kind.precisions:
+        pytest.skip(f"{name} runs {', '.join(kind.precisions)}, not {precision}")
+    reason = kind.unavailable_reason() or kind.missing_files(tiny_int8_artifact, precision)
+    if reason:
+        pytest.skip(f"{name} {precision} cannot run here: {reason}")
+    backend = create(name, tiny_int8_artifact, precision=precision, max_batch=MAX_BATCH, threads=1)
+    assert isinstance(backend, Backend) and backend.kind is kind
+    assert (backend.name, backend.precision, backend.max_batch) == (name, precision, MAX_BATCH)
+    assert backend.model_file == kind.model_file_for(tiny_int8_artifact, precision)
+    assert backend.input.shape == ("batch", *inputs.shape[1:])
+    with backend as opened:
+        assert opened is backend
+        got = backend.infer(inputs)
+        described = backend.describe()
+    assert list(got) == list(reference), "outputs are named and ordered as PyTorch's"
+    for key, value in got.items():
+        assert value.shape == reference[key].shape and value.dtype == np.float32, key
+        assert np.isfinite(value).all(), key
+    result = compare(reference, got)
+    assert result["min_cosine"] >= MIN_COSINE[precision], result
+    if precision == "fp32":
+        assert result["max_abs_diff"] <= 1e-4, result
+    assert described["backend"] == name and described["precision"] == precision
+    assert described["device"] == backend.device
+
+
+def test_every_registry_name_resolves_to_a_kind_of_that_name() -> None:
+    for name in BACKENDS:
+        try:
+            kind = backend_kind(name)
+        except BackendUnavailable:
+            continue
+        assert kind.name == name and kind.default_precision in kind.precisions
+        assert set(kind.precisions) <= set(PRECISIONS)
+
+
+def test_a_backend_runs_the_source_it_is_given(tiny_int8_artifact: Path, tmp_path: Path) -> None:
+    """The backend runs what its source names, not what it would find in the artifact folder itself."""
+    kind = backend_kind("ort-cpu")
+    fp16 = kind.source(tiny_int8_artifact, "fp16")
+    assert isinstance(fp16, ModelSource) and fp16.file.name == "model.fp16.onnx" and fp16.precision == "fp16"
+    copy = tmp_path / "elsewhere.onnx"
+    copy.write_bytes(fp16.file.read_bytes())
+    moved = ModelSource(tmp_path, copy, fp16.precision, fp16.meta)
+    with kind.backend(moved, max_batch=2) as backend:
+        assert backend.model_file == copy and backend.describe()["model_file"] == copy.name
+        out = backend.infer(np.zeros((1, *backend.input.shape[1:]), dtype=np.float32))
+    assert next(iter(out.values())).shape[0] == 1
+
+
+def test_missing_files_names_the_first_missing_file(tmp_path: Path) -> None:
+    """One rule for every kind: the precision, then what the machine cannot do, then the files, with the kind's hint."""
+    assert backend_kind("ort-cpu").missing_files(tmp_path, "fp32") == f"{tmp_path / 'model.onnx'} not found"
+    assert backend_kind("ort-cpu").missing_files(tmp_path, "bf16") == "ort-cpu does not run bf16"
+    assert backend_kind("torch-eager").missing_files(tmp_path, "int8") == "torch-eager does not run int8"
+    # torch rebuilds from the checkpoint: at any precision it needs only the fp32 file's metadata
+    assert backend_kind("torch-sdpa").missing_files(tmp_path, "bf16") == f"{tmp_path / 'model.onnx'} not found"
+    trt = backend_kind("trt")
+    assert trt.missing_files(tmp_path) == f"{tmp_path / 'model.fp16.plan'} not found; build it with `make engines`"
+    (tmp_path / "model.fp16.plan").write_bytes(b"x")
+    assert trt.missing_files(tmp_path, "fp16") == f"{tmp_path / 'model.fp16.plan.json'} not found; build it with `make engines`"

@@ -1,0 +1,289 @@
+"""`python -m runtime.serve` as a client sees it: a real server process on a free port, the official
+`tritonclient.http`, the tiny exported DeiT. Every wait is for a sign (the printed URL, a statistic,
+the readiness endpoint), never a fixed sleep."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SAMPLE_DIR, needs_sample
+from runtime.backends import create
+from runtime.classify import ClassifyOptions, classify
+from runtime.predictor import Prediction, Predictor
+from runtime.preprocess import load_and_preprocess
+from runtime.serve import main
+
+httpclient = pytest.importorskip("tritonclient.http", reason="the serve extra is not installed: pip install -e '.[serve]'")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "tiny-deit"
+
+
+@contextmanager
+def serving(artifact: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A server process; yields it and its host:port once it printed that it is ready."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", str(artifact), "--backend", "ort-cpu",
+                             "--port", "0", "--threads", "1", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the banner comes once the server listens with the model loaded
+        match = re.search(r"http://([^/]+)/v2/models/(\S+) ready", line)
+        if not match:
+            proc.kill()
+            pytest.fail(f"the server did not start: {line!r} {proc.communicate()[1]}")
+        assert match.group(2) == NAME
+        yield proc, match.group(1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact: Path) -> Iterator[str]:
+    with serving(tiny_artifact, "--max-batch-size", "4", "--max-queue-delay-ms", "1", "--max-request-bytes", "2000000") as (_, url):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> httpclient.InferenceServerClient:
+    return httpclient.InferenceServerClient(server, concurrency=4)
+
+
+def photo_bytes(seed: int, fmt: str = "PNG") -> bytes:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (8, 6, 3), dtype=np.uint8)).resize((60, 45), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def images_input(items: list[bytes]) -> httpclient.InferInput:
+    x = httpclient.InferInput("images", [len(items)], "BYTES")
+    x.set_data_from_numpy(np.array(items, dtype=np.object_))
+    return x
+
+
+def pixels_input(pixels: np.ndarray, binary: bool = True) -> httpclient.InferInput:
+    x = httpclient.InferInput("pixel_values", list(pixels.shape), "FP32")
+    x.set_data_from_numpy(pixels.astype(np.float32), binary_data=binary)
+    return x
+
+
+def refused(client: httpclient.InferenceServerClient, inputs: list[httpclient.InferInput], **kw: object) -> tuple[str, str]:
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(NAME, inputs, **kw)
+    return str(info.value.status()), info.value.message()
+
+
+def test_health_metadata_and_config(client: httpclient.InferenceServerClient, tiny_artifact: Path) -> None:
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(NAME)
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    meta = client.get_model_metadata(NAME)
+    assert [i["name"] for i in meta["inputs"]] == ["pixel_values", "images"]
+    assert meta["inputs"][0]["shape"] == [-1, 3, 32, 32]
+    assert [o["name"] for o in meta["outputs"]] == ["logits", "topk_indices", "topk_labels", "topk_probs"]
+    assert meta["outputs"][0]["shape"] == [-1, 10]
+    assert meta["parameters"]["backend"] == "ort-cpu" and meta["parameters"]["precision"] == "fp32"
+    assert meta["parameters"]["checkpoint"].endswith("tiny-deit")
+    config = client.get_model_config(NAME)
+    assert config["max_batch_size"] == 4
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 1000
+    assert not client.is_model_ready("no-such-model")
+
+
+def test_fp32_and_bytes_answers_equal_the_predictor(client: httpclient.InferenceServerClient, tiny_artifact: Path,
+                                                    tmp_path: Path) -> None:
+    files = []
+    for i, fmt in enumerate(["PNG", "JPEG", "WEBP"]):
+        files.append(tmp_path / f"p{i}.{fmt.lower()}")
+        files[-1].write_bytes(photo_bytes(i, fmt))
+    with create("ort-cpu", tiny_artifact, max_batch=4, threads=1) as backend:
+        predictor = Predictor(backend, 5)
+        expected: list[Prediction] = []
+        classify(files, predictor, ClassifyOptions(topk=5, workers=1), expected.append)
+        pixels = np.stack([load_and_preprocess(f, predictor.spec) for f in files])
+        logits = backend.infer(pixels)["logits"]
+    by_bytes = client.infer(NAME, [images_input([f.read_bytes() for f in files])])
+    for binary in (True, False):  # the binary-tensor extension and plain JSON tensors
+        by_pixels = client.infer(NAME, [pixels_input(pixels, binary)],
+                                 outputs=[httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("logits", "topk_indices")])
+        np.testing.assert_allclose(by_pixels.as_numpy("logits"), logits, rtol=1e-5, atol=1e-5)
+        assert by_pixels.as_numpy("topk_indices").tolist() == [[i for i, _, _ in p.top or []] for p in expected]
+    np.testing.assert_allclose(by_bytes.as_numpy("logits"), logits, rtol=1e-5, atol=1e-5)
+    labels = by_bytes.as_numpy("topk_labels")
+    probs = by_bytes.as_numpy("topk_probs")
+    for pred, row_labels, row_probs in zip(expected, labels, probs):
+        assert pred.top is not None
+        assert [lab.decode() for lab in row_labels] == [lab for _, lab, _ in pred.top]
+        np.testing.assert_allclose(row_probs, [p for _, _, p in pred.top], rtol=1e-5)
+
+
+def test_topk_parameter_and_triton_classification(client: httpclient.InferenceServerClient) -> None:
+    items = [photo_bytes(7), photo_bytes(8)]
+    full = client.infer(NAME, [images_input(items)])
+    two = client.infer(NAME, [images_input(items)], parameters={"topk": 2})
+    assert two.as_numpy("topk_indices").tolist() == full.as_numpy("topk_indices")[:, :2].tolist()
+    cls = client.infer(NAME, [images_input(items)], outputs=[httpclient.InferRequestedOutput("logits", class_count=3)])
+    rows = cls.as_numpy("logits")
+    assert rows.shape == (2, 3)
+    logits = full.as_numpy("logits")
+    for r, row in enumerate(rows):
+        fields = [x.decode().split(":") for x in row]
+        assert [int(f[1]) for f in fields] == full.as_numpy("topk_indices")[r, :3].tolist()
+        np.testing.assert_allclose([float(f[0]) for f in fields], logits[r, [int(f[1]) for f in fields]], atol=1e-5)
+        assert [f[2] for f in fields] == [x.decode() for x in full.as_numpy("topk_labels")[r, :3]]
+
+
+@needs_sample()
+def test_real_photos_give_runtime_infer_top1(client: httpclient.InferenceServerClient, tiny_artifact: Path) -> None:
+    files = sorted(SAMPLE_DIR.iterdir())[:8]
+    with create("ort-cpu", tiny_artifact, max_batch=4, threads=1) as backend:
+        expected: list[Prediction] = []
+        classify(files, Predictor(backend, 5), ClassifyOptions(topk=5, workers=1), expected.append)
+    pending = [client.async_infer(NAME, [images_input([f.read_bytes()])]) for f in files]  # one photo a request
+    got = [p.get_result().as_numpy("topk_indices")[0, 0] for p in pending]
+    assert got == [p.top[0][0] for p in expected if p.top]
+
+
+def test_bad_requests_get_400_naming_the_input_and_the_server_serves_on(client: httpclient.InferenceServerClient) -> None:
+    good = np.zeros((1, 3, 32, 32), np.float32)
+    cases = {
+        "wrong name": ([httpclient.InferInput("pixels", [1, 3, 32, 32], "FP32").set_data_from_numpy(good)], "'pixels'"),
+        "wrong datatype": ([httpclient.InferInput("pixel_values", [1, 3, 32, 32], "FP64").set_data_from_numpy(good.astype(np.float64))], "FP64"),
+        "wrong shape": ([pixels_input(np.zeros((1, 3, 16, 32), np.float32))], "[1, 3, 16, 32]"),
+        "NaN pixels": ([pixels_input(np.full((1, 3, 32, 32), np.nan, np.float32))], "NaN"),
+        "bad image in a batch": ([images_input([photo_bytes(1), b"not a picture", photo_bytes(2)])], "images[1]"),
+        "too many images": ([images_input([photo_bytes(i) for i in range(5)])], "5 images"),
+    }
+    for what, (inputs, needle) in cases.items():
+        status, message = refused(client, inputs)
+        assert status == "400", (what, status, message)
+        assert needle in message and "\n" not in message, (what, message)
+    status, message = refused(client, [images_input([photo_bytes(1)])], parameters={"topk": 50})
+    assert status == "400" and "topk" in message
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("other-model", [pixels_input(good)])
+    assert str(info.value.status()) == "404"
+    assert client.infer(NAME, [pixels_input(good)]).as_numpy("logits").shape == (1, 10)
+    rejected = client.get_inference_statistics(NAME)["model_stats"][0]["rejected"]
+    assert rejected["400"] >= len(cases) + 1
+
+
+def test_oversized_request_gets_413(client: httpclient.InferenceServerClient) -> None:
+    status, message = refused(client, [images_input([b"x" * 2_500_000])])
+    assert status == "413" and "--max-request-bytes" in message
+    assert client.is_server_ready()
+
+
+def test_concurrent_requests_share_a_backend_batch(tiny_artifact: Path) -> None:
+    """With a long queue delay a batch runs only once it is full: four one-image requests make one batch of four."""
+    with serving(tiny_artifact, "--max-batch-size", "4", "--max-queue-delay-ms", "600000") as (_, url):
+        client = httpclient.InferenceServerClient(url, concurrency=4)
+        items = [photo_bytes(i) for i in range(4)]
+        pending = [client.async_infer(NAME, [images_input([item])]) for item in items]
+        answers = [p.get_result().as_numpy("topk_indices")[0].tolist() for p in pending]
+        together = client.infer(NAME, [images_input(items)]).as_numpy("topk_indices").tolist()
+        assert answers == together  # each request got its own rows back
+        stats = client.get_inference_statistics(NAME)["model_stats"][0]
+        assert stats["inference_count"] == 8 and stats["execution_count"] == 2
+        assert [(b["batch_size"], b["compute_infer"]["count"]) for b in stats["batch_stats"]] == [(4, 2)]
+
+
+def raw_request_start(url: str, body: bytes) -> socket.socket:
+    """Send an infer request's headers and half its body, so the server holds it in flight."""
+    host, port = url.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: {url}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body[: len(body) // 2])
+    return sock
+
+
+def wait_for(condition, what: str, limit_s: float = 60) -> None:  # type: ignore[no-untyped-def]
+    """Poll a sign (not a sleep standing in for one); fail with `what` if it never shows."""
+    end = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting until {what}")
+        time.sleep(0.02)
+
+
+def test_full_queue_gets_503_and_sigterm_drains(tiny_artifact: Path) -> None:
+    with serving(tiny_artifact, "--max-queue-size", "1", "--max-queue-delay-ms", "600000") as (proc, url):
+        client = httpclient.InferenceServerClient(url)
+        pixels = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+        body = json.dumps({"inputs": [{"name": "pixel_values", "datatype": "FP32", "shape": [1, 3, 32, 32],
+                                       "data": pixels.reshape(-1).tolist()}], "outputs": [{"name": "logits"}]}).encode()
+        held = raw_request_start(url, body)
+
+        def in_flight() -> int:
+            return client.get_inference_statistics(NAME)["model_stats"][0]["queue_now"]["in_flight"]
+
+        wait_for(lambda: in_flight() == 1, "the server holds the first request")
+        status, message = refused(client, [pixels_input(pixels)])
+        assert status == "503" and "--max-queue-size" in message
+
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: not client.is_server_ready(), "the server reports it is draining")
+        status, message = refused(client, [pixels_input(pixels)])
+        assert status == "503" and "shutting down" in message
+        assert proc.poll() is None  # it waits for the request it holds
+
+        held.sendall(body[len(body) // 2 :])
+        response = b""
+        while chunk := held.recv(65536):
+            response += chunk
+        held.close()
+        head, _, payload = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), response[:300]
+        (out,) = json.loads(payload)["outputs"]
+        with create("ort-cpu", tiny_artifact, max_batch=1, threads=1) as backend:
+            np.testing.assert_allclose(np.array(out["data"]).reshape(1, 10), backend.infer(pixels)["logits"], atol=1e-5)
+        assert proc.wait(timeout=60) == 143
+        assert proc.stderr is not None
+        assert "serve: terminated; drained: 1 requests answered" in proc.stderr.read()
+
+
+def test_port_in_use_is_a_one_line_usage_error(tiny_artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--model", str(tiny_artifact), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"serve: error: 127.0.0.1:{port}: ") and "--port" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("args, needle", [(["--max-queue-size", "0"], "--max-queue-size"),
+                                          (["--max-batch-size", "999"], "--max-batch-size 999"),
+                                          (["--port", "70000"], "--port 70000")])
+def test_bad_flags_are_usage_errors(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_drain_with_nothing_in_flight_exits_143_at_once(tiny_artifact: Path) -> None:
+    with serving(tiny_artifact) as (proc, url):
+        assert httpclient.InferenceServerClient(url).is_server_ready()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
