@@ -3,8 +3,10 @@
 export -> calibrate -> PyTorch on CUDA -> ONNX Runtime CUDA -> TensorRT engines -> Polygraphy cross-check
 -> TensorRT vs ONNX Runtime -> bench. Steps whose library or hardware is missing are SKIP rows that
 say what is missing (TensorRT cannot be installed everywhere; the rest still runs). Every GPU result
-is compared with ONNX Runtime CPU fp32 on the photos given (else random inputs): fp16 top-1
-agreement >= 99.5%, int8 >= 98%. The TensorRT engines are also checked by NVIDIA's own Polygraphy
+is compared with ONNX Runtime CPU fp32 on the photos given (else random inputs): on photos through
+trained weights top-1 agreement >= 99.5% (int8 98%); on random inputs or synthetic weights, whose
+near-tied logits a correct fp16 run flips, per-sample cosine (fp16 >= 0.999) and top-1 on the inputs
+whose margin exceeds the measured error (`runtime.compare`). The TensorRT engines are also checked by NVIDIA's own Polygraphy
 (`polygraphy run`), so the hand-written TensorRT code is checked by code nobody here wrote.
 
 Exit status (runtime/errors.py): 0 every step passed or was skipped, 1 a step failed, 6 no GPU step
@@ -22,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.pipeline import ExportOptions, export_checkpoint
-from export.verify import compare, verification_inputs
+from export.verify import verification_inputs
 from runtime.artifact import model_path, read_onnx_meta
 from runtime.backends import create, cudart
 from runtime.backends.onnxruntime import ORT_CPU, ORT_CUDA
 from runtime.backends.pytorch import cuda_available
 from runtime.backends.trt import engine_path, read_sidecar, tensorrt_unavailable_reason
 from runtime.checkpoints import HubUnreachable
+from runtime.compare import check, compare
 from runtime.errors import SOME_FAILED, ArgumentParser, Unavailable, first_line, run_cli
 
 DEFAULT_MODEL = "facebook/deit-small-distilled-patch16-224"
@@ -74,7 +77,8 @@ def _run_cli(args: list[str]) -> str:
 
 
 def _agreement(artifact: Path, backend: str, precision: str, images: Path | None, limit: int) -> str:
-    """Top-1 agreement of a GPU backend with ONNX Runtime CPU fp32 on the photos (or random inputs)."""
+    """A GPU backend against ONNX Runtime CPU fp32 on the photos (or random inputs), gated by `runtime.compare.check`:
+    plain top-1 agreement on photos through trained weights, cosine and decided top-1 otherwise."""
     meta = read_onnx_meta(model_path(artifact, "fp32"))
     x, photos = verification_inputs(meta.preprocessing, images, limit, n_random=0 if images else 64)
     with ORT_CPU(artifact, precision="fp32") as ref:
@@ -84,10 +88,12 @@ def _agreement(artifact: Path, backend: str, precision: str, images: Path | None
         notes = getattr(gpu, "notes", [])
     result = compare(expected, got)
     text = (f"top-1 agreement {result['top1_agreement']:.2%} on {result['samples']} "
-            f"{'photos' if photos else 'random inputs'}, min cosine {result['min_cosine']:.4f}"
+            f"{'photos' if photos else 'random inputs'} ({result['decided']} decided: "
+            f"{result['decided_top1_agreement']:.2%}), min cosine {result['min_cosine']:.5f}"
             + (f"; {'; '.join(notes)}" if notes else ""))
-    if result["top1_agreement"] < MIN_AGREEMENT[precision]:
-        raise StepFailed(f"{text} < {MIN_AGREEMENT[precision]:.1%}")
+    failed = check(result, precision, MIN_AGREEMENT[precision], meaningful_top1=bool(photos) and not meta.synthetic)
+    if failed:
+        raise StepFailed(f"{text}: {failed}")
     return text
 
 

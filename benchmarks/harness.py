@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from export.verify import compare, verification_inputs
+from export.verify import verification_inputs
 from runtime.artifact import MODEL_FILES, SYNTHETIC_WARNING, ArtifactMeta, read_onnx_meta
 from runtime.backends import BACKENDS, PRECISIONS, Backend, BackendKind, backend_kind
+from runtime.compare import compare
 from runtime.console import progress_bar
 from runtime.cpuinfo import describe_cpu, usable_cores
 from runtime.errors import DeitError, UsageError, first_line

@@ -11,9 +11,11 @@ import numpy as np
 import onnx
 
 from calibration.data import Batch, DataError, balanced_order, discover, load_batch
-from calibration.evaluate import compare_to_fp32, run_logits
+from calibration.evaluate import run_logits
 from calibration.quantize import METHODS, amax_table, collect_stats, insert_qdq, plan_qdq, quantize_dynamic_cpu
 from runtime.artifact import INT8_CPU_FILE, MODEL_FILES, ArtifactMeta, atomic_path, read_onnx_meta, set_onnx_meta, write_json
+from runtime.backends.trt import engine_path, sidecar_path
+from runtime.compare import compare
 from runtime.errors import UsageError
 from runtime.paths import check_output_dir
 
@@ -21,6 +23,7 @@ DEFAULT_METHOD = "percentile"  # chosen by measurement: README "Calibration" (me
 # Below this many evaluation images one disagreement moves the agreement by more than 1%: the gate
 # could not tell 99% from 97%, so it is reported but not applied (and auto never picks such int8).
 MIN_EVAL_IMAGES = 100
+FP32_INT8 = ("fp32", "int8")  # the names of the accuracy figures in calibration.json (fp32_top1, int8_top1, ...)
 
 
 @dataclass
@@ -92,13 +95,15 @@ def calibrate(opts: CalibrationOptions) -> dict[str, Any]:
     for method in methods:
         amax = amax_table(hists, method, opts.percentile)
         candidates[method] = insert_qdq(model, plan, amax)
-        comparison[method] = compare_to_fp32(fp32_logits, run_logits(candidates[method], evals.x, opts.batch, method, opts.progress), labels)
+        int8_logits = run_logits(candidates[method], evals.x, opts.batch, method, opts.progress)
+        comparison[method] = compare({"logits": fp32_logits}, {"logits": int8_logits}, labels, FP32_INT8)
         comparison[method]["scales"] = amax
     shipped = {MODEL_FILES["int8"]: candidates[opts.method]}
     accuracy = {MODEL_FILES["int8"]: {k: v for k, v in comparison[opts.method].items() if k != "scales"}}
     if opts.cpu_variant:
         shipped[INT8_CPU_FILE] = quantize_dynamic_cpu(model)
-        accuracy[INT8_CPU_FILE] = compare_to_fp32(fp32_logits, run_logits(shipped[INT8_CPU_FILE], evals.x, opts.batch, "int8-cpu", opts.progress), labels)
+        int8_logits = run_logits(shipped[INT8_CPU_FILE], evals.x, opts.batch, "int8-cpu", opts.progress)
+        accuracy[INT8_CPU_FILE] = compare({"logits": fp32_logits}, {"logits": int8_logits}, labels, FP32_INT8)
     t_eval = time.perf_counter()
 
     failures = [f"{name}: top-1 agreement with fp32 {acc['top1_agreement']:.2%} < {opts.min_agreement:.2%}"
@@ -176,5 +181,9 @@ def _write(artifact_dir: Path, meta: ArtifactMeta, shipped: dict[str, onnx.Model
             onnx.save(model, str(tmp))
     if INT8_CPU_FILE not in shipped:  # its accuracy would no longer be in calibration.json
         (artifact_dir / INT8_CPU_FILE).unlink(missing_ok=True)
+    # An int8 engine built from the previous Q/DQ file would run the old scales: it goes with its sidecar.
+    plan = engine_path(artifact_dir, "int8")
+    for derived in (plan, sidecar_path(plan)):
+        derived.unlink(missing_ok=True)
     write_json(artifact_dir / "calibration.json", report)
     return [*shipped, "calibration.json"]

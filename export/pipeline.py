@@ -17,11 +17,12 @@ import torch
 from export.fp16 import convert_to_fp16
 from export.onnx_export import OPSET, export_onnx, op_counts, tool_versions
 from export.ort_fusion import fuse_for_ort, to_ort_fp16
-from export.verify import compare, verification_inputs
+from export.verify import verification_inputs
 from runtime.artifact import (MODEL_FILES, ORT_FUSED_FILES, REPORT_FILE, ArtifactMeta, file_sha256, set_onnx_meta,
                               write_hf_configs, write_json)
 from runtime.backends.onnxruntime import ORT_CPU
 from runtime.checkpoints import load_checkpoint, model_outputs
+from runtime.compare import compare
 from runtime.console import progress_bar
 from runtime.errors import GateFailed
 from runtime.paths import check_output_dir

@@ -1,4 +1,4 @@
-"""Numerical checks of an exported model against a reference, on random tensors and real photos."""
+"""The inputs an exported model is checked on: random tensors and real photos (compared by `runtime.compare`)."""
 
 from __future__ import annotations
 
@@ -28,17 +28,3 @@ def verification_inputs(
     if not photos:
         return random, 0
     return np.concatenate([random, np.stack(photos)]), len(photos)
-
-
-def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict[str, float]:
-    """Max abs difference over all outputs, top-1 agreement and worst per-sample cosine of the first output."""
-    max_abs = max(float(np.max(np.abs(reference[k] - candidate[k]))) for k in reference)
-    key = next(iter(reference))
-    ref, cand = reference[key].astype(np.float64), candidate[key].astype(np.float64)
-    cosine = np.sum(ref * cand, axis=1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1) + 1e-30)
-    return {
-        "max_abs_diff": max_abs,
-        "top1_agreement": float(np.mean(ref.argmax(1) == cand.argmax(1))),
-        "min_cosine": float(cosine.min()),
-        "samples": int(len(ref)),
-    }

@@ -20,8 +20,9 @@ import numpy as np
 
 from runtime.artifact import SYNTHETIC_WARNING
 from runtime.cpuinfo import usable_cores
+from runtime.errors import signals_deferred
 from runtime.predictor import Prediction, Predictor, decode_file, display_path
-from runtime.preprocess import DEFAULT_MAX_PIXELS, Preprocessing
+from runtime.preprocess import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, Preprocessing
 
 
 def default_workers() -> int:
@@ -38,6 +39,7 @@ class ClassifyOptions:
     draft: bool = False  # decode big JPEGs at reduced scale (>= 2x the resize target): faster, not exact
     prefetch: int | None = None  # files decoded ahead of the model; default 4 batches
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused from their header, before decoding
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger files are refused before they are opened
 
 
 @dataclass
@@ -107,26 +109,31 @@ def print_summary(s: Summary) -> None:
 
 def decoded(
     files: Iterable[Path], spec: Preprocessing, workers: int, prefetch: int, draft: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Iterator[tuple[Path, np.ndarray | str]]:
-    """(file, pixels or error) in input order, decoded by `workers` threads at most `prefetch` files ahead."""
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        pending: deque[tuple[Path, Future[np.ndarray | str]]] = deque()
-        it = iter(files)
-        try:
-            for path in it:
-                pending.append((path, pool.submit(decode_file, path, spec, draft, max_pixels)))
-                if len(pending) >= prefetch:
-                    break
-            while pending:
-                path, fut = pending.popleft()
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append((nxt, pool.submit(decode_file, nxt, spec, draft, max_pixels)))
-                yield path, fut.result()
-        finally:  # a consumer that stops early must not wait for work nobody will read
-            for _, fut in pending:
-                fut.cancel()
+    """(file, pixels or error) in input order, decoded by `workers` threads at most `prefetch` files ahead.
+
+    A consumer that stops early (an interrupt) does not wait for the decodes under way: a file that
+    stalls the decoder must not hold the run (the threads are left to finish, or to the process exit).
+    """
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+    pending: deque[tuple[Path, Future[np.ndarray | str]]] = deque()
+    it = iter(files)
+    finished = False
+    try:
+        for path in it:
+            pending.append((path, pool.submit(decode_file, path, spec, draft, max_pixels, max_file_bytes)))
+            if len(pending) >= prefetch:
+                break
+        while pending:
+            path, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(decode_file, nxt, spec, draft, max_pixels, max_file_bytes)))
+            yield path, fut.result()
+        finished = True
+    finally:
+        pool.shutdown(wait=finished, cancel_futures=True)
 
 
 def iter_predictions(
@@ -136,7 +143,8 @@ def iter_predictions(
     prefetch = opts.prefetch or 4 * opts.batch_size
     batch: list[tuple[Path, np.ndarray | str]] = []
     ready = 0  # decoded images in `batch`; errors ride along so records stay in input order
-    for path, result in decoded(files, predictor.spec, opts.workers, prefetch, opts.draft, opts.max_pixels):
+    for path, result in decoded(files, predictor.spec, opts.workers, prefetch, opts.draft, opts.max_pixels,
+                                    opts.max_file_bytes):
         batch.append((path, result))
         ready += not isinstance(result, str)
         if ready == opts.batch_size:
@@ -151,20 +159,25 @@ def classify(
     predictor: Predictor,
     opts: ClassifyOptions = ClassifyOptions(),
     on_prediction: Callable[[Prediction], None] | None = None,
+    summary: Summary | None = None,
 ) -> Summary:
     """Classify `files` with a predictor on an activated backend and return the run's figures.
 
     Predictions are handed to `on_prediction` as they are ready rather than collected, so a run over
-    100,000 files holds no more than a few batches (pass `list.append` to keep them).
+    100,000 files holds no more than a few batches (pass `list.append` to keep them). A caller that
+    must report on an interrupted run passes its own `summary`: it holds what was counted when the
+    interrupt arrives, and `seconds` is set however the run ends.
     """
     backend = predictor.backend
-    summary = Summary(backend.name, backend.precision, str(backend.artifact_dir), backend.meta.synthetic)
-    start = time.perf_counter()
+    if summary is None:
+        summary = Summary(backend.name, backend.precision, str(backend.artifact_dir), backend.meta.synthetic)
+    start = time.perf_counter() - summary.seconds
     try:
         for pred in iter_predictions(files, predictor, opts):
-            summary.add(pred)
-            if on_prediction is not None:
-                on_prediction(pred)
+            with signals_deferred():  # a record and the count of it go together, whatever signal arrives meanwhile
+                summary.add(pred)
+                if on_prediction is not None:
+                    on_prediction(pred)
     finally:
         summary.seconds = time.perf_counter() - start
     return summary

@@ -11,7 +11,7 @@ from runtime.backends import BACKENDS, MAX_BATCH, PRECISIONS, Backend, BackendUn
 from runtime.cpuinfo import usable_cores
 from runtime.errors import ArgumentParser
 from runtime.predictor import Predictor
-from runtime.preprocess import DEFAULT_MAX_PIXELS
+from runtime.preprocess import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 
 # More threads than cores only adds switching; this many times more is a typo (100000 threads took 16 GB).
 THREADS_LIMIT_FACTOR = 4
@@ -35,6 +35,8 @@ def add_classify_arguments(p: ArgumentParser, where: str = "", batch_flag: str =
     p.add_argument("--topk", type=int, default=5, help="classes per image (at most the model's class count)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images with more pixels than this, from their header (default {DEFAULT_MAX_PIXELS:,})")
+    p.add_argument("--max-file-bytes", type=int, default=DEFAULT_MAX_FILE_BYTES,
+                   help=f"refuse files larger than this before opening them (default {DEFAULT_MAX_FILE_BYTES:,})")
     p.add_argument("--draft", action="store_true",
                    help="decode big JPEGs at reduced scale: faster, pixels not identical to the image processor")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
@@ -56,7 +58,7 @@ def check_classify_arguments(p: ArgumentParser, args: argparse.Namespace, *at_le
     if not 1 <= args.batch_size <= MAX_BATCH:
         flag = next(a.option_strings[0] for a in p._actions if a.dest == "batch_size")
         p.error(f"{flag} {args.batch_size}: must be between 1 and {MAX_BATCH}")
-    for name in ("topk", "max_pixels", "threads", *at_least_one):
+    for name in ("topk", "max_pixels", "max_file_bytes", "threads", *at_least_one):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

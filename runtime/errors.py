@@ -24,6 +24,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -165,6 +166,21 @@ def signals_raise_interrupted() -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def leave(status: int) -> NoReturn:
+    """End a CLI process with `status` (its `__main__`). Threads still running now are stuck in a library
+    call, such as a decoder scanning a huge file when an interrupt came: what the run keeps is written,
+    so the process ends without joining them, instead of waiting minutes for them."""
+    stuck = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon and t.is_alive()]
+    if not stuck:
+        sys.exit(status)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 def run_cli(prog: str, work: Callable[[], int]) -> int:

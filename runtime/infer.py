@@ -14,21 +14,26 @@ checked before the first image is decoded. Exit status: see runtime/errors.py (0
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
+import signal
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from runtime.artifact import SYNTHETIC_WARNING
-from runtime.classify import ClassifyOptions, Summary, default_workers, iter_predictions, print_summary
+from runtime.backends import Backend
+from runtime.classify import ClassifyOptions, Summary, classify, default_workers, print_summary
 from runtime.cli import add_classify_arguments, check_classify_arguments, check_thread_count, open_predictor
 from runtime.console import progress_bar
-from runtime.errors import ArgumentParser, Interrupted, UsageError, run_cli, signals_deferred
-from runtime.output import FORMATS, PredictionWriter, RecordFormat, partial_path, read_done
-from runtime.paths import check_output_file
+from runtime.errors import ArgumentParser, Interrupted, UsageError, leave, run_cli, signals_deferred
+from runtime.output import (FORMATS, DoneRecord, PredictionWriter, RecordFormat, check_resumable, escape_name,
+                            partial_path, read_written)
+from runtime.paths import check_output_file, output_lock
 from runtime.predictor import Prediction, display_path
 from runtime.preprocess import Listing, find_images
 
@@ -40,9 +45,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("paths", nargs="+", type=Path, help="image files and/or folders")
     add_classify_arguments(p, "")
     p.add_argument("--format", choices=FORMATS, default="text",
-                   help="text: path<TAB>label prob..., names escaped (\\t \\n \\\\ \\xNN); json; csv")
+                   help="text: path<TAB>label prob... (a failed file: path<TAB>error<TAB>why); json; csv. Every "
+                        "format names files the same way: \\\\ \\t \\n \\r and non-UTF-8 bytes (\\xNN) escaped")
     p.add_argument("--output", type=Path, help="write predictions here (via <output>.partial) instead of stdout")
-    p.add_argument("--resume", action="store_true", help="skip files an interrupted run already wrote to --output")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run's --output: inputs with a record (failed ones included) are skipped; "
+                        "the format, --topk and model must be the same")
     p.add_argument("--recursive", "-r", action="store_true", help="also look inside sub-folders (symlinks followed)")
     p.add_argument("--workers", type=int, default=default_workers(), help="decode threads (default: one per core)")
     return p
@@ -69,16 +77,6 @@ def find_files(paths: list[Path], recursive: bool) -> Listing:
     return listing
 
 
-@contextmanager
-def prediction_file(output: Path | None) -> Iterator[IO[str]]:
-    """stdout, or `<output>.partial` (renamed to `<output>` by `finish`)."""
-    if output is None:
-        yield sys.stdout
-        return
-    with open(partial_path(output), "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-        yield f
-
-
 def run(args: argparse.Namespace) -> int:
     listing = find_files(args.paths, args.recursive)
     if args.output is not None:
@@ -86,60 +84,126 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.output, needed_bytes=needed)
         check_output_file(partial_path(args.output), needed_bytes=needed)
     fmt = RecordFormat(args.format, args.topk)
-    done = read_done(args.output, fmt) if args.resume and args.output is not None else []
     predictor = open_predictor(args, "infer")
     backend = predictor.backend
-    if backend.meta.synthetic:
-        print(SYNTHETIC_WARNING, file=sys.stderr)
-    for folder in listing.skipped_loops:
-        print(f"infer: note: {display_path(folder)}: already visited (a symlink loop); not read again", file=sys.stderr)
-    done_keys = {key for key, _, _ in done}
-    todo = [f for f in listing.files if fmt.key(f) not in done_keys]
-    summary = Summary(backend.name, backend.precision, str(backend.artifact_dir), backend.meta.synthetic)
-    opts = ClassifyOptions(batch_size=args.batch_size, topk=args.topk, workers=args.workers, draft=args.draft,
-                           max_pixels=args.max_pixels)
-    with backend, prediction_file(args.output) as out, \
-            progress_bar(total=len(todo) + len(listing.errors), unit="img", enabled=args.progress) as bar:
-        writer = PredictionWriter(out, fmt)
+    with prediction_file(args.output, fmt, run_identity(fmt, backend), args.resume) as target:
+        if backend.meta.synthetic:
+            print(SYNTHETIC_WARNING, file=sys.stderr)
+        for folder in listing.skipped_loops:
+            print(f"infer: note: {display_path(folder)}: already visited (a symlink loop); not read again", file=sys.stderr)
+        done_keys = {r.key for r in target.done}
+        todo = [f for f in listing.files if escape_name(f) not in done_keys]
+        folder_errors = [Prediction(folder, error=f"{display_path(folder)}: {why}") for folder, why in listing.errors
+                         if escape_name(folder) not in done_keys]
+        summary = Summary(backend.name, backend.precision, str(backend.artifact_dir), backend.meta.synthetic)
+        summary.images = summary.resumed = len(target.done)
+        for r in target.done:
+            if r.error is not None:
+                summary.failed.append(Prediction(r.key, error=r.error))
+        summary.resumed -= len(summary.failed)
+        opts = ClassifyOptions(batch_size=args.batch_size, topk=args.topk, workers=args.workers, draft=args.draft,
+                               max_pixels=args.max_pixels, max_file_bytes=args.max_file_bytes)
+        with backend, progress_bar(total=len(todo) + len(folder_errors), unit="img", enabled=args.progress) as bar:
+            writer = PredictionWriter(target.out, fmt, written=len(target.done))
 
-        def emit(pred: Prediction) -> None:
-            with signals_deferred():  # the record and the count of it go together, whatever arrives meanwhile
+            def emit(pred: Prediction) -> None:  # called with signals deferred, after the prediction was counted
                 writer.write(pred)
-                summary.add(pred)
-            bar.update()
-            if pred.error:
-                bar.write(f"infer: error: {pred.error}", file=sys.stderr)
+                bar.update()
+                if pred.error:
+                    bar.write(f"infer: error: {pred.error}", file=sys.stderr)
 
-        start = time.perf_counter()
-        try:
-            if done:
-                bar.write(f"infer: resuming: {len(done)} files done earlier, {len(todo)} to go", file=sys.stderr)
-            for key, record, failed in done:
-                writer.write_record(record)
-                summary.images += 1
-                summary.resumed += not failed
-                if failed:
-                    summary.failed.append(Prediction(Path(key), error=f"{key}: failed in the earlier run"))
-            for folder, reason in listing.errors:
-                emit(Prediction(folder, error=f"{display_path(folder)}: {reason}"))
-            for pred in iter_predictions(todo, predictor, opts):
-                emit(pred)
-        except KeyboardInterrupt as err:
-            summary.seconds, summary.interrupted = time.perf_counter() - start, True
-            with signals_deferred():
+            try:
+                if target.done:
+                    bar.write(f"infer: resuming: {len(target.done)} files done earlier, {len(todo) + len(folder_errors)} "
+                              "to go", file=sys.stderr)
+                for pred in folder_errors:
+                    with signals_deferred():
+                        summary.add(pred)
+                        emit(pred)
+                classify(todo, predictor, opts, emit, summary)
+            except KeyboardInterrupt as err:
+                summary.interrupted = True
+                with signals_deferred():
+                    writer.close(summary)
+                saved = (f"{writer.count} records kept in {partial_path(args.output)}; run the same command with --resume "
+                         "to finish" if args.output is not None else f"{writer.count} records written")
+                raise Interrupted(getattr(err, "signum", signal.SIGINT), saved) from None
+            with signals_deferred(deliver=False):  # everything is predicted: a signal now changes nothing
                 writer.close(summary)
-            saved = (f"{writer.count} predictions kept in {partial_path(args.output)}; run the same command with --resume "
-                     "to finish" if args.output is not None else f"{writer.count} predictions written")
-            raise Interrupted(getattr(err, "signum", 2), saved) from None
-        summary.seconds = time.perf_counter() - start
-        with signals_deferred(deliver=False):  # everything is predicted: a signal now changes nothing
-            writer.close(summary)
-            if args.output is not None:
-                out.flush()
-                os.fsync(out.fileno())
-                os.replace(partial_path(args.output), args.output)
+                target.finish()
     print_summary(summary)
     return 1 if summary.failed else 0
+
+
+def run_identity(fmt: RecordFormat, backend: Backend) -> str:
+    """What makes two runs' records belong in one file: a resumed run must have the same."""
+    stat = backend.model_file.stat()
+    return json.dumps({"format": fmt.fmt, "topk": fmt.topk, "model": str(backend.model_file.resolve()),
+                       "model_bytes": stat.st_size, "model_mtime_ns": stat.st_mtime_ns})
+
+
+@dataclass
+class Target:
+    """Where records go: stdout, or `<output>.partial` (with the records an earlier run finished, when resuming)."""
+
+    out: IO[str]
+    done: list[DoneRecord] = field(default_factory=list)
+    finish: Callable[[], None] = lambda: None  # the run is complete: make the output final
+
+
+@contextmanager
+def prediction_file(output: Path | None, fmt: RecordFormat, identity: str, resume: bool) -> Iterator[Target]:
+    """stdout, or `<output>.partial` held under `<output>.partial.lock` (so two runs never write one output).
+
+    With `resume`, the complete records of the partial (else of the finished output) are kept and the
+    file is continued after them (nothing written earlier is rewritten, so a kill at any point loses
+    nothing); an output of another format, top-k or model is refused.
+    """
+    if output is None:
+        yield Target(sys.stdout)
+        return
+    partial = partial_path(output)
+    with output_lock(partial.with_name(partial.name + ".lock"), str(output)) as lock:
+        source = partial if partial.is_file() else output
+        kept, done = b"", []
+        if resume and source.is_file():
+            text = source.read_bytes().decode("utf-8", "surrogateescape")
+            written = read_written(text)
+            check_resumable(written, fmt, source)
+            if lock.previous and lock.previous != identity:
+                raise UsageError(f"--resume: {source} was written {describe_change(lock.previous, identity)}; "
+                                 "run without --resume to start over")
+            kept, done = text[:written.end].encode("utf-8", "surrogateescape"), written.records
+        lock.note(identity)
+        with open(partial, "r+b" if kept and source == partial else "wb") as raw:
+            if source != partial:
+                raw.write(kept)
+            raw.truncate(len(kept))  # a cut-off record or a closing footer goes; complete records stay
+            raw.seek(len(kept))
+            out = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+
+            def finish() -> None:
+                out.flush()
+                os.fsync(raw.fileno())
+                os.replace(partial, output)
+                lock.remove = True
+
+            try:
+                yield Target(out, done, finish)
+            finally:
+                out.flush()
+                out.detach()
+
+
+def describe_change(before: str, now: str) -> str:
+    """`with --topk 3; this run asks for --topk 5` for two run identities (JSON) that differ."""
+    old, new = json.loads(before), json.loads(now)
+    if old.get("model") != new["model"]:
+        return f"by another model ({old.get('model')}); this run uses {new['model']}"
+    for key in ("format", "topk"):
+        if old.get(key) != new[key]:
+            return f"with --{key} {old.get(key)}; this run asks for --{key} {new[key]}"
+    return "by another version of the model file (its size or time changed)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,4 +212,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import UsageError
@@ -50,23 +51,49 @@ def check_output_dir(path: Path, flag: str = "--out", needed_bytes: int = 0) -> 
     _check_writable_folder(_existing_ancestor(path), path, flag, needed_bytes)
 
 
+@dataclass
+class HeldLock:
+    """An output lock while it is held: what the run holding it is, and whether to remove the file at the end."""
+
+    fd: int
+    previous: str  # the note of the last run that held it ("" if none): an interrupted run's identity
+    remove: bool = False  # set when the output is finished: nothing is left to resume
+
+    def note(self, text: str) -> None:
+        """Record what this run is (kept after it ends, for a later run to compare)."""
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n{text}".encode(), 0)
+
+
 @contextmanager
-def output_lock(lock_file: Path, shown: str) -> Iterator[None]:
+def output_lock(lock_file: Path, shown: str) -> Iterator[HeldLock]:
     """Hold an exclusive lock on `lock_file` while a run writes `shown`, so two runs never write one output.
 
     The lock is the kernel's (flock): it goes with the process, so a killed run never leaves a stale
-    lock behind. The file holds the owner's pid, which the refusal names.
+    lock behind. The file holds the owner's pid, which the refusal names, and a note of what the run
+    is, which outlives the run (unless the holder sets `remove`) for a later --resume to compare.
     """
     lock_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            owner = os.pread(fd, 32, 0).decode("ascii", "replace").partition("\n")[0].strip() or "unknown"
+            os.close(fd)
             raise UsageError(f"{shown}: another run (pid {owner}) is writing it; wait for it or choose another output") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        try:  # a holder that finished removed the file after we opened it: lock the new one instead
+            same = os.stat(lock_file).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        held = HeldLock(fd, os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", "replace").partition("\n")[2])
+        held.note(held.previous)  # our pid; the earlier run's note stays until this run says what it is
+        yield held
+        if held.remove:
+            lock_file.unlink(missing_ok=True)
     finally:
         os.close(fd)

@@ -21,7 +21,8 @@ from runtime.artifact import ArtifactError
 from runtime.backends import Backend
 from runtime.errors import UsageError
 from runtime.labels import resolve_labels
-from runtime.preprocess import DEFAULT_MAX_PIXELS, ImageError, Preprocessing, load_and_preprocess, regular_file_error
+from runtime.preprocess import (DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, ImageError, Preprocessing, file_error,
+                                load_and_preprocess)
 
 Top = list[tuple[int, str, float]]  # (class index, label, probability), best first
 
@@ -53,11 +54,10 @@ def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[Top]:
     return [[(int(i), labels[i], float(row[i])) for i in idx] for row, idx in zip(probs, order)]
 
 
-def decode_file(path: Path, spec: Preprocessing, draft: bool = False,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | str:
+def decode_file(path: Path, spec: Preprocessing, draft: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> np.ndarray | str:
     """One file -> pixel array, or the one-line reason it cannot be read (the message names the file)."""
-    # A FIFO or device named like a picture would block or never end; refuse before opening it.
-    reason = regular_file_error(path)
+    reason = file_error(path, max_file_bytes)
     if reason:
         return f"{display_path(path)}: {reason}"
     try:
@@ -84,12 +84,12 @@ def _as_file(data: bytes) -> Iterator[Path]:
             yield Path(f.name)
 
 
-def decode_bytes(data: bytes, name: str, spec: Preprocessing, draft: bool = False,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | str:
+def decode_bytes(data: bytes, name: str, spec: Preprocessing, draft: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> np.ndarray | str:
     """Encoded image bytes (a URI's content, a request item) -> pixels or "<name>: <reason>", through
     the same loader as a file, so the answer is the one runtime.infer gives for that file."""
     with _as_file(data) as local:
-        result = decode_file(local, spec, draft, max_pixels)
+        result = decode_file(local, spec, draft, max_pixels, max_file_bytes)
     return result.replace(display_path(local), name, 1) if isinstance(result, str) else result
 
 

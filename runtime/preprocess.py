@@ -27,6 +27,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 # Pillow's own guard is switched off because this check replaces it (and takes a per-call limit).
 DEFAULT_MAX_PIXELS = 16_000 * 16_000
 Image.MAX_IMAGE_PIXELS = None
+# The default limit on a file's size, checked before it is opened. A 256 Mpx photo is well under it
+# as a JPEG or PNG; a 2 GB file of junk behind a JPEG header holds Pillow's marker scan for minutes
+# (about 6 MB/s), which is the case this bounds.
+DEFAULT_MAX_FILE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -277,12 +281,21 @@ def list_images(paths: list[Path], recursive: bool = False) -> list[Path]:
     return find_images(paths, recursive).files
 
 
-def regular_file_error(path: Path) -> str | None:
-    """Why `path` cannot be opened as an image file without blocking (a FIFO, a device), or None."""
+def file_error(path: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> str | None:
+    """Why `path` cannot be handed to the decoder (a FIFO or device would block; a huge file can hold a
+    decoder for minutes scanning for markers), or None. Checked from `stat`, before the file is opened."""
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except FileNotFoundError:
         return "no such file (or a broken symlink)"
     except PermissionError:
         return "permission denied"
-    return None if stat.S_ISREG(mode) else "not a regular file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_size > max_bytes:
+        return f"refused, {_mib(st.st_size)} is over the limit of {_mib(max_bytes)} (--max-file-bytes)"
+    return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 10 * 2**20 else f"{n / 2**20:,.0f} MiB"

@@ -132,59 +132,187 @@ def test_export_and_benchmarks_refuse_an_output_that_is_a_file(tiny_artifact: Pa
 
 # --- interrupts keep what was finished; --resume completes it --------------------------------------
 
-def _run_and_signal(args: list[str], signum: int, delay: float) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.Popen([PY, "-m", "runtime.infer", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    time.sleep(delay)
-    proc.send_signal(signum)
-    out, err = proc.communicate(timeout=120)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+SPLIT_RECORD = """
+import signal, sys, threading
+import runtime.output
+from runtime.errors import leave
+from runtime.infer import main
+
+at, signum = int(sys.argv[1]), int(sys.argv[2])
+write = runtime.output.PredictionWriter.write
+
+
+class Halves:  # record `at` reaches the file in two writes, the signal delivered to this thread between them
+    def __init__(self, out):
+        self.out = out
+
+    def write(self, text):
+        self.out.write(text[: len(text) // 2])
+        self.out.flush()
+        signal.pthread_kill(threading.get_ident(), signum)
+        self.out.write(text[len(text) // 2 :])
+
+    def flush(self):
+        self.out.flush()
+
+
+def split(self, pred):
+    if self.count != at:
+        return write(self, pred)
+    out, self.out = self.out, Halves(self.out)
+    try:
+        write(self, pred)
+    finally:
+        self.out = out
+
+
+runtime.output.PredictionWriter.write = split
+leave(main(sys.argv[3:]))
+"""
+
+
+def sample_subset(folder: Path, n: int) -> Path:
+    """The first `n` shared photos (links) and a file that fails, sorted first, so every format has an error record."""
+    folder.mkdir()
+    for photo in sorted(SAMPLE_DIR.iterdir())[:n]:
+        (folder / photo.name).symlink_to(photo)
+    (folder / "0-broken.jpg").write_bytes(b"not a picture")
+    return folder
 
 
 @needs_sample()
-@pytest.mark.parametrize(("fmt", "signum", "delay"), [("csv", signal.SIGINT, 1.2), ("json", signal.SIGTERM, 1.6),
-                                                      ("text", signal.SIGINT, 2.0), ("json", signal.SIGTERM, 0.4)])
-def test_interrupt_keeps_a_valid_partial_that_resume_completes(tiny_artifact: Path, tmp_path: Path, fmt: str,
-                                                               signum: int, delay: float) -> None:
-    common = [str(SAMPLE_DIR), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--format", fmt, "--no-progress",
+@pytest.mark.parametrize(("fmt", "signum"), [("text", signal.SIGINT), ("csv", signal.SIGTERM), ("json", signal.SIGINT),
+                                             ("json", signal.SIGTERM)])
+def test_a_signal_mid_record_keeps_whole_records_that_resume_completes(tiny_artifact: Path, tmp_path: Path, fmt: str,
+                                                                      signum: int) -> None:
+    """The signal lands between the two halves of record 6: the record is finished first (only the project's
+    handler defers it: Python's own SIGINT would cut the record, SIGTERM would kill the process), the partial is a
+    valid file of whole records, and --resume completes it into exactly the uninterrupted output, the failed file
+    kept as failed rather than tried again."""
+    images = sample_subset(tmp_path / "images", 24)
+    common = [str(images), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--format", fmt, "--no-progress",
               "--batch-size", "4", "--workers", "1"]
     reference = tmp_path / f"reference.{fmt}"
-    assert cli("runtime.infer", *common, "--output", str(reference)).returncode == 0
+    assert cli("runtime.infer", *common, "--output", str(reference)).returncode == 1
     out = tmp_path / f"out.{fmt}"
-    first = _run_and_signal([*common, "--output", str(out)], signum, delay)
     partial = Path(f"{out}.partial")
-    if first.returncode == 0:  # the signal came after the run finished: the complete file, nothing partial
-        assert out.is_file() and not partial.exists()
+    first = subprocess.run([PY, "-c", SPLIT_RECORD, "6", str(int(signum)), *common, "--output", str(out)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == 128 + signum, first.stderr
+    last = assert_one_line(first.stderr, "infer: ")
+    assert ("interrupted" if signum == signal.SIGINT else "terminated") in last
+    assert f"7 records kept in {partial}; run the same command with --resume" in last
+    assert not out.exists()
+    text = partial.read_text()
+    if fmt == "json":
+        kept = json.loads(text)  # closed into a valid document
+        assert kept["summary"]["interrupted"] is True and len(kept["predictions"]) == kept["summary"]["images"] == 7
     else:
-        assert first.returncode == 128 + signum, first.stderr
-        last = assert_one_line(first.stderr, "infer: ")
-        assert ("interrupted" if signum == signal.SIGINT else "terminated") in last and str(partial) in last
-        assert not out.exists() and partial.is_file()
-        if fmt == "json":
-            kept = json.loads(partial.read_text())  # closed into a valid document
-            assert kept["summary"]["interrupted"] is True and len(kept["predictions"]) < 500
-            done = len(kept["predictions"])
-        else:
-            done = len(partial.read_text().splitlines()) - (fmt == "csv")
-        resumed = cli("runtime.infer", *common, "--output", str(out), "--resume")
-        assert resumed.returncode == 0, resumed.stderr
-        assert (f"resuming: {done} files done earlier, {500 - done} to go" in resumed.stderr) == (done > 0)
-    assert not partial.exists()
+        assert text.endswith("\n") and len(text.splitlines()) == 7 + (fmt == "csv")
+    resumed = cli("runtime.infer", *common, "--output", str(out), "--resume")
+    assert resumed.returncode == 1, resumed.stderr
+    assert "resuming: 7 files done earlier, 18 to go" in resumed.stderr
+    assert f"infer: error: {images / '0-broken.jpg'}" not in resumed.stderr  # not decoded again
+    assert "25 images, 24 predicted (6 from earlier runs), 1 failed" in resumed.stderr
+    assert not partial.exists() and not Path(f"{partial}.lock").exists()
     if fmt == "json":
         got, want = json.loads(out.read_text()), json.loads(reference.read_text())
-        assert got["predictions"] == want["predictions"] and got["summary"]["images"] == 500
+        assert got["predictions"] == want["predictions"] and got["summary"]["images"] == 25
     else:
         assert out.read_text() == reference.read_text()
 
 
+def test_resume_refuses_another_format_topk_or_model(tiny_artifact: Path, tmp_path: Path) -> None:
+    images = photos(tmp_path / "images", 8)
+    out = tmp_path / "out.csv"
+    common = [str(images), "--backend", "ort-cpu", "--no-progress", "--batch-size", "2", "--output", str(out)]
+    model = ["--model", str(tiny_artifact)]
+    first = subprocess.run([PY, "-c", SPLIT_RECORD, "3", str(int(signal.SIGTERM)), *common, *model, "--format", "csv",
+                            "--topk", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 143, first.stderr
+    kept = Path(f"{out}.partial").read_bytes()
+    for changed, says in (
+        ([*model, "--format", "json", "--topk", "2"], "holds csv records; this run asks for --format json"),
+        ([*model, "--format", "csv", "--topk", "3"], "was written with --topk 2; this run asks for --topk 3"),
+        (["--model", str(tiny_artifact / "model.fp16.onnx"), "--format", "csv", "--topk", "2"], "by another model"),
+    ):
+        proc = cli("runtime.infer", *common, *changed, "--resume")
+        assert proc.returncode == 2 and says in assert_one_line(proc.stderr, "infer: error: --resume: "), proc.stderr
+        assert Path(f"{out}.partial").read_bytes() == kept, "a refused resume leaves the partial as it was"
+    proc = cli("runtime.infer", *common, *model, "--format", "csv", "--topk", "2", "--resume")
+    assert proc.returncode == 0 and len(list(csv.DictReader(io.StringIO(out.read_text())))) == 8, proc.stderr
+
+
+def test_a_second_run_on_the_same_output_is_refused_before_work(tiny_artifact: Path, tmp_path: Path) -> None:
+    from runtime.paths import output_lock
+
+    images = photos(tmp_path / "images", 2)
+    out = tmp_path / "out.csv"
+    with output_lock(Path(f"{out}.partial.lock"), str(out)):  # as a first run holds it while it writes
+        proc = cli("runtime.infer", str(images), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--output", str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert f"{out}: another run (pid {os.getpid()}) is writing it" in assert_one_line(proc.stderr, "infer: error: ")
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+def stalling_file(path: Path, size: int = 2 * 2**30) -> Path:
+    """A sparse file behind a JPEG header: Pillow scans it for markers a byte at a time (minutes for 2 GiB)."""
+    with path.open("wb") as f:
+        f.write(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00")
+        f.truncate(size)
+    return path
+
+
+def first_record(partial: Path, proc: subprocess.Popen[str]) -> None:
+    """Wait until the run has written a record to its partial output: the sign it is running with its handlers set."""
+    while proc.poll() is None:
+        if partial.is_file() and partial.read_text().count("\n") >= 2:  # CSV header and one record
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run ended before writing a record: {proc.communicate()}")
+
+
+def test_sigterm_stops_a_run_whose_decoder_is_stuck(tiny_artifact: Path, tmp_path: Path) -> None:
+    """SIGTERM, sent once the first record is on disk, ends the run within seconds although a decode thread is
+    scanning a 2 GiB file; the records are kept, and --resume (with the default --max-file-bytes) refuses that
+    file from its size and finishes."""
+    images = photos(tmp_path / "images", 3)
+    stalling_file(images / "stall.jpg")
+    out = tmp_path / "out.csv"
+    common = [str(images), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--format", "csv", "--no-progress",
+              "--batch-size", "1", "--workers", "1", "--output", str(out)]
+    proc = subprocess.Popen([PY, "-m", "runtime.infer", *common, "--max-file-bytes", str(4 * 2**30)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first_record(Path(f"{out}.partial"), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)  # the scan alone would take minutes
+    assert proc.returncode == 143, err
+    assert "terminated" in assert_one_line(err, "infer: ") and Path(f"{out}.partial").is_file()
+    resumed = cli("runtime.infer", *common, "--resume")
+    assert resumed.returncode == 1, resumed.stderr
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert [Path(r["path"]).name for r in rows] == ["0000.png", "0001.png", "0002.png", "stall.jpg"]
+    assert rows[-1]["error"] == f"{images / 'stall.jpg'}: refused, 2,048 MiB is over the limit of 256 MiB (--max-file-bytes)"
+
+
 def test_sigterm_closes_json_on_stdout(tiny_artifact: Path, tmp_path: Path) -> None:
-    images = photos(tmp_path / "images", 400)
-    proc = _run_and_signal([str(images), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--format", "json",
-                            "--batch-size", "1", "--workers", "1", "--no-progress"], signal.SIGTERM, 1.0)
-    assert proc.returncode in (0, 143), proc.stderr
-    doc = json.loads(proc.stdout)  # complete or interrupted: valid JSON either way
-    assert doc["summary"]["interrupted"] is (proc.returncode == 143)
-    assert len(doc["predictions"]) == doc["summary"]["images"]
+    images = photos(tmp_path / "images", 2)
+    stalling_file(images / "stall.jpg")
+    proc = subprocess.Popen([PY, "-m", "runtime.infer", str(images), "--model", str(tiny_artifact), "--backend", "ort-cpu",
+                             "--format", "json", "--batch-size", "1", "--workers", "1", "--no-progress",
+                             "--max-file-bytes", str(4 * 2**30)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    head = b""
+    while head.count(b"\n") < 2:  # the document's opening and the first record (raw reads: nothing buffered here)
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        assert chunk, proc.communicate()
+        head += chunk
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    doc = json.loads(head + out)  # closed into valid JSON
+    assert doc["summary"]["interrupted"] is True and len(doc["predictions"]) == doc["summary"]["images"]
+    assert doc["summary"]["images"] in (1, 2)
 
 
 # --- inputs that must not get past the guards -----------------------------------------------------

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.verify import compare
 from runtime.artifact import MODEL_FILES, read_onnx_meta
 from runtime.backends import BackendUnavailable, create
+from runtime.compare import compare
 from runtime.errors import UsageError
 
 pytest.importorskip("openvino", reason="openvino is not installed (pip install openvino, or `make install`)")

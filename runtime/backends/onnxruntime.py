@@ -108,7 +108,7 @@ class OrtBackend(Backend):
         opts: dict[str, Any] = {"device_id": 0, "use_tf32": "0" if self.precision == "fp32" else "1"}
         if self.config.io_binding:  # ORT runs on our (non-blocking) stream, so CUDA events recorded there time it
             self._stream = self._stream or cudart.stream_create()
-            opts["user_compute_stream"] = str(int(self._stream))
+            opts["user_compute_stream"] = str(cudart.stream_handle(self._stream))
         if self.cuda_graphs:
             opts["enable_cuda_graph"] = "1"
         return opts
