@@ -38,6 +38,7 @@ CLIS = {
     "benchmarks.export_time": "benchmarks.export_time",
     "benchmarks.distributed_throughput": "benchmarks.distributed_throughput",
     "benchmarks.distributed_listing": "benchmarks.distributed_listing",
+    "benchmarks.serve": "benchmarks.serve",
 }
 FOREIGN_MODULES = {"pytest"}  # shown as commands, not ours to check
 FOREIGN_FLAGS = {"--no-deps"}  # pip's, named where the docs explain an install step
