@@ -37,6 +37,7 @@ CLIS = {
     "benchmarks.int8_latency": "benchmarks.int8_latency",
     "benchmarks.export_time": "benchmarks.export_time",
     "benchmarks.distributed_throughput": "benchmarks.distributed_throughput",
+    "benchmarks.serve": "benchmarks.serve",
 }
 FOREIGN_MODULES = {"pytest"}  # shown as commands, not ours to check
 FOREIGN_FLAGS = {"--no-deps"}  # pip's, named where the docs explain an install step
