@@ -130,7 +130,7 @@ def list_inputs(spec: str) -> Listing:
     suffix = os.path.splitext(path)[1].lower()
     if suffix in IMAGE_SUFFIXES:
         one = _listed([_source(spec, cwd)])
-        return lambda ray: ray.data.from_arrow(one)
+        return lambda r: r.data.from_arrow(one)
     if suffix == ".parquet":
         return _parquet_list(fs, path, spec, cwd)
     return _text_list(fs, path, spec, cwd)
@@ -175,7 +175,7 @@ def _walk(fs: Any, root: str, template: str | None, pattern: list[str] | None, s
         raise UsageError(f"{shown}: cannot read folder ({err.strerror or err})") from None
     todo = pa.table({"folder": [os.fsencode(root), *folders], "recursive": [False] + [True] * len(folders)},
                     schema=pa.schema([("folder", pa.binary()), ("recursive", pa.bool_())]))
-    return lambda ray: ray.data.from_arrow(todo).map_batches(
+    return lambda r: r.data.from_arrow(todo).map_batches(
         walk_batch, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
         fn_kwargs={"template": template, "pattern": pattern})
 
@@ -228,7 +228,7 @@ def _parquet_list(fs: Any, path: str, shown: str, cwd: str) -> Listing:
     if not columns:
         raise UsageError(f"{shown}: a Parquet list needs a `path` column of strings")
     column = "path" if "path" in columns else columns[0]
-    return lambda ray: (ray.data.read_parquet(path, filesystem=fs, columns=[column])
+    return lambda r: (r.data.read_parquet(path, filesystem=fs, columns=[column])
                         .map_batches(names_batch, batch_format="pyarrow", fn_kwargs={"column": column, "cwd": cwd}))
 
 
@@ -243,7 +243,7 @@ def _text_list(fs: Any, path: str, shown: str, cwd: str) -> Listing:
         raise UsageError(f"{shown}: not an image, a .parquet list or a text list of paths") from None
     if len(head) < LIST_PROBE_BYTES and not _names(head.decode("utf-8").splitlines()):
         raise UsageError(f"{shown}: the list names no files")
-    return lambda ray: (ray.data.read_text(path, filesystem=fs)
+    return lambda r: (r.data.read_text(path, filesystem=fs)
                         .map_batches(names_batch, batch_format="pyarrow", fn_kwargs={"column": "text", "cwd": cwd}))
 
 
