@@ -37,7 +37,7 @@ from runtime.artifact import SYNTHETIC_WARNING
 from runtime.batching import DynamicBatcher
 from runtime.cli import add_classify_arguments, check_classify_arguments, open_predictor
 from runtime.cpuinfo import usable_cores
-from runtime.errors import ArgumentParser, Interrupted, Unavailable, UsageError, run_cli
+from runtime.errors import ArgumentParser, Interrupted, Unavailable, UsageError, doc_parser, run_cli
 from runtime.oip import HEADER_LENGTH, InferRequest, ProtocolError, RequestedOutput, encode_response, io_config, parse_request
 from runtime.predictor import Predictor, Top, decode_bytes
 from runtime.preprocess import DEFAULT_MAX_PIXELS
@@ -344,12 +344,17 @@ async def read_body(request: Any, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(f"{declared} bytes")
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(f"more than {limit} bytes received")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLarge(f"more than {limit} bytes received")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise Refused(400, "the client closed the connection before the whole body arrived") from None
     data = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding in ("gzip", "deflate"):
@@ -427,9 +432,7 @@ def _uvicorn_server() -> type:
 
 
 def build_parser() -> ArgumentParser:
-    title, _, usage = (__doc__ or "").partition("\n")
-    p = ArgumentParser(prog="python -m runtime.serve", description=title, epilog=usage,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = doc_parser("python -m runtime.serve", __doc__)
     add_classify_arguments(p, "", batch_flag="--max-batch-size")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the URL printed says which)")
