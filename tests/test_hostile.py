@@ -14,9 +14,12 @@ import json
 import os
 import shutil
 import signal
+import socket
+import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -96,6 +99,62 @@ def test_infer_output_locations_are_refused_before_work(tiny_artifact: Path, tmp
                prefix=without_dac_override())
     assert proc.returncode == 2 and "cannot write" in assert_one_line(proc.stderr, "infer: error: --output")
     assert not list((tmp_path / "ro").iterdir())
+
+
+def test_output_follows_a_symlink_writes_a_fifo_through_and_refuses_a_socket(tiny_artifact: Path, tmp_path: Path) -> None:
+    """Stand-ins for devices (tests never touch the real /dev): a symlink, a FIFO, a socket."""
+    images = photos(tmp_path / "images", 2)
+    model = ("--model", str(tiny_artifact), "--backend", "ort-cpu", "--format", "csv", "--no-progress")
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "latest.csv"
+    link.symlink_to(tmp_path / "real" / "run1.csv")  # dangling until the run writes its target
+    proc = cli("runtime.infer", str(images), *model, "--output", str(link))
+    assert proc.returncode == 0, proc.stderr
+    assert link.is_symlink() and len(list(csv.DictReader(io.StringIO(link.read_text())))) == 2
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["run1.csv"]  # no partial or lock left
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    proc = cli("runtime.infer", str(images), *model, "--output", str(fifo))
+    reader.join(timeout=120)
+    assert proc.returncode == 0 and "records go straight to it" in proc.stderr, proc.stderr
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and len(list(csv.DictReader(io.StringIO(got[0])))) == 2
+    assert not Path(f"{fifo}.partial").exists() and not Path(f"{fifo}.partial.lock").exists()
+    proc = cli("runtime.infer", str(images), *model, "--output", str(fifo), "--resume")
+    assert proc.returncode == 2 and "is a device or FIFO" in assert_one_line(proc.stderr, "infer: error: --resume")
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "sock"))
+        proc = cli("runtime.infer", str(images), *model, "--output", str(tmp_path / "sock"))
+    assert proc.returncode == 2 and "not a regular file, character device or FIFO" in assert_one_line(
+        proc.stderr, "infer: error: --output")
+
+
+def test_closed_stdout_is_refused_before_work(tiny_artifact: Path, tmp_path: Path) -> None:
+    images = photos(tmp_path / "images", 1)
+    proc = subprocess.run([PY, "-m", "runtime.infer", str(images), "--model", str(tiny_artifact), "--backend", "ort-cpu"],
+                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
+                          preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 2, proc.stderr
+    assert "stdout is closed; give --output FILE" in assert_one_line(proc.stderr, "infer: error: ")
+
+
+def test_thread_counts_are_bounded_by_the_usable_cores(tiny_artifact: Path, tmp_path: Path) -> None:
+    from runtime.cpuinfo import usable_cores
+
+    images = photos(tmp_path / "images", 1)
+    far = str(4 * usable_cores() + 1)
+    for args in (("runtime.infer", str(images), "--threads", far), ("runtime.infer", str(images), "--workers", far),
+                 ("benchmarks", "--threads", far, "--out", str(tmp_path / "bench"))):
+        proc = cli(*args, "--model", str(tiny_artifact))
+        assert proc.returncode == 2 and f"{far}: more than 4x the {usable_cores()} usable cores" in assert_one_line(
+            proc.stderr, f"{args[0].split('.')[-1]}: error: --"), proc.stderr
+    above = str(usable_cores() + 1)
+    proc = cli("runtime.infer", str(images), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--threads", above)
+    assert proc.returncode == 0 and f"warning: --threads {above} is more than the {usable_cores()} usable cores" in proc.stderr
 
 
 def test_a_full_disk_is_refused_before_work(tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
