@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
                   "an interrupted run cannot be resumed)", file=sys.stderr)
         if backend.meta.synthetic:
             print(SYNTHETIC_WARNING, file=sys.stderr)
+        if listing.skipped_note():
+            print(f"infer: note: {listing.skipped_note()}", file=sys.stderr)
         for folder in listing.skipped_loops:
             print(f"infer: note: {display_path(folder)}: already visited (a symlink loop); not read again", file=sys.stderr)
         done_keys = {r.key for r in target.done}
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         opts = ClassifyOptions(batch_size=args.batch_size, topk=args.topk, workers=args.workers, draft=args.draft,
                                max_pixels=args.max_pixels, max_file_bytes=args.max_file_bytes)
         with backend, progress_bar(total=len(todo) + len(folder_errors), unit="img", enabled=args.progress) as bar:
-            writer = PredictionWriter(target.out, fmt, written=len(target.done))
+            writer = PredictionWriter(target.out, fmt, len(target.done), target.name, resumable=output is not None)
 
             def emit(pred: Prediction) -> None:  # called with signals deferred, after the prediction was counted
                 writer.write(pred)
@@ -159,6 +161,7 @@ class Target:
     """Where records go: stdout, or `<output>.partial` (with the records an earlier run finished, when resuming)."""
 
     out: IO[str]
+    name: str  # how errors name it
     done: list[DoneRecord] = field(default_factory=list)
     finish: Callable[[], None] = lambda: None  # the run is complete: make the output final
 
@@ -175,10 +178,10 @@ def prediction_file(output: Path | None, stream: Path | None, fmt: RecordFormat,
     """
     if output is None:
         if stream is None:
-            yield Target(sys.stdout)
+            yield Target(sys.stdout, "stdout")
             return
         with open(stream, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-            yield Target(f)
+            yield Target(f, str(stream))
         return
     partial = partial_path(output)
     with output_lock(partial.with_name(partial.name + ".lock"), str(output)) as lock:
@@ -193,12 +196,13 @@ def prediction_file(output: Path | None, stream: Path | None, fmt: RecordFormat,
                                  "run without --resume to start over")
             kept, done = text[:written.end].encode("utf-8", "surrogateescape"), written.records
         lock.note(identity)
-        with open(partial, "r+b" if kept and source == partial else "wb") as raw:
+        # Unbuffered below the text layer: a write that fails (a full disk) leaves nothing pending to fail again.
+        with open(partial, "r+b" if kept and source == partial else "wb", buffering=0) as raw:
             if source != partial:
                 raw.write(kept)
             raw.truncate(len(kept))  # a cut-off record or a closing footer goes; complete records stay
             raw.seek(len(kept))
-            out = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+            out = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="", write_through=True)
 
             def finish() -> None:
                 out.flush()
@@ -207,9 +211,8 @@ def prediction_file(output: Path | None, stream: Path | None, fmt: RecordFormat,
                 lock.remove = True
 
             try:
-                yield Target(out, done, finish)
+                yield Target(out, str(partial), done, finish)
             finally:
-                out.flush()
                 out.detach()
 
 

@@ -48,7 +48,7 @@ def check_output_file(path: Path, flag: str = "--output", needed_bytes: int = 0)
         raise UsageError(f"{flag} {path}: is a folder; give a file name")
     try:
         mode = path.stat().st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a new name (a missing or wrong folder is said below)
         mode = None
     except OSError as err:
         raise UsageError(f"{flag} {path}: {err.strerror or err}") from None
