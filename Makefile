@@ -44,10 +44,12 @@ check-lock:
 	@$(COMPILE) --output-file $(VENV)/lock-check.txt
 	@diff -u $(LOCK) $(VENV)/lock-check.txt || { echo "requirements.lock does not match pyproject.toml: run 'make lock' and commit it" >&2; exit 1; }
 
-# NVIDIA GPU machines: the gpu extra (tensorrt, cuda-python, onnxruntime-gpu, polygraphy). onnxruntime and
-# onnxruntime-gpu share the `onnxruntime` folder, so the CPU one is removed and the GPU one rewritten.
+# NVIDIA GPU machines: the gpu extra (tensorrt, cuda-python, onnxruntime-gpu, polygraphy); GPU_EXTRA=gpu-cu12
+# for a driver older than R580 (CUDA 12 builds). onnxruntime and onnxruntime-gpu share the `onnxruntime`
+# folder, so the CPU one is removed and the GPU one rewritten.
+GPU_EXTRA ?= gpu
 install-gpu: install
-	$(PY) -m pip install --quiet -e '.[gpu]'
+	$(PY) -m pip install --quiet -e '.[$(GPU_EXTRA)]'
 	$(PY) -m pip uninstall --quiet --yes onnxruntime
 	$(PY) -m pip install --quiet --force-reinstall --no-deps 'onnxruntime-gpu>=1.27'
 

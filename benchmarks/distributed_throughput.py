@@ -103,7 +103,9 @@ def measure_distributed(
     t0 = time.perf_counter()
     started = connect(num_cpus=cpus)
     startup_s = time.perf_counter() - t0
-    job_opts = JobOptions(backend=backend, precision=precision, batch_size=batch_size, threads=threads, progress=False)
+    # Small parts, so the rate after the first rows is timed from many commits, not one at the end.
+    job_opts = JobOptions(backend=backend, precision=precision, batch_size=batch_size, threads=threads, progress=False,
+                          rows_per_file=4 * batch_size)
     runs: list[dict[str, float]] = []
     try:
         with tempfile.TemporaryDirectory(prefix="distributed-bench-") as tmp:
@@ -116,7 +118,7 @@ def measure_distributed(
                 arrivals: list[tuple[float, int]] = []
                 t = time.perf_counter()
                 summary = Job(str(listing), f"{tmp}/out{next(outputs)}", str(artifact), job_opts).run(
-                    on_rows=lambda rows: arrivals.append((time.perf_counter(), rows.num_rows)))
+                    on_part=lambda part: arrivals.append((time.perf_counter(), part.rows)))
                 total_s = time.perf_counter() - t
                 if summary.predicted != n or len(arrivals) < 2:
                     raise UsageError(f"{images}: {summary.failures} images failed, or too few to time; use more")

@@ -14,6 +14,7 @@ from calibration.data import Batch, DataError, balanced_order, discover, load_ba
 from calibration.evaluate import run_logits
 from calibration.quantize import METHODS, amax_table, collect_stats, insert_qdq, plan_qdq, quantize_dynamic_cpu
 from runtime.artifact import INT8_CPU_FILE, MODEL_FILES, ArtifactMeta, atomic_path, read_onnx_meta, set_onnx_meta, write_json
+from runtime.backends.trt import engine_path, sidecar_path
 from runtime.compare import compare
 from runtime.errors import UsageError
 from runtime.paths import check_output_dir
@@ -180,5 +181,9 @@ def _write(artifact_dir: Path, meta: ArtifactMeta, shipped: dict[str, onnx.Model
             onnx.save(model, str(tmp))
     if INT8_CPU_FILE not in shipped:  # its accuracy would no longer be in calibration.json
         (artifact_dir / INT8_CPU_FILE).unlink(missing_ok=True)
+    # An int8 engine built from the previous Q/DQ file would run the old scales: it goes with its sidecar.
+    plan = engine_path(artifact_dir, "int8")
+    for derived in (plan, sidecar_path(plan)):
+        derived.unlink(missing_ok=True)
     write_json(artifact_dir / "calibration.json", report)
     return [*shipped, "calibration.json"]

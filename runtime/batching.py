@@ -3,7 +3,9 @@
 Requests wait in a queue; one worker thread takes the oldest and adds the next ones while the
 batch stays within `max_batch` images, until it is full or `max_delay_s` has passed since the
 oldest arrived (requests are never split, so each is answered from one batch, in order). With
-batching off each request runs alone. The backend runs in the worker thread (ONNX Runtime,
+batching off each request runs alone. Unlike Triton, the batcher waits only while `arriving()` says
+more requests are on their way (received by the server, still being read or decoded): a lone request
+runs at once instead of paying the delay, and a burst is still gathered. The backend runs in the worker thread (ONNX Runtime,
 OpenVINO and torch release the GIL), so the event loop keeps reading requests meanwhile.
 A draining server flushes the batcher: what is queued runs at once, without waiting for a delay,
 since no more requests will come to fill the batch.
@@ -66,8 +68,10 @@ class BatchStats:
 class DynamicBatcher(Generic[R]):
     """Gather images from concurrent `submit` calls into backend batches; see the module docstring."""
 
-    def __init__(self, run: Callable[[np.ndarray], list[R]], max_batch: int, max_delay_s: float, enabled: bool = True) -> None:
+    def __init__(self, run: Callable[[np.ndarray], list[R]], max_batch: int, max_delay_s: float, enabled: bool = True,
+                 arriving: Callable[[], int] = lambda: 1) -> None:
         self._run, self.max_batch, self.max_delay_s, self.enabled = run, max_batch, max_delay_s, enabled
+        self._arriving = arriving
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -94,6 +98,11 @@ class DynamicBatcher(Generic[R]):
             self._queue.append(item)
             self._cond.notify()
         return item.future
+
+    def poke(self) -> None:
+        """`arriving()` went down without a submit (a refused request): look again whether to wait."""
+        with self._cond:
+            self._cond.notify()
 
     def flush(self) -> None:
         """From now on run what is queued at once (a draining server expects no requests to fill batches)."""
@@ -125,7 +134,7 @@ class DynamicBatcher(Generic[R]):
                     size += len(batch[-1].pixels)
                     continue
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._flushing:
+                if remaining <= 0 or self._flushing or self._arriving() <= 0:
                     break
                 self._cond.wait(remaining)
             return batch

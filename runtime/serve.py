@@ -83,7 +83,9 @@ class ModelServer:
         self.classes = self.meta.num_labels
         _, _, self.height, self.width = backend.input_shape(1)
         self.pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="decode")
-        self.batcher: DynamicBatcher[Row] = DynamicBatcher(self._run, opts.max_batch, opts.max_delay_s, opts.batching)
+        self.arriving = 0  # requests received but not yet queued for a batch (being read, parsed, decoded)
+        self.batcher: DynamicBatcher[Row] = DynamicBatcher(self._run, opts.max_batch, opts.max_delay_s, opts.batching,
+                                                           lambda: self.arriving)
         self.in_flight = 0
         self.draining = False
         self.answered = 0
@@ -239,18 +241,22 @@ class ModelServer:
         if self.in_flight >= self.opts.max_queue:
             raise Refused(503, f"the server already holds {self.in_flight} requests (--max-queue-size); retry later")
         self.in_flight += 1
+        self.arriving += 1
         try:
             try:
                 data = await body(self.opts.max_request_bytes)
+                req, name, pixels, k = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, self.prepare, data, header_length)
+                queued = self.batcher.submit(pixels)
             except RequestTooLarge as err:
                 raise Refused(413, f"the request is larger than --max-request-bytes {self.opts.max_request_bytes} ({err})") from None
-            loop = asyncio.get_running_loop()
-            try:
-                req, name, pixels, k = await loop.run_in_executor(self.pool, self.prepare, data, header_length)
             except ProtocolError as err:
                 raise Refused(400, str(err)) from None
+            finally:  # queued or refused: no longer on its way, which the batcher must see
+                self.arriving -= 1
+                self.batcher.poke()
             try:
-                rows = await self.batcher.submit(pixels)
+                rows = await queued
             except Exception as err:  # the backend failed on this batch: a server fault, the server serves on
                 raise Refused(500, f"inference failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
             answer = self.respond(req, name, rows, k)

@@ -122,6 +122,9 @@ def test_gate_failure_writes_nothing_and_cli_says_why(trained_artifact: Path, pa
     artifact = _copy_artifact(trained_artifact, tmp_path / "a")
     argv = ["--model", str(artifact), "--calib-dir", str(pattern_dir), "--num-images", "16", "--num-eval", "120",
             "--no-progress"]
+    old_engine = [artifact / "model.int8.plan", artifact / "model.int8.plan.json"]  # built from an earlier calibration
+    for path in old_engine:
+        path.write_text("old scales")
     real = pipeline.compare
 
     def disagreeing(fp32: dict[str, np.ndarray], int8: dict[str, np.ndarray], *args: Any) -> dict:
@@ -131,12 +134,14 @@ def test_gate_failure_writes_nothing_and_cli_says_why(trained_artifact: Path, pa
     assert calibration_cli(argv) == 4
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("calibration: error: accuracy gate failed") and "nothing written" in err[-1]
-    assert sorted(p.name for p in artifact.iterdir()) == [".calib-cache", "export.json", MODEL_FILES["fp32"]]
+    assert sorted(p.name for p in artifact.iterdir()) == sorted([".calib-cache", "export.json", MODEL_FILES["fp32"],
+                                                                 "model.int8.plan", "model.int8.plan.json"])
     monkeypatch.setattr(pipeline, "compare", real)
     assert calibration_cli(argv + ["--min-agreement", "0.9", "--method", "percentile"]) == 0
     out = capsys.readouterr().out
     assert "from cache" in out and "gate: agreement >= 90.00%: passed" in out
     assert (artifact / MODEL_FILES["int8"]).is_file() and (artifact / INT8_CPU_FILE).is_file()
+    assert not any(path.exists() for path in old_engine), "an engine of the old scales would still run"
 
 
 def test_few_evaluation_images_make_the_gate_say_it_is_not_meaningful(trained_artifact: Path, pattern_dir: Path,

@@ -72,11 +72,11 @@ def reference(artifact: Path, files: list[Path], topk: int = 3) -> dict[str, tup
     return {os.path.abspath(p.source): ([i for i, _, _ in p.top or []], [q for _, _, q in p.top or []]) for p in preds}
 
 
-def run_job(inp: str | Path, out: Path, artifact: Path, **opts: Any) -> Any:
+def run_job(inp: str | Path, out: Path, artifact: Path, on_part: Any = None, **opts: Any) -> Any:
     from runtime.distributed import Job, JobOptions
 
     options = JobOptions(**{"backend": "ort-cpu", "batch_size": 8, "topk": 3, "progress": False, **opts})
-    return Job(str(inp), str(out), str(artifact), options).run()
+    return Job(str(inp), str(out), str(artifact), options).run(on_part=on_part)
 
 
 def rows(out: Path) -> Any:
@@ -168,16 +168,15 @@ def classifier_actors() -> dict[int, bytes]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the actor's process in /proc")
 def test_a_killed_actor_loses_and_duplicates_no_row(ray_session: Any, tiny_artifact: Path, big_photos: Path,
-                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from runtime.distributed import PartWriter
+                                                     tmp_path: Path) -> None:
+    from runtime.distributed.writer import Part
 
     killed: list[int] = []
     after: set[int] = set()
-    add = PartWriter.add
 
-    def kill_first_then_add(self: PartWriter, table: Any) -> None:
+    def kill_on_first_part(part: Part) -> None:
         actors = classifier_actors()
-        if not killed:  # the first rows are here: the actor is mid-run, decoding is not finished
+        if not killed:  # the first part is committed: the actor is mid-run, decoding is not finished
             assert actors
             for pid, title in actors.items():
                 assert b"decode" not in title  # decoding is its own stage, not fused into the actor
@@ -185,10 +184,8 @@ def test_a_killed_actor_loses_and_duplicates_no_row(ray_session: Any, tiny_artif
                 killed.append(pid)
         else:
             after.update(actors)
-        add(self, table)
 
-    monkeypatch.setattr(PartWriter, "add", kill_first_then_add)
-    summary = run_job(big_photos, tmp_path / "out", tiny_artifact)
+    summary = run_job(big_photos, tmp_path / "out", tiny_artifact, rows_per_file=8, on_part=kill_on_first_part)
     table = rows(tmp_path / "out")
     assert killed and after - set(killed), "the actor was not restarted after the kill: nothing was left to do"
     assert summary.images == summary.predicted == BIG_COPIES
@@ -213,46 +210,51 @@ def test_resume_skips_what_the_output_holds(ray_session: Any, tiny_artifact: Pat
     assert_same_answers(table, reference(tiny_artifact, files))
     done = run_job(photos, out, tiny_artifact, fmt="jsonl")
     assert (done.resumed, done.images) == (len(files), len(files))
+    from runtime.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"holds rows made with topk 3; this run would use topk 2"):
+        run_job(photos, out, tiny_artifact, fmt="jsonl", topk=2)
 
 
 def test_an_interrupted_run_keeps_whole_parts_and_resumes_to_the_same_rows(
-        ray_session: Any, tiny_artifact: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from runtime.distributed import PartWriter
+        ray_session: Any, tiny_artifact: Path, photos: Path, tmp_path: Path) -> None:
+    from runtime.distributed.writer import Part
     from runtime.errors import Interrupted
 
     files = images(photos)
-    calls: list[int] = []
-    add = PartWriter.add
+    parts: list[int] = []
 
-    def ctrl_c_on_third(self: PartWriter, table: Any) -> None:
-        calls.append(table.num_rows)
-        if len(calls) == 3:
+    def ctrl_c_on_third(part: Part) -> None:
+        parts.append(part.rows)
+        if len(parts) == 3:
             raise KeyboardInterrupt
-        add(self, table)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(PartWriter, "add", ctrl_c_on_third)
     with pytest.raises(Interrupted) as info:
-        run_job(photos, out, tiny_artifact, rows_per_file=4)
-    kept = calls[0] + calls[1]
+        run_job(photos, out, tiny_artifact, rows_per_file=4, on_part=ctrl_c_on_third)
+    kept = sum(parts)
     assert f"{kept} rows of this run committed" in str(info.value.saved)
-    assert len(rows(out)) == kept and not list(out.glob("_tmp-*"))
-    monkeypatch.setattr(PartWriter, "add", add)
+    assert len(rows(out)) == kept
     summary = run_job(photos, out, tiny_artifact, rows_per_file=4)
+    assert not list(out.glob("_tmp-*"))  # parts written when the first run stopped were never committed
     assert (summary.resumed, summary.images) == (kept, len(files))
     table = rows(out)
     assert len(table) == table["path"].nunique() == len(files)
     assert_same_answers(table, reference(tiny_artifact, files))
 
 
-def test_every_input_kind_lists_the_same_images(photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pa = pytest.importorskip("pyarrow")
+def test_every_input_kind_lists_the_same_images(ray_session: Any, photos: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from runtime.distributed import list_inputs
 
+    def keys(spec: str) -> list[str]:
+        return sorted(row["key"] for row in list_inputs(spec)(ray_session).take_all())
+
     files = [str(f) for f in images(photos)]
-    (tmp_path / "list.txt").write_text("# photos\n" + "\n".join(files + files[:1]) + "\n\n")
+    (tmp_path / "list.txt").write_text("# photos\n" + "\n".join(files) + "\n\n")
     pq.write_table(pa.table({"n": range(len(files)), "path": files}), tmp_path / "list.parquet")
     monkeypatch.chdir(photos)
     kinds = {
@@ -262,13 +264,10 @@ def test_every_input_kind_lists_the_same_images(photos: Path, tmp_path: Path, mo
         "parquet list": str(tmp_path / "list.parquet"),
     }
     for kind, spec in kinds.items():
-        listed = list_inputs(spec)
-        assert sorted(listed.keys.to_pylist()) == sorted(files), kind
-    assert list_inputs(str(tmp_path / "list.txt")).duplicates == 1
-    assert list_inputs("a/*.jpg").keys.to_pylist() == [f for f in files if "/a/" in f]
-    uris = list_inputs(f"file://{photos}/**/p0*.jpg").keys.to_pylist()
-    assert uris == [f"file://{f}" for f in files if Path(f).name.startswith("p0")]
-    assert list_inputs(f"file://{photos}").keys.to_pylist() == [f"file://{f}" for f in files]
+        assert keys(spec) == sorted(files), kind
+    assert keys("a/*.jpg") == [f for f in files if "/a/" in f]
+    assert keys(f"file://{photos}/**/p0*.jpg") == [f"file://{f}" for f in files if Path(f).name.startswith("p0")]
+    assert keys(f"file://{photos}") == [f"file://{f}" for f in files]
 
 
 def test_uris_are_read_through_pyarrow_with_the_same_answers(ray_session: Any, tiny_artifact: Path, photos: Path,
@@ -318,3 +317,81 @@ def test_without_ray_the_cli_says_how_to_install_it(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert done.returncode == 6, done.stderr
     assert "pip install -e '.[distributed]'" in done.stderr
+
+
+NODE_LOSS = """
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from runtime.distributed import Job, JobOptions, connect
+
+inp, out, artifact = sys.argv[1:4]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 256 * 2**20})
+worker = cluster.add_node(num_cpus=2, object_store_memory=256 * 2**20)
+cluster.wait_for_nodes()
+ray.init(address=cluster.address)
+connect()
+removed = []
+
+def remove_worker_on_first_part(part):
+    if not removed:  # a part is committed: the job is mid-run on both nodes
+        cluster.remove_node(worker)
+    removed.append(part.rows)
+
+opts = JobOptions(backend="ort-cpu", batch_size=8, topk=3, progress=False, rows_per_file=8, stall_s=60)
+summary = Job(inp, out, artifact, opts).run(on_part=remove_worker_on_first_part)
+print(json.dumps({"parts_after": len(removed) - 1, "images": summary.images, "predicted": summary.predicted,
+                  "alive": len([n for n in ray.nodes() if n["Alive"]])}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_a_node_lost_mid_job_leaves_exactly_one_row_per_input(tiny_artifact: Path, big_photos: Path,
+                                                               tmp_path: Path) -> None:
+    """Two raylets (ray.cluster_utils.Cluster, in a process of its own); the second is removed once the
+    first part is committed, and the job ends on the head alone with every input once."""
+    pytest.importorskip("ray.data", reason="Ray Data is not installed")
+    import json
+
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", NODE_LOSS, str(big_photos), str(out), str(tiny_artifact)],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["parts_after"] > 0 and result["alive"] == 1  # the job went on after the node was gone
+    assert result["images"] == result["predicted"] == BIG_COPIES
+    table = rows(out)
+    assert len(table) == table["path"].nunique() == BIG_COPIES
+    assert sorted(table["path"]) == [str(f) for f in images(big_photos)]
+
+
+def test_the_stall_watchdog_interrupts_a_job_that_makes_no_progress() -> None:
+    """The watchdog reads the actors' counter; a counter that never moves ends the wait with the stall reason."""
+    import time
+
+    from runtime.distributed.job import Watchdog
+
+    class Stuck:  # the counter actor's handle: `get.remote()` is a reference that `ray.get` resolves
+        class get:  # noqa: N801
+            @staticmethod
+            def remote() -> int:
+                return 7
+
+    class NoRay:
+        def get(self, ref: int, timeout: float) -> int:
+            return ref
+
+    class Bar:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def update(self, n: int) -> None:
+            self.n += n
+
+    watch, bar = Watchdog(NoRay(), Stuck(), stall_s=0.5, poll_s=0.05), Bar()
+    with pytest.raises(KeyboardInterrupt), watch.running(bar):
+        time.sleep(60)  # the driver waiting inside Ray for a row that never comes
+    assert bar.n == 7 and watch.stalled is not None
+    assert watch.stalled.startswith("no input classified for 0.5 s (")

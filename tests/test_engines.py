@@ -11,14 +11,16 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 
 from export.engines import attention_note, count_fused_attention, missing_prerequisites, plan_engines
 from runtime.artifact import ArtifactError, file_sha256, model_path, read_onnx_meta
 from runtime.auto import choose
-from runtime.backends import BackendUnavailable, cudart
+from runtime.backends import BackendUnavailable, create, cudart
 from runtime.backends.onnxruntime import ORT_TRT
 from runtime.backends.trt import (
     EngineError,
@@ -31,7 +33,7 @@ from runtime.backends.trt import (
     sidecar_path,
     tensorrt_unavailable_reason,
 )
-from runtime.errors import UsageError
+from runtime.errors import MODEL, UsageError, exit_code
 
 ROOT = Path(__file__).resolve().parents[1]
 H100 = cudart.GpuInfo("NVIDIA H100 80GB HBM3", "9.0", 80 * 2**30)
@@ -48,6 +50,7 @@ def fake_engine(artifact: Path, precision: str = "fp16", payload: bytes = b"\x00
     meta = read_onnx_meta(model_path(artifact, precision))
     sidecar = {
         "format": 1, "engine": plan.name, "engine_bytes": len(payload), "engine_sha256": file_sha256(plan),
+        "source_onnx": model_path(artifact, precision).name, "source_sha256": file_sha256(model_path(artifact, precision)),
         "tensorrt_version": trt_version, "gpu": gpu.to_dict(), "precision": precision,
         "profile": {"input": "pixel_values", "min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [8, 3, 32, 32]},
         "artifact_meta": json.loads(meta.to_json()),
@@ -174,6 +177,25 @@ def test_feature_detection_without_gpu(artifact: Path) -> None:
     assert choice.backend != "trt" and choice.passed_over["trt fp16"] == GPU_REASON
 
 
+def test_a_stale_engine_is_refused_and_auto_passes_it_over(artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine built from an ONNX file that changed since (re-export, re-calibration) would run the old model."""
+    plan = fake_engine(artifact, "fp16")
+    assert TRT.missing_files(artifact, "fp16") is None and TRT(artifact).model_file == plan
+    model = onnx.load(str(model_path(artifact, "fp16")))
+    model.doc_string = "exported again"
+    onnx.save(model, str(model_path(artifact, "fp16")))
+    rebuild = f"python -m export.engines --model {artifact} --precision fp16"
+    reason = TRT.missing_files(artifact, "fp16")
+    assert reason is not None and "stale" in reason and "model.fp16.onnx changed" in reason and rebuild in reason
+    for named in (None, plan):
+        with pytest.raises(EngineError, match="stale") as err:
+            TRT(artifact, model_file=named)
+        assert rebuild in one_line(err) and exit_code(err.value) == MODEL
+    monkeypatch.setattr(TRT, "unavailable_reason", lambda: None)  # as on a machine with TensorRT and a GPU
+    choice = choose(artifact, batch_size=2)
+    assert choice.backend != "trt" and "stale" in choice.passed_over["trt fp16"]
+
+
 def test_a_named_engine_file_means_that_file(artifact: Path) -> None:
     """--model .../model.int8.plan runs that engine; an ONNX file given to trt is refused, not swapped."""
     fake_engine(artifact, precision="fp16")
@@ -203,6 +225,40 @@ def test_cuda_status_is_checked() -> None:
     with pytest.raises(cudart.CudaError, match="cudaMalloc failed: cudaErrorMemoryAllocation"):
         cudart._check("cudaMalloc", (rt.cudaError_t.cudaErrorMemoryAllocation, None))
 
+
+
+class OldDriverRuntime:
+    """cuda.bindings.runtime as it answers on a machine whose driver is older than its CUDA runtime (or absent: 0)."""
+
+    def __init__(self, driver: int) -> None:
+        import cuda.bindings.runtime as rt
+
+        self.cudaError_t, self.driver = rt.cudaError_t, driver
+
+    def cudaGetDeviceCount(self) -> tuple[object, None]:
+        return self.cudaError_t.cudaErrorInsufficientDriver, None
+
+    def cudaDriverGetVersion(self) -> tuple[object, int]:
+        return self.cudaError_t.cudaSuccess, self.driver
+
+    def cudaRuntimeGetVersion(self) -> tuple[object, int]:
+        return self.cudaError_t.cudaSuccess, 13040
+
+
+def test_an_old_driver_is_not_reported_as_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("cuda.bindings.runtime")
+    monkeypatch.setattr(cudart, "_rt", lambda: OldDriverRuntime(12020))
+    reason = cudart.gpu_unavailable_reason() or ""
+    assert "no usable NVIDIA GPU" not in reason
+    assert "supports CUDA 12.2" in reason and "CUDA 13.4 runtime" in reason and "R580" in reason
+    assert "GPU_EXTRA=gpu-cu12" in reason
+    monkeypatch.setattr(cudart, "_rt", lambda: OldDriverRuntime(0))
+    assert "no NVIDIA driver found" in (cudart.gpu_unavailable_reason() or "")
+
+
+def test_stream_handle_is_the_streams_address() -> None:
+    rt = pytest.importorskip("cuda.bindings.runtime")
+    assert cudart.stream_handle(rt.cudaStream_t(0x1234)) == 0x1234
 
 
 @pytest.mark.skipif(cudart.gpu_unavailable_reason() is None, reason="this machine has a GPU")
@@ -341,6 +397,45 @@ def test_polygraphy_cross_check_commands(artifact: Path, tmp_path: Path) -> None
     assert check[check.index("--load-inputs") + 1] == save[save.index("--save-inputs") + 1]
 
 
+def test_polygraphy_runs_from_this_environment_bounded_and_finds_pip_cuda(
+        artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make gpu-check` runs .venv/bin/python without .venv/bin on PATH: Polygraphy is found beside it, each
+    run has a timeout, and pip's CUDA libraries are on LD_LIBRARY_PATH for Polygraphy's ctypes load of libcudart."""
+    from benchmarks import gpu_check
+
+    bin_dir, site_packages = tmp_path / "venv" / "bin", tmp_path / "venv" / "site-packages"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "polygraphy").write_text("#!/bin/sh\n")
+    (bin_dir / "polygraphy").chmod(0o755)
+    for lib in ("cu13", "cudnn"):
+        (site_packages / "nvidia" / lib / "lib").mkdir(parents=True)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/mine")
+    monkeypatch.setattr(gpu_check.sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setattr(gpu_check.site, "getsitepackages", lambda: [str(site_packages)])
+    runs: list[dict[str, Any]] = []
+
+    def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        runs.append({"cmd": cmd, **kwargs})
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", run)
+    assert "matches ONNX Runtime fp32" in gpu_check._polygraphy(artifact, "fp16")
+    assert [r["cmd"][0] for r in runs] == [str(bin_dir / "polygraphy")] * 2
+    assert all(r["timeout"] == gpu_check.POLYGRAPHY_TIMEOUT_S for r in runs)
+    assert runs[0]["env"]["LD_LIBRARY_PATH"].split(":") == [str(site_packages / "nvidia" / "cu13" / "lib"),
+                                                          str(site_packages / "nvidia" / "cudnn" / "lib"), "/opt/mine"]
+
+    def hung(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", hung)
+    with pytest.raises(gpu_check.StepFailed, match="did not finish within 900 s"):
+        gpu_check._polygraphy(artifact, "fp16")
+    with pytest.raises(gpu_check.StepFailed, match="did not finish within"):
+        gpu_check._run_cli(["benchmarks", "--help"])
+
+
 @pytest.mark.skipif(GPU_REASON is None, reason="this machine has TensorRT and a GPU")
 def test_gpu_check_without_a_gpu_skips_every_step_and_says_why(capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks.gpu_check import gpu_missing, main
@@ -354,3 +449,74 @@ def test_gpu_check_without_a_gpu_skips_every_step_and_says_why(capsys: pytest.Ca
     assert err.count("\n") == 1 and err.startswith("gpu_check: error: no GPU step")
     assert all(reason in err for reason in gpu_missing().values())  # each missing piece is named
     assert not Path("/nonexistent/never-written").exists()
+
+
+class Enqueued:
+    """cudart and a TensorRT execution context that record, in order, what the backend enqueues on its stream."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[str] = []
+        for name in ("copy_to_device", "copy_to_host", "stream_synchronize", "graph_launch", "capture_begin"):
+            monkeypatch.setattr(cudart, name, self.recorder(name))
+        monkeypatch.setattr(cudart, "capture_end", self.recorder("capture_end", "graph"))
+        monkeypatch.setattr(cudart, "event_create", object)
+        monkeypatch.setattr(cudart, "event_record", self.recorder("event"))
+        monkeypatch.setattr(cudart, "event_elapsed_ms", lambda start, end: 1.0)
+        monkeypatch.setattr(cudart, "event_destroy", lambda event: None)
+        monkeypatch.setattr(cudart, "stream_handle", lambda stream: 7)
+
+    def recorder(self, name: str, result: object = None) -> Any:
+        def call(*args: object) -> object:
+            self.calls.append(name)
+            return result
+        return call
+
+    # the IExecutionContext calls the trt backend makes
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        return True
+
+    def execute_async_v3(self, stream: object) -> bool:
+        self.calls.append("execute")
+        return True
+
+    # ONNX Runtime's session and device input, for ort-cuda
+    def run_with_iobinding(self, io: object, options: object) -> None:
+        self.calls.append("execute")
+
+    def update_inplace(self, array: np.ndarray) -> None:
+        self.calls.append("copy_to_device")
+
+    def timed(self) -> list[list[str]]:
+        """What was enqueued between each start and end event."""
+        events = [i for i, c in enumerate(self.calls) if c == "event"]
+        return [self.calls[a + 1 : b] for a, b in zip(events[::2], events[1::2])]
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_trt_times_execution_only_on_a_device_resident_input(artifact: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             graphs: bool) -> None:
+    """Like every CUDA-event row, trt's events hold the engine's execution and no copy; `run` copies."""
+    fake_engine(artifact, "fp16")
+    enqueued = Enqueued(monkeypatch)
+    backend = TensorRTKind(cuda_graphs=graphs)(artifact)
+    backend._context, backend._stream = enqueued, "stream"  # type: ignore[assignment]
+    backend.output_names = ["logits"]
+    backend._pinned = {"pixel_values": (1, np.zeros((8, 3, 32, 32), np.float32)), "logits": (2, np.zeros((8, 10), np.float32))}
+    backend._device = {"pixel_values": 11, "logits": 12}
+    x = np.ones((2, 3, 32, 32), np.float32)
+    assert backend.time_runs(x, 3) == [1.0, 1.0, 1.0]
+    assert enqueued.timed() == [["graph_launch" if graphs else "execute"]] * 3
+    assert enqueued.calls.index("copy_to_device") < enqueued.calls.index("event")
+    enqueued.calls.clear()
+    backend.run(x)
+    assert enqueued.calls == ["copy_to_device", "graph_launch" if graphs else "execute", "copy_to_host", "stream_synchronize"]
+
+
+def test_ort_cuda_times_execution_only_on_a_device_resident_input(artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    enqueued = Enqueued(monkeypatch)
+    backend = create("ort-cuda", artifact)
+    backend.session, backend._stream = enqueued, "stream"  # type: ignore[attr-defined]
+    backend._bound[2] = (object(), enqueued, [], 1)  # type: ignore[attr-defined]
+    assert backend.time_runs(np.ones((2, 3, 32, 32), np.float32), 3) == [1.0, 1.0, 1.0]  # type: ignore[attr-defined]
+    assert enqueued.timed() == [["execute"]] * 3
+    assert enqueued.calls.index("copy_to_device") < enqueued.calls.index("event")

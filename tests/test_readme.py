@@ -37,6 +37,8 @@ CLIS = {
     "benchmarks.int8_latency": "benchmarks.int8_latency",
     "benchmarks.export_time": "benchmarks.export_time",
     "benchmarks.distributed_throughput": "benchmarks.distributed_throughput",
+    "benchmarks.distributed_listing": "benchmarks.distributed_listing",
+    "benchmarks.serve": "benchmarks.serve",
 }
 FOREIGN_MODULES = {"pytest"}  # shown as commands, not ours to check
 FOREIGN_FLAGS = {"--no-deps"}  # pip's, named where the docs explain an install step
@@ -187,12 +189,15 @@ def test_the_files_the_docs_say_the_export_writes_are_its_constants() -> None:
     assert written <= _export_row_names(), f"the README's export row does not list {sorted(written - _export_row_names())}"
 
 
-def test_the_files_the_docs_say_the_export_writes_are_written(tiny_artifact: Path) -> None:
-    """Names the docs list for the export are the files of a real export folder, and every file there is listed."""
-    from runtime.auto import CACHE_FILE
+def test_the_files_the_docs_say_the_export_writes_are_written(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Names the docs list for the export are the files of a real export folder, and every file there is listed.
 
-    # auto-choice.json is the runtime's cache (written by any earlier `--backend auto` run on this artifact), not the export's
-    written = {p.name for p in tiny_artifact.iterdir() if not p.name.startswith(".") and p.name != CACHE_FILE}
+    A fresh export: the session's shared artifact also holds what later stages add to it.
+    """
+    from export.pipeline import ExportOptions, export_checkpoint
+
+    export_checkpoint(ExportOptions(str(tiny_checkpoint), out_root=tmp_path, progress=False))
+    written = {p.name for p in (tmp_path / tiny_checkpoint.name).iterdir() if not p.name.startswith(".")}
     table = _file_names(" ".join(row[0] for row in _table(TEXT[ROOT / "docs" / "export.md"], "| file | what |")))
     assert table == written
     assert _export_row_names() == written

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import SAMPLE_DIR, needs_sample
+from benchmarks.serve import launch
 from runtime.backends import create
 from runtime.classify import ClassifyOptions, classify
 from runtime.predictor import Prediction, Predictor
@@ -31,30 +29,15 @@ from runtime.serve import main
 httpclient = pytest.importorskip("tritonclient.http", reason="the serve extra is not installed: pip install -e '.[serve]'")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 NAME = "tiny-deit"
 
 
 @contextmanager
 def serving(artifact: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """A server process; yields it and its host:port once it printed that it is ready."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", str(artifact), "--backend", "ort-cpu",
-                             "--port", "0", "--threads", "1", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # the banner comes once the server listens with the model loaded
-        match = re.search(r"http://([^/]+)/v2/models/(\S+) ready", line)
-        if not match:
-            proc.kill()
-            pytest.fail(f"the server did not start: {line!r} {proc.communicate()[1]}")
-        assert match.group(2) == NAME
-        yield proc, match.group(1)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+    """A server process on the tiny model; yields it and its host:port once it printed that it is ready."""
+    with launch(artifact, "--backend", "ort-cpu", "--threads", "1", *args) as (proc, url, name):
+        assert name == NAME
+        yield proc, url
 
 
 @pytest.fixture(scope="module")
@@ -194,20 +177,6 @@ def test_oversized_request_gets_413(client: httpclient.InferenceServerClient) ->
     assert client.is_server_ready()
 
 
-def test_concurrent_requests_share_a_backend_batch(tiny_artifact: Path) -> None:
-    """With a long queue delay a batch runs only once it is full: four one-image requests make one batch of four."""
-    with serving(tiny_artifact, "--max-batch-size", "4", "--max-queue-delay-ms", "600000") as (_, url):
-        client = httpclient.InferenceServerClient(url, concurrency=4)
-        items = [photo_bytes(i) for i in range(4)]
-        pending = [client.async_infer(NAME, [images_input([item])]) for item in items]
-        answers = [p.get_result().as_numpy("topk_indices")[0].tolist() for p in pending]
-        together = client.infer(NAME, [images_input(items)]).as_numpy("topk_indices").tolist()
-        assert answers == together  # each request got its own rows back
-        stats = client.get_inference_statistics(NAME)["model_stats"][0]
-        assert stats["inference_count"] == 8 and stats["execution_count"] == 2
-        assert [(b["batch_size"], b["compute_infer"]["count"]) for b in stats["batch_stats"]] == [(4, 2)]
-
-
 def raw_request_start(url: str, body: bytes) -> socket.socket:
     """Send an infer request's headers and half its body, so the server holds it in flight."""
     host, port = url.rsplit(":", 1)
@@ -226,18 +195,62 @@ def wait_for(condition, what: str, limit_s: float = 60) -> None:  # type: ignore
         time.sleep(0.02)
 
 
+def finish_request(sock: socket.socket, body: bytes) -> None:
+    """Send the rest of a held request's body."""
+    sock.sendall(body[len(body) // 2 :])
+
+
+def read_answer(sock: socket.socket) -> tuple[bytes, dict]:  # type: ignore[type-arg]
+    """A finished request's status line and JSON answer."""
+    response = b""
+    while chunk := sock.recv(65536):
+        response += chunk
+    sock.close()
+    head, _, payload = response.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], json.loads(payload)
+
+
+def pixels_body(pixels: np.ndarray) -> bytes:
+    return json.dumps({"inputs": [{"name": "pixel_values", "datatype": "FP32", "shape": list(pixels.shape),
+                                   "data": pixels.reshape(-1).tolist()}], "outputs": [{"name": "logits"}]}).encode()
+
+
+def in_flight(client: httpclient.InferenceServerClient) -> int:
+    return client.get_inference_statistics(NAME)["model_stats"][0]["queue_now"]["in_flight"]
+
+
+def test_requests_on_their_way_share_a_backend_batch(tiny_artifact: Path) -> None:
+    """Four requests the server has received wait for each other (the queue delay is long): one batch of four,
+    each request answered with its own rows. A lone request then runs at once instead of waiting the delay."""
+    with serving(tiny_artifact, "--max-batch-size", "4", "--max-queue-delay-ms", "600000") as (_, url):
+        client = httpclient.InferenceServerClient(url, network_timeout=120)
+        pixels = np.random.default_rng(1).standard_normal((4, 1, 3, 32, 32)).astype(np.float32)
+        bodies = [pixels_body(p) for p in pixels]
+        held = [raw_request_start(url, b) for b in bodies]
+        wait_for(lambda: in_flight(client) == 4, "the server holds the four requests")
+        for sock, b in zip(held, bodies):
+            finish_request(sock, b)
+        answers = [read_answer(sock) for sock in held]
+        assert all(status.endswith(b"200 OK") for status, _ in answers), answers
+        with create("ort-cpu", tiny_artifact, max_batch=4, threads=1) as backend:
+            expected = backend.infer(pixels[:, 0])["logits"]
+        for (_, answer), row in zip(answers, expected):
+            np.testing.assert_allclose(answer["outputs"][0]["data"], row, atol=1e-5)
+        stats = client.get_inference_statistics(NAME)["model_stats"][0]
+        assert [(b["batch_size"], b["compute_infer"]["count"]) for b in stats["batch_stats"]] == [(4, 1)]
+        assert client.infer(NAME, [pixels_input(pixels[0])]).as_numpy("logits").shape == (1, 10)
+        stats = client.get_inference_statistics(NAME)["model_stats"][0]
+        assert [(b["batch_size"], b["compute_infer"]["count"]) for b in stats["batch_stats"]] == [(1, 1), (4, 1)]
+        assert stats["inference_count"] == 5 and stats["execution_count"] == 2
+
+
 def test_full_queue_gets_503_and_sigterm_drains(tiny_artifact: Path) -> None:
     with serving(tiny_artifact, "--max-queue-size", "1", "--max-queue-delay-ms", "600000") as (proc, url):
         client = httpclient.InferenceServerClient(url)
         pixels = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
-        body = json.dumps({"inputs": [{"name": "pixel_values", "datatype": "FP32", "shape": [1, 3, 32, 32],
-                                       "data": pixels.reshape(-1).tolist()}], "outputs": [{"name": "logits"}]}).encode()
+        body = pixels_body(pixels)
         held = raw_request_start(url, body)
-
-        def in_flight() -> int:
-            return client.get_inference_statistics(NAME)["model_stats"][0]["queue_now"]["in_flight"]
-
-        wait_for(lambda: in_flight() == 1, "the server holds the first request")
+        wait_for(lambda: in_flight(client) == 1, "the server holds the first request")
         status, message = refused(client, [pixels_input(pixels)])
         assert status == "503" and "--max-queue-size" in message
 
@@ -247,14 +260,10 @@ def test_full_queue_gets_503_and_sigterm_drains(tiny_artifact: Path) -> None:
         assert status == "503" and "shutting down" in message
         assert proc.poll() is None  # it waits for the request it holds
 
-        held.sendall(body[len(body) // 2 :])
-        response = b""
-        while chunk := held.recv(65536):
-            response += chunk
-        held.close()
-        head, _, payload = response.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200"), response[:300]
-        (out,) = json.loads(payload)["outputs"]
+        finish_request(held, body)
+        status, answer = read_answer(held)
+        assert status.endswith(b"200 OK"), answer
+        (out,) = answer["outputs"]
         with create("ort-cpu", tiny_artifact, max_batch=1, threads=1) as backend:
             np.testing.assert_allclose(np.array(out["data"]).reshape(1, 10), backend.infer(pixels)["logits"], atol=1e-5)
         assert proc.wait(timeout=60) == 143
@@ -287,3 +296,25 @@ def test_drain_with_nothing_in_flight_exits_143_at_once(tiny_artifact: Path) -> 
         assert httpclient.InferenceServerClient(url).is_server_ready()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 143
+
+
+def test_the_load_benchmark_reports_every_cell(tiny_artifact: Path, tmp_path: Path) -> None:
+    from benchmarks.serve import main as bench
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        (photos / f"p{i}.png").write_bytes(photo_bytes(i))
+    out = tmp_path / "out"
+    assert bench(["--model", str(tiny_artifact), "--images", str(photos), "--concurrency", "1,2", "--seconds", "0.5",
+                  "--overload", "8", "--threads", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "serving.json").read_text())
+    cells = {(c["inputs"], c["batching"], c["concurrency"]) for c in report["cells"]}
+    assert cells == {(k, b, c) for k in ("BYTES", "FP32") for b in (True, False) for c in (1, 2)}
+    assert all(c["requests"] > 0 and c["errors"] == 0 for c in report["cells"])
+    assert report["agreement"]["same_top1"] == 6 and not report["agreement"]["differ"]
+    overload = report["overload"]
+    assert overload["ok"] + overload["refused_503"] == 24 and overload["errors"] == 0 and overload["alive_and_ready_after"]
+    assert report["offline"]["images_per_s"] > 0
+    text = (out / "serving.md").read_text()
+    assert "| BYTES | on | 2 |" in text and "6 of 6 photos" in text and (out / "serving.png").stat().st_size > 0

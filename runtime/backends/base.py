@@ -91,7 +91,7 @@ class BackendKind(ABC):
         return (self.model_file_for(artifact_dir, precision),)
 
     def missing_files(self, artifact_dir: str | Path, precision: str | None = None) -> str | None:
-        """None when the artifact has what this backend needs at `precision`, else the first thing missing."""
+        """None when the artifact has what this backend needs at `precision`, else the first thing missing or unusable."""
         precision = precision or self.default_precision
         if precision not in self.precisions:
             return f"{self.name} does not run {precision}"
@@ -99,7 +99,11 @@ class BackendKind(ABC):
         if reason:
             return reason
         absent = [p for p in self.needed_files(Path(artifact_dir), precision) if not p.is_file()]
-        return f"{absent[0]} not found{self.missing_hint}" if absent else None
+        return f"{absent[0]} not found{self.missing_hint}" if absent else self.files_unusable(Path(artifact_dir), precision)
+
+    def files_unusable(self, artifact_dir: Path, precision: str) -> str | None:
+        """Why files that are present must not be run (an engine built from an older ONNX), None if they may."""
+        return None
 
     def read_meta(self, file: Path) -> ArtifactMeta:
         return read_onnx_meta(file)

@@ -16,8 +16,11 @@ from typing import Any
 import numpy as np
 
 INSTALL_HINT = "run `make install-gpu` (installs tensorrt, cuda-python and onnxruntime-gpu)"
+CU12_HINT = "`make install-gpu GPU_EXTRA=gpu-cu12` (the CUDA 12 builds of cuda-python and TensorRT)"
 # cudaGetDeviceCount statuses that mean "this machine has no usable NVIDIA GPU" rather than a bug.
 NO_GPU_STATUSES = ("cudaErrorInsufficientDriver", "cudaErrorNoDevice", "cudaErrorCompatNotSupportedOnDevice")
+# The oldest driver branch each CUDA major version runs on (CUDA's release notes, "minor version compatibility").
+MIN_DRIVER = {12: "R525", 13: "R580"}
 
 
 class CudaError(RuntimeError):
@@ -62,12 +65,52 @@ def gpu_unavailable_reason() -> str | None:
     status, count = rt.cudaGetDeviceCount()
     if status != rt.cudaError_t.cudaSuccess:
         name = _status_name(status)
+        if name == "cudaErrorInsufficientDriver":
+            return _driver_too_old(rt) or (f"no usable NVIDIA GPU (cudaGetDeviceCount: {name}, no NVIDIA driver found): "
+                                           "run on a machine with an NVIDIA GPU and driver")
         if name in NO_GPU_STATUSES:
             return f"no usable NVIDIA GPU (cudaGetDeviceCount: {name}): run on a machine with an NVIDIA GPU and driver"
         return f"CUDA cannot be initialised (cudaGetDeviceCount: {name})"
     if count == 0:
         return "no NVIDIA GPU found (cudaGetDeviceCount returned 0)"
     return None
+
+
+def _cuda_version(encoded: int) -> str:
+    return f"{encoded // 1000}.{encoded % 1000 // 10}"
+
+
+def _driver_too_old(rt: Any) -> str | None:
+    """What to do when a driver is installed but older than the CUDA runtime cuda-python brings (None: no driver).
+
+    cudaErrorInsufficientDriver means both "no driver" and "a driver too old for this runtime"; the
+    driver's own CUDA version (0 without a driver) tells them apart. cuda-python 13 needs driver R580+.
+    """
+    status, driver = rt.cudaDriverGetVersion()
+    if status != rt.cudaError_t.cudaSuccess or not driver:
+        return None
+    runtime = int(_check("cudaRuntimeGetVersion", rt.cudaRuntimeGetVersion()))
+    major = runtime // 1000
+    return (f"the NVIDIA driver supports CUDA {_cuda_version(int(driver))}, older than the CUDA {_cuda_version(runtime)} "
+            f"runtime of cuda-python {_bindings_version()} (cudaGetDeviceCount: cudaErrorInsufficientDriver): update the "
+            f"driver to {MIN_DRIVER.get(major, 'a newer branch')} or newer, or install the cu12 extra: {CU12_HINT}")
+
+
+def _bindings_version() -> str:
+    import importlib.metadata
+
+    for dist in ("cuda-bindings", "cuda-python"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "(unknown version)"
+
+
+def stream_handle(stream: Any) -> int:
+    """The stream's address, for APIs that take it as an int (TensorRT's execute_async_v3, ONNX Runtime's
+    user_compute_stream). `int(stream)` is deprecated since cuda-bindings 12.9.1; this is its replacement."""
+    return int(importlib.import_module("cuda.bindings.utils").get_cuda_native_handle(stream))
 
 
 def gpu_info(device: int = 0) -> GpuInfo:

@@ -3,7 +3,10 @@
 An engine only runs on the TensorRT version and GPU architecture it was built for, and a wrong or
 truncated plan can crash the process inside TensorRT. So every engine has a JSON sidecar written by
 `export/engines.py`, and the backend checks it (size, sha256, TensorRT version, compute capability)
-before handing the bytes to TensorRT, turning those cases into a one-line "rebuild it" error.
+before handing the bytes to TensorRT, turning those cases into a one-line "rebuild it" error. The
+sidecar also records the sha256 of the ONNX file the engine was built from: an engine whose ONNX has
+changed since (re-exported, re-calibrated) is stale and refused, since it would run the old weights
+or scales and report the old accuracy.
 
 CUDA goes through `runtime.backends.cudart` (cuda-python, as TensorRT's own samples since 10.14;
 pycuda is source-only and needs the CUDA toolkit to install). TensorRT and CUDA are imported lazily.
@@ -90,6 +93,22 @@ def read_sidecar(plan: str | Path) -> dict[str, Any]:
     return data
 
 
+def rebuild_command(plan: str | Path, precision: str) -> str:
+    return f"python -m export.engines --model {Path(plan).parent} --precision {precision}"
+
+
+def stale_reason(plan: str | Path, sidecar: dict[str, Any]) -> str | None:
+    """Why the engine no longer matches the ONNX file it was built from (None: it does, or that file is gone)."""
+    source, recorded = sidecar.get("source_onnx"), sidecar.get("source_sha256")
+    if not source or not recorded:
+        return None
+    onnx_path = Path(plan).parent / str(source)
+    if not onnx_path.is_file() or file_sha256(onnx_path) == recorded:
+        return None
+    return (f"{plan} is stale: {onnx_path.name} changed after the engine was built from it; rebuild it with "
+            f"`{rebuild_command(plan, str(sidecar.get('precision', '')))}`")
+
+
 def check_engine(plan: str | Path, sidecar: dict[str, Any], trt_version: str, gpu: cudart.GpuInfo) -> list[str]:
     """Refuse (EngineError) an engine TensorRT must not deserialize here; returns warnings for lesser mismatches.
 
@@ -140,8 +159,20 @@ class TensorRTKind(BackendKind):
         plan = self.model_file_for(artifact_dir, precision)
         return plan, sidecar_path(plan)
 
+    def files_unusable(self, artifact_dir: Path, precision: str) -> str | None:
+        plan = self.model_file_for(artifact_dir, precision)
+        try:
+            return stale_reason(plan, read_sidecar(plan))
+        except EngineError as err:
+            return str(err)
+
     def read_meta(self, file: Path) -> ArtifactMeta:
-        return ArtifactMeta.from_json(json.dumps(read_sidecar(file)["artifact_meta"]), str(sidecar_path(file)))
+        """The metadata its sidecar carries; a stale engine is refused here, before anything runs."""
+        sidecar = read_sidecar(file)
+        stale = stale_reason(file, sidecar)
+        if stale:
+            raise EngineError(stale)
+        return ArtifactMeta.from_json(json.dumps(sidecar["artifact_meta"]), str(sidecar_path(file)))
 
     def open_file(self, file: Path, artifact_dir: Path, asked: str | None) -> tuple[str, ArtifactMeta]:
         if file.suffix != self.suffix:
@@ -239,18 +270,18 @@ class TensorRTBackend(Backend):
             self._capture(n)
         if n in self._graphs:
             cudart.graph_launch(self._graphs[n], self._stream)
-        elif not self._ctx.execute_async_v3(int(self._stream)):
+        elif not self._ctx.execute_async_v3(cudart.stream_handle(self._stream)):
             raise EngineError(f"{self.model_file}: TensorRT execute_async_v3 failed at batch {n}")
 
     def _capture(self, n: int) -> None:
         # TensorRT does shape-dependent setup on the first enqueue after a shape change; that must
         # happen outside the capture.
-        if not self._ctx.execute_async_v3(int(self._stream)):
+        if not self._ctx.execute_async_v3(cudart.stream_handle(self._stream)):
             raise EngineError(f"{self.model_file}: TensorRT execute_async_v3 failed at batch {n}")
         cudart.stream_synchronize(self._stream)
         try:
             cudart.capture_begin(self._stream)
-            ok = self._ctx.execute_async_v3(int(self._stream))
+            ok = self._ctx.execute_async_v3(cudart.stream_handle(self._stream))
             graph = cudart.capture_end(self._stream)
         except cudart.CudaError as err:
             self.cuda_graphs, self.graph_error = False, f"CUDA graph capture failed, running without graphs ({err})"
@@ -260,26 +291,30 @@ class TensorRTBackend(Backend):
             raise EngineError(f"{self.model_file}: TensorRT execute_async_v3 failed during CUDA graph capture")
         self._graphs[n] = graph
 
-    def _enqueue(self, pixel_values: np.ndarray) -> int:
-        """Copy in, run and copy out asynchronously; returns the batch size."""
+    def _copy_in(self, pixel_values: np.ndarray) -> int:
+        """Enqueue the batch's copy into the device input buffer (through pinned memory); returns the batch size."""
         n = len(pixel_values)
         in_ptr, in_host = self._pinned[self.input.name]
         np.copyto(in_host[:n], pixel_values)
         cudart.copy_to_device(self._device[self.input.name], in_ptr, in_host[:n].nbytes, self._stream)
+        return n
+
+    def run(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        n = self._copy_in(pixel_values)
         self._execute(n)
         for name in self.output_names:
             ptr, host = self._pinned[name]
             cudart.copy_to_host(ptr, self._device[name], host[:n].nbytes, self._stream)
-        return n
-
-    def run(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        n = self._enqueue(pixel_values)
         cudart.stream_synchronize(self._stream)
         return {name: self._pinned[name][1][:n].astype(np.float32) for name in self.output_names}
 
     def time_runs(self, pixel_values: np.ndarray, iterations: int) -> list[float]:
-        """GPU milliseconds per run (copy in, execute, copy out), measured with CUDA events."""
-        return cudart.time_on_stream(self._stream, lambda: self._enqueue(pixel_values), iterations)
+        """GPU milliseconds per execution on a device-resident input, from CUDA events: the input is copied in
+        once, before the events, as every other CUDA-event row does; `run` (the with-copies column) adds the copies."""
+        n = self._copy_in(pixel_values)
+        self._execute(n)  # captures this batch size's graph outside the timed runs
+        cudart.stream_synchronize(self._stream)
+        return cudart.time_on_stream(self._stream, lambda: self._execute(n), iterations)
 
     def deactivate(self) -> None:
         if self._stream is not None:

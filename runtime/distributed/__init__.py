@@ -9,28 +9,22 @@ anything pyarrow.fs reads: s3://, gs://, ...). Without --address a local Ray sta
 with one, the job joins a running cluster (`ray start --head`, KubeRay). Every node needs this
 package installed and the model at the same path (local inputs too; URIs are read where they run).
 
-The work is one Ray Data pipeline, streamed, so memory stays bounded whatever the input count:
-  1. the driver lists the inputs (distinct paths, as Arrow blocks of paths) and leaves out those the
-     output already holds (resume);
-  2. a CPU task stage decodes and preprocesses each file with runtime.preprocess (through
-     runtime.classify's loader; a URI's bytes are read with pyarrow.fs and decoded through the same
-     loader); a file that cannot be read becomes a row with an `error`;
-  3. an actor pool runs the backend, one per GPU (or one per node for CPU backends), and the
-     top-k of runtime.classify;
-  4. rows stream back to the driver, the only writer, which commits them in Parquet (or JSON
-     lines) part files, each written whole under a `_tmp-` name and then renamed.
-Exactly once: Ray retries the tasks of a killed actor on its restart, and a task's rows count only
-once it completed, so a lost worker costs time, never a lost or doubled row; each input is in
-exactly one committed part, and a re-run with the same --output skips the paths its parts hold.
-Ctrl-C (or SIGTERM) commits the rows that arrived and exits 130 (143). A run counts only its own
-inputs in the output, so one huge list can also be split into several runs sharing one --output (the
-driver holds its list as Arrow, about 100 bytes a path). Exit status as runtime.infer: 0 all
-predicted, 1 some files failed, 2 usage, 5 model, 6 unavailable (Ray missing too).
+One Ray Data pipeline; the driver holds neither the listing nor the rows (docs/distributed.md):
+listing and settling (each input once, those the output holds left out) run as tasks, decode tasks
+feed an autoscaling pool of inference actors (runtime.predictor's records), write tasks write whole
+part files on the workers, and the driver commits each by a rename. `_manifest.json` records the
+model's sha256, backend, precision and top-k; a run with other settings into the same output is
+refused. Exactly once: a part counts only once committed, so a lost node or actor costs time, never
+a lost or doubled row; a re-run with the same --output resumes. Ctrl-C (or SIGTERM) keeps the
+committed parts and exits 130 (143); no progress for --stall-timeout exits 7 with the pending demand.
+Exit status as runtime.infer: 0 all predicted, 1 some files failed, 2 usage, 5 model, 6 unavailable
+(Ray missing too), 7 failed or stalled.
+
+    package layout: sources (INPUT -> listing, decoding), writer (parts, manifest), job (the pipeline), cli
 """
 
 from runtime.distributed.cli import main
-from runtime.distributed.job import Job, JobOptions, connect, import_ray
+from runtime.distributed.job import Job, JobOptions, connect, import_ray, session
 from runtime.distributed.sources import list_inputs
-from runtime.distributed.writer import PartWriter
 
-__all__ = ["Job", "JobOptions", "PartWriter", "connect", "import_ray", "list_inputs", "main"]
+__all__ = ["Job", "JobOptions", "connect", "import_ray", "list_inputs", "main", "session"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 
@@ -10,7 +11,7 @@ import runtime.distributed as package
 from runtime.artifact import SYNTHETIC_WARNING
 from runtime.classify import print_summary
 from runtime.cli import add_classify_arguments, check_classify_arguments
-from runtime.distributed.job import Job, JobOptions, connect, import_ray
+from runtime.distributed.job import Job, JobOptions, import_ray, session
 from runtime.distributed.writer import FORMATS
 from runtime.errors import ArgumentParser, run_cli, signals_raise_interrupted
 
@@ -25,11 +26,17 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="parquet", help="part files: parquet (default) or jsonl")
     add_classify_arguments(p, "; the same path must exist on every node")
     p.add_argument("--address", help="join this Ray cluster (auto, ray://head:10001, head:6379); default: a local Ray")
-    p.add_argument("--num-workers", type=int, help="inference actors (default: one per GPU share, or one per node)")
+    p.add_argument("--num-workers", type=int,
+                   help="inference actors at most (default: one per GPU share, or one per node)")
     p.add_argument("--num-gpus-per-worker", type=float, default=1.0,
                    help="GPUs per actor of a GPU backend (0.5: two per GPU)")
-    p.add_argument("--num-cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves per actor (default 1)")
-    p.add_argument("--rows-per-file", type=int, default=10_000, help="rows per part file (default 10,000)")
+    p.add_argument("--num-cpus-per-worker", type=float,
+                   help="CPUs Ray reserves per actor (default: 1 with a GPU, else half the smallest node's; "
+                        "a CPU backend's --threads default to it)")
+    p.add_argument("--rows-per-file", type=int, default=100_000,
+                   help="rows per part file (default 100,000); a part is the unit a Ctrl-C keeps")
+    p.add_argument("--stall-timeout", type=float, default=600.0,
+                   help="seconds without an input classified before the job ends with exit 7 (default 600)")
     return p
 
 
@@ -37,46 +44,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     check_classify_arguments(p, args, "num_workers", "rows_per_file")
-    for name in ("num_gpus_per_worker", "num_cpus_per_worker"):
-        if getattr(args, name) <= 0:
+    for name in ("num_gpus_per_worker", "num_cpus_per_worker", "stall_timeout"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
             p.error(f"--{name.replace('_', '-')} must be more than 0")
     return args
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, argv: list[str]) -> int:
     opts = JobOptions(backend=args.backend, precision=args.precision, batch_size=args.batch_size, topk=args.topk,
                       threads=args.threads, num_workers=args.num_workers, num_gpus_per_worker=args.num_gpus_per_worker,
                       num_cpus_per_worker=args.num_cpus_per_worker, fmt=args.format, rows_per_file=args.rows_per_file,
-                      max_pixels=args.max_pixels, draft=args.draft, progress=args.progress)
+                      max_pixels=args.max_pixels, draft=args.draft, progress=args.progress,
+                      stall_s=args.stall_timeout, command=f"`python -m runtime.distributed {shlex.join(argv)}`")
     ray = import_ray()
     job = Job(args.input, args.output, args.model, opts, args.artifacts)  # inputs and output checked before Ray starts
-    if job.inputs.duplicates:
-        print(f"distributed: note: {job.inputs.duplicates} inputs listed more than once; each is classified once",
-              file=sys.stderr)
-    if job.done_rows:
-        print(f"distributed: resuming: {job.done_rows} inputs done earlier, {len(job.todo)} to go", file=sys.stderr)
     t0 = time.perf_counter()
-    started = connect(args.address)
-    try:
+    with session(args.address) as started, signals_raise_interrupted():  # ray.init replaced run_cli's SIGTERM handler
         res = ray.cluster_resources()
         where = "started a local Ray" if started else f"joined the Ray cluster at {args.address or 'this process'}"
         print(f"distributed: {where} ({res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs) in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        with signals_raise_interrupted():  # ray.init replaced the SIGTERM handler run_cli set
-            plan = job.plan()[0]
-            if plan.choice:
-                print(f"backend: {plan.choice}", file=sys.stderr)
-            if plan.synthetic:
-                print(SYNTHETIC_WARNING, file=sys.stderr)
-            summary = job.run(show_errors=True)
-    finally:
-        if started:
-            ray.shutdown()
+        plan = job.plan()[0]
+        if plan.choice:
+            print(f"backend: {plan.choice}", file=sys.stderr)
+        if plan.synthetic:
+            print(SYNTHETIC_WARNING, file=sys.stderr)
+        summary = job.run(report=True)
     print_summary(summary)
     return 1 if summary.failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    return run_cli("distributed", lambda: run(args))
-
+    return run_cli("distributed", lambda: run(args, argv))

@@ -1,31 +1,41 @@
-"""One job on a connected Ray: the plan settled on a worker, the Ray Data pipeline (decode tasks, an
-inference actor pool), and the driver loop that commits what arrives."""
+"""One job on a connected Ray: the plan settled on a worker, the Ray Data pipeline, and the driver's commits.
+
+    listing (tasks) -> settle: one row per key, what the output holds left out (a hash-sharded group-by)
+      -> decode tasks (1 CPU each) -> inference actors (an autoscaling pool) -> write tasks (parts)
+      -> the driver renames each finished part into place
+
+The driver holds no listing and no rows: only the names and counts of finished parts. A progress
+counter (a small actor) hears from the inference actors as they go; it feeds the progress bar and a
+stall watchdog, which ends a job that makes no progress for `stall_s` (a node lost and its demand
+unmet) with the cluster's pending demand and the command that resumes it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from runtime.artifact import find_model
+from runtime.artifact import file_sha256, find_model
 from runtime.auto import choose
 from runtime.backends import BackendUnavailable, backend_kind, create
+from runtime.classify import Summary
 from runtime.console import progress_bar
 from runtime.cpuinfo import usable_cores
-from runtime.distributed.sources import decode_batch, is_uri, list_inputs
-from runtime.distributed.writer import PartWriter, error_rows, output_schema
-from runtime.errors import DeitError, Interrupted, Unavailable, UsageError, signals_deferred
-from runtime.classify import Summary
+from runtime.distributed.sources import Listing, decode_batch, is_uri, list_inputs
+from runtime.distributed.writer import MAX_LISTED_FAILURES, Output, Part, output_schema, write_part
+from runtime.errors import DeitError, Interrupted, Unavailable, UsageError
 from runtime.predictor import Prediction, Predictor
 from runtime.preprocess import DEFAULT_MAX_PIXELS, Preprocessing
 
@@ -37,13 +47,16 @@ if TYPE_CHECKING:
 # copies of 3 bytes a pixel; a 16k x 16k image is 1.5 GB) besides its block of pixels. Ray reserves it
 # per task, so a node runs no more decoders than its memory holds.
 DECODE_BYTES_PER_PIXEL = 6
-# Inputs per decode task: large enough that a 50-million-image job stays at ~50,000 blocks, small
-# enough that a small job still gives every CPU a few tasks.
-MAX_BLOCK_ROWS = 1024
 # Decoded pixels travel in blocks of at most this size (~50 DeiT inputs), so inference starts early
 # and the object store holds only a few blocks per actor.
 PIXEL_BLOCK_BYTES = 32 * 2**20
-MAX_LISTED_FAILURES = 20
+# Keys per settle shard at most (about 100 bytes each in the group-by); more inputs, more shards.
+SHARD_KEYS = 2_000_000
+TODO, DONE, DONE_FAILED, LISTED = 0, 1, 2, -1  # a settled row's state; LISTED before settling
+
+
+class Stalled(DeitError):
+    """No input was classified for the watchdog's time: the cluster cannot run what the job needs."""
 
 
 def import_ray() -> Any:
@@ -58,6 +71,8 @@ def import_ray() -> Any:
     return ray
 
 
+# ------------------------------------------------------------------------------------------- the stages
+
 @dataclass(frozen=True)
 class Plan:
     """What the actors run, settled once on a worker (where the model and the GPUs are)."""
@@ -65,24 +80,49 @@ class Plan:
     backend: str
     precision: str | None  # None: the named model file's own
     artifact: str
-    model_file: str | None
+    model_file: str | None  # as named by --model (None: the artifact's file for the backend)
     device: str
     resolved_precision: str
     spec: Preprocessing
     checkpoint: str
     synthetic: bool
+    loaded: str  # the file the backend loads
+    sha256: str | None  # of that file (None for a folder)
     choice: str | None = None  # what `auto` chose and why
 
 
-class Classifier:
-    """The inference stage: one backend per actor, loaded once, and the project's one Predictor."""
+class Counter:
+    """Rows the inference actors have classified (a Ray actor on the driver's node; progress, not accounting)."""
 
-    def __init__(self, plan: Plan, batch_size: int, threads: int | None, topk: int) -> None:
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def add(self, n: int) -> None:
+        self.rows += n
+
+    def get(self) -> int:
+        return self.rows
+
+
+class Classifier:
+    """The inference stage: one backend per actor, loaded once, and the project's one Predictor.
+
+    A CPU backend's threads default to the CPUs Ray reserved for the actor: the node's other cores
+    run the decode tasks, and more threads than that would only fight them for the same cores.
+    """
+
+    def __init__(self, plan: Plan, batch_size: int, threads: int | None, topk: int, counter: Any = None) -> None:
+        import ray
+
         self._context = contextlib.ExitStack()
+        context = ray.get_runtime_context()
+        if threads is None and plan.device == "cpu":
+            threads = max(1, int(context.get_assigned_resources().get("CPU", 1)))
         model_file = Path(plan.model_file) if plan.model_file else None
         backend = create(plan.backend, plan.artifact, precision=plan.precision, max_batch=batch_size,
                          threads=threads, model_file=model_file)
         self.predictor = Predictor(self._context.enter_context(backend), topk)
+        self.node, self.counter = context.get_node_id(), counter
 
     def __del__(self) -> None:
         """Ray Data drops the actor's instance when the pool shuts down: the backend leaves its context then."""
@@ -93,18 +133,21 @@ class Classifier:
 
         decoded = [str(e) if e else pixels for e, pixels in zip(batch["error"], batch["pixels"])]
         rows = self.predictor.predict([str(p) for p in batch["path"]], decoded)
+        if self.counter is not None:
+            self.counter.add.remote(len(rows))
         return pa.table({
             "path": [str(r.source) for r in rows],
             "indices": [[i for i, _, _ in r.top] if r.top else None for r in rows],
             "labels": [[label for _, label, _ in r.top] if r.top else None for r in rows],
             "probs": [[p for _, _, p in r.top] if r.top else None for r in rows],
             "error": [r.error for r in rows],
+            "node": [self.node] * len(rows),
         }, schema=output_schema())
 
 
 def make_plan(backend: str, model: str | None, artifacts: str, precision: str | None, batch_size: int,
               threads: int | None, topk: int) -> Plan:
-    """Find the model, settle `auto`, and check the model classifies with `topk` classes; runs on a worker."""
+    """Find the model, settle `auto`, check the model classifies with `topk` classes, hash it; runs on a worker."""
     artifact, model_file = find_model(model, artifacts)
     choice = None
     if backend == "auto":
@@ -115,8 +158,58 @@ def make_plan(backend: str, model: str | None, artifacts: str, precision: str | 
     reason = backend_kind(backend).unavailable_reason()
     if reason:
         raise BackendUnavailable(f"backend {backend!r} is unavailable on the Ray workers: {reason}")
+    loaded = Path(be.model_file)
     return Plan(backend, precision, str(artifact), str(model_file) if model_file else None, be.device, be.precision,
-                be.meta.preprocessing, be.meta.checkpoint, be.meta.synthetic, choice)
+                be.meta.preprocessing, be.meta.checkpoint, be.meta.synthetic, str(loaded),
+                file_sha256(loaded) if loaded.is_file() else None, choice)
+
+
+# ---------------------------------------------------------------------------------------------- settling
+
+def _shard(keys: pa.Array, shards: int) -> pa.Array:
+    import pyarrow as pa
+
+    return pa.array([zlib.crc32(k.encode("utf-8", "surrogatepass")) % shards for k in keys.to_pylist()], pa.int32())
+
+
+def tag_listed(batch: pa.Table, shards: int) -> pa.Table:
+    import pyarrow as pa
+
+    n = batch.num_rows
+    return pa.table({"shard": _shard(batch["key"], shards), "key": batch["key"], "source": batch["source"],
+                     "error": batch["error"], "state": pa.array([LISTED] * n, pa.int8())})
+
+
+def tag_done(batch: pa.Table, shards: int) -> pa.Table:
+    import pyarrow as pa
+
+    failed = batch["error"].is_valid().to_pylist()
+    return pa.table({"shard": _shard(batch["key"], shards), "key": batch["key"],
+                     "source": pa.nulls(batch.num_rows, pa.binary()), "error": pa.nulls(batch.num_rows, pa.string()),
+                     "state": pa.array([DONE_FAILED if f else DONE for f in failed], pa.int8())})
+
+
+def settle_shard(group: pa.Table) -> pa.Table:
+    """One shard of keys: each listed key once (its first listing), TODO unless the output holds it."""
+    import pyarrow as pa
+
+    states = group["state"].to_pylist()
+    keys = group["key"].to_pylist()
+    done = {k: s for k, s in zip(keys, states) if s != LISTED}
+    keep, state, seen = [], [], set()
+    for i, (k, s) in enumerate(zip(keys, states)):
+        if s == LISTED and k not in seen:
+            seen.add(k)
+            keep.append(i)
+            state.append(done.get(k, TODO))
+    out = group.take(pa.array(keep, pa.int64())).drop_columns(["shard", "state"])
+    return out.append_column("state", pa.array(state, pa.int8()))
+
+
+def only_todo(batch: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.equal(batch["state"], TODO)).drop_columns(["state"])
 
 
 # ---------------------------------------------------------------------------------------------- Ray
@@ -138,15 +231,37 @@ def connect(address: str | None = None, num_cpus: int | None = None, object_stor
         started = False
     else:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        ray.init(num_cpus=num_cpus or usable_cores(), include_dashboard=False,
-                 object_store_memory=object_store_bytes or int(min(4 * 2**30, max(2**29, memory // 10))), **quiet)
+        try:
+            ray.init(num_cpus=num_cpus or usable_cores(), include_dashboard=False,
+                     object_store_memory=object_store_bytes or int(min(4 * 2**30, max(2**29, memory // 10))), **quiet)
+        except ValueError as err:  # RAY_ADDRESS, or `ray start` on this host: ray.init joins it and refuses our sizes
+            if "existing cluster" not in str(err):
+                raise
+            raise UsageError("a Ray cluster is running on this host (`ray start`, or RAY_ADDRESS is set); join it "
+                             "with --address auto, or stop it with `ray stop`") from None
         started = True
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # ours counts rows written, which is what a user waits for
+    ctx.enable_progress_bars = False  # ours counts rows classified, which is what a user waits for
     ctx.print_on_execution_start = False
     ctx.target_max_block_size = PIXEL_BLOCK_BYTES
+    # Settling's group-by as tasks (sample, map, reduce): the default hash shuffle first starts a pool of
+    # aggregator actors, which costs a small job 10-20 s on 2 cores (0.2 s this way, measured).
+    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     return started
+
+
+@contextlib.contextmanager
+def session(address: str | None = None) -> Iterator[bool]:
+    """`connect`, with the start-up inside the cleanup: a local Ray this process started (even one
+    interrupted half-way through `ray.init`) is shut down on the way out, so no Ray process outlives us."""
+    ray = import_ray()
+    owned = not ray.is_initialized() and not address
+    try:
+        yield connect(address)
+    finally:
+        if owned:
+            ray.shutdown()
 
 
 def _unwrapped(err: BaseException) -> BaseException:
@@ -171,24 +286,29 @@ def _remote_plan(ray: Any, job: JobOptions, model: str | None, artifacts: str) -
         raise _unwrapped(err) from None
 
 
+def _cpu_nodes(ray: Any) -> list[float]:
+    return [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+
+
 def _pool(ray: Any, plan: Plan, job: JobOptions) -> tuple[int, dict[str, Any]]:
-    """Actor count and resources: one per GPU share, or one per node for a CPU backend (which uses the
-    node's cores itself), always leaving a CPU for decoding."""
-    resources = ray.cluster_resources()
-    cpus = resources.get("CPU", 0)
+    """The most actors and what each reserves: one per GPU share, or one per node for a CPU backend,
+    reserving half the smallest node's CPUs (its threads) and leaving the rest to decode tasks. Checked
+    per node: some node must hold an actor and a decode task (1 CPU) at once, or nothing would move."""
+    nodes = _cpu_nodes(ray)
     if plan.device == "cuda":
-        gpus = resources.get("GPU", 0)
+        gpus = ray.cluster_resources().get("GPU", 0)
         if not gpus:
             raise BackendUnavailable(f"backend {plan.backend!r} runs on a GPU and the Ray cluster has none")
+        cpus = job.num_cpus_per_worker or 1.0
         size = job.num_workers or max(1, int(gpus // job.num_gpus_per_worker))
-        ask = {"num_cpus": job.num_cpus_per_worker, "num_gpus": job.num_gpus_per_worker}
+        ask = {"num_cpus": cpus, "num_gpus": job.num_gpus_per_worker}
     else:
-        nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
-        size = job.num_workers or max(1, len(nodes))
-        ask = {"num_cpus": job.num_cpus_per_worker}
-    if cpus - size * job.num_cpus_per_worker < 1:
-        raise UsageError(f"{size} workers x {job.num_cpus_per_worker:g} CPUs leave none of the cluster's {cpus:g} CPUs "
-                         "for decoding; lower --num-workers or --num-cpus-per-worker")
+        cpus = job.num_cpus_per_worker or max(1.0, float(int(min(nodes, default=2) // 2)))
+        size = job.num_workers or max(1, sum(c >= cpus + 1 for c in nodes))
+        ask = {"num_cpus": cpus}
+    if not any(c >= cpus + 1 for c in nodes) and sum(nodes) - cpus < 1:
+        raise UsageError(f"no room for decoding: an actor takes {cpus:g} CPUs and a decode task 1, but the nodes "
+                         f"have {', '.join(f'{c:g}' for c in nodes) or 'no'} CPUs; lower --num-cpus-per-worker")
     return size, ask
 
 
@@ -200,30 +320,20 @@ def _decode_memory(ray: Any, max_pixels: int) -> int:
     return int(min(need, largest // 2)) if largest else need
 
 
-def build_dataset(ray: Any, sources: pa.Array, plan: Plan, job: JobOptions, workers: int,
-                  actor_resources: dict[str, Any]) -> ray.data.Dataset:
-    """The pipeline over `sources`: decode tasks (1 CPU each), then the actor pool, streamed."""
-    import pyarrow as pa
+def pending_demand(ray: Any) -> str:
+    """What the cluster waits for (the autoscaler's view of pending tasks and actors), for the stall message."""
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
 
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    rows = max(job.batch_size, min(MAX_BLOCK_ROWS, math.ceil(len(sources) / (8 * cpus))))
-    blocks = [pa.table({"source": sources.slice(i, rows)}) for i in range(0, len(sources), rows)]
-    h, w = plan.spec.input_size
-    decode_rows = max(1, min(rows, PIXEL_BLOCK_BYTES // (3 * h * w * 4)))
-    # Fault tolerance is Ray Data's default, which exactly-once needs: a task lost with its worker runs
-    # again (max_retries=-1), a dead actor restarts and its tasks run again (max_restarts=-1,
-    # max_task_retries=-1). The decode tasks' memory reservation also keeps Ray from fusing decoding
-    # into the actors (fused, the two would run one after the other instead of overlapping).
-    return (ray.data.from_arrow(blocks)
-            .map_batches(decode_batch, batch_size=decode_rows, batch_format="numpy", num_cpus=1,
-                         memory=_decode_memory(ray, job.max_pixels),
-                         fn_kwargs={"spec": plan.spec, "draft": job.draft, "max_pixels": job.max_pixels})
-            .map_batches(Classifier, batch_size=job.batch_size, batch_format="numpy",
-                         compute=ray.data.ActorPoolStrategy(size=workers),
-                         fn_constructor_kwargs={"plan": plan, "batch_size": job.batch_size, "threads": job.threads,
-                                                "topk": job.topk},
-                         **actor_resources))
+        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=10)
+        demand = [str(b) for d in status.resource_demands.ray_task_actor_demand for b in d.bundles_by_count]
+        free = {k: round(v, 2) for k, v in status.available_resources().items() if k in ("CPU", "GPU")}
+    except Exception as err:  # the autoscaler's API is not public; the message must not fail for it
+        return f"(pending demand unavailable: {type(err).__name__})"
+    return f"pending demand {' '.join(demand) or 'none'}; free {free}; {len(_cpu_nodes(ray))} CPU nodes alive"
 
+
+# ----------------------------------------------------------------------------------------------- the job
 
 @dataclass(frozen=True)
 class JobOptions:
@@ -231,96 +341,193 @@ class JobOptions:
     precision: str | None = None
     batch_size: int = 8
     topk: int = 5
-    threads: int | None = None  # intra-op threads of CPU backends (default: the node's cores)
-    num_workers: int | None = None  # inference actors (default: one per GPU share, or per node)
+    threads: int | None = None  # intra-op threads of CPU backends (default: the CPUs Ray reserved for the actor)
+    num_workers: int | None = None  # inference actors at most (default: one per GPU share, or per node)
     num_gpus_per_worker: float = 1.0
-    num_cpus_per_worker: float = 1.0
+    num_cpus_per_worker: float | None = None  # default: 1 with a GPU, else half the smallest node's CPUs
     fmt: str = "parquet"
-    rows_per_file: int = 10_000
+    rows_per_file: int = 100_000
     max_pixels: int = DEFAULT_MAX_PIXELS
     draft: bool = False
     progress: bool = True
+    stall_s: float = 600.0  # the watchdog: no input classified for this long ends the job
+    command: str = "the same command"  # what resumes the job, for the messages that stop it
+
+
+@dataclass
+class Counts:
+    """What settling found: inputs left to do, and those the output already holds (ok and failed)."""
+
+    todo: int = 0
+    done: int = 0
+    done_failed: int = 0
 
 
 class Job:
-    """One classification job: inputs listed and the output read when made (no Ray needed, so a bad
-    argument fails at once), then `plan()` and `run()` on the connected Ray."""
+    """One classification job: INPUT and the output checked when made (no Ray needed, so a bad argument
+    fails at once), then `plan()` and `run()` on the connected Ray."""
 
     def __init__(self, input: str, output: str, model: str | None = None, opts: JobOptions = JobOptions(),
                  artifacts: str = "artifacts") -> None:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
         self.opts = opts
         self.model = os.path.abspath(model) if model and not is_uri(model) else model
         self.artifacts = os.path.abspath(artifacts)
-        self.inputs = list_inputs(input)
-        self.writer = PartWriter(output, opts.fmt, opts.rows_per_file)
-        done = self.writer.done()
-        keys = self.inputs.keys
-        folders = pa.array([k for k, _ in self.inputs.errors], pa.string())
-        mine = done.filter(pc.is_in(done["path"], value_set=pa.concat_arrays([keys, folders])))  # not other jobs' rows
-        self.done_rows = mine.num_rows
-        self.done_failed = mine.num_rows - mine["error"].null_count
-        self.todo = self.inputs.sources.filter(pc.invert(pc.is_in(keys, value_set=done["path"])))
-        reported = pc.is_in(folders, value_set=done["path"]).to_pylist()
-        self.folder_errors = [e for e, r in zip(self.inputs.errors, reported) if not r]
+        self.listing: Listing = list_inputs(input)
+        self.output = Output(output, opts.fmt)
         self.settled: tuple[Plan, int, dict[str, Any]] | None = None
 
     def plan(self) -> tuple[Plan, int, dict[str, Any]]:
-        """What runs and how many actors (a worker opens the model and settles `auto`), once per job."""
+        """What runs and how many actors (a worker opens the model and settles `auto`), once per job;
+        an output made with other settings is refused here, before any input is read."""
         if self.settled is None:
             ray = import_ray()
             plan = _remote_plan(ray, self.opts, self.model, self.artifacts)
+            self.output.check_manifest(self.settings(plan))
             self.settled = (plan, *_pool(ray, plan, self.opts))
         return self.settled
 
-    def run(self, show_errors: bool = False, on_rows: Callable[[pa.Table], None] | None = None) -> Summary:
-        """Classify what is left (per-file errors on stderr if asked). Rows go to the output as they arrive and, if
-        given, to `on_rows` (like runtime.classify's on_prediction). Interrupted: commits what arrived, then raises
-        `Interrupted`; failed: commits what arrived, then raises."""
-        ray = import_ray()
-        plan, workers, resources = self.plan()
-        s = Summary(plan.backend, plan.resolved_precision, plan.artifact, plan.synthetic, workers=workers,
-                    images=self.done_rows, more_failed=self.done_failed, resumed=self.done_rows - self.done_failed)
-        start = time.perf_counter()
-        total = len(self.todo) + len(self.folder_errors)
-        with progress_bar(total=total, unit="img", enabled=self.opts.progress) as bar:
-            def take(rows: pa.Table) -> None:
-                failed = [(p, e) for p, e in zip(rows["path"].to_pylist(), rows["error"].to_pylist()) if e]
-                with signals_deferred():  # the rows and the count of them go together
-                    self.writer.add(rows)
-                    s.images += rows.num_rows
-                    kept = max(0, MAX_LISTED_FAILURES - len(s.failed))
-                    s.failed.extend(Prediction(p, error=e) for p, e in failed[:kept])
-                    s.more_failed += len(failed[kept:])
-                bar.update(rows.num_rows)
-                if on_rows is not None:
-                    on_rows(rows)
-                for _, message in failed if show_errors else ():
-                    bar.write(f"distributed: error: {message}", file=sys.stderr)
+    def settings(self, plan: Plan) -> dict[str, Any]:
+        """What decides the rows: the manifest's record, compared on resume (all but `model`, a path)."""
+        return {"model": plan.loaded, "model_sha256": plan.sha256, "backend": plan.backend,
+                "precision": plan.resolved_precision, "topk": self.opts.topk, "format": self.opts.fmt,
+                "draft": self.opts.draft, "max_pixels": self.opts.max_pixels}
 
-            try:
-                if self.folder_errors:
-                    take(error_rows(self.folder_errors))
-                if len(self.todo):
-                    ds = build_dataset(ray, self.todo, plan, self.opts, workers, resources)
-                    # closing the stream on the way out stops the execution (its actors) at once, not at GC
-                    batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))  # a generator
-                    with contextlib.closing(batches) as stream:  # pyright: ignore[reportArgumentType]
-                        for rows in stream:
-                            if s.first_row_s is None:
-                                s.first_row_s = time.perf_counter() - start
-                            take(rows)
-                self.writer.commit()
-            except KeyboardInterrupt as err:
-                self.writer.commit()
-                saved = (f"{self.writer.committed} rows of this run committed to {self.writer.output} "
-                         f"({s.images} of {len(self.inputs.sources) + len(self.inputs.errors)} inputs done); "
-                         "run the same command again to resume")
-                raise Interrupted(getattr(err, "signum", signal.SIGINT), saved) from None
-            except Exception as err:  # what arrived is kept; a re-run resumes from it
-                self.writer.commit()
-                raise _unwrapped(err) from None
+    def settle(self, ray: Any) -> tuple[ray.data.Dataset, Counts]:
+        """The inputs left to do, each key once, and the counts: a group-by over hash shards of the listing
+        and of what the output holds, on the workers, kept in the object store (spilled to disk when large)."""
+        listed = self.listing(ray)
+        done = self.output.done(ray)
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        shards = max(2 * cpus, (len(self.output.done_parts) * self.opts.rows_per_file) // SHARD_KEYS + 1)
+        tagged = listed.map_batches(tag_listed, batch_format="pyarrow", fn_kwargs={"shards": shards})
+        if done is not None:
+            tagged = tagged.union(done.map_batches(tag_done, batch_format="pyarrow", fn_kwargs={"shards": shards}))
+        settled = tagged.groupby("shard").map_groups(settle_shard, batch_format="pyarrow").materialize()
+        counts = Counts()
+        for row in settled.groupby("state").count().take_all():
+            n = row["count()"]
+            counts.todo += n if row["state"] == TODO else 0
+            counts.done += n if row["state"] in (DONE, DONE_FAILED) else 0
+            counts.done_failed += n if row["state"] == DONE_FAILED else 0
+        return settled.map_batches(only_todo, batch_format="pyarrow"), counts
+
+    def pipeline(self, ray: Any, todo: ray.data.Dataset, counter: Any) -> ray.data.Dataset:
+        """Decode tasks (1 CPU each), the autoscaling actor pool, write tasks, streamed."""
+        plan, workers, resources = self.plan()
+        opts = self.opts
+        h, w = plan.spec.input_size
+        decode_rows = max(1, min(opts.batch_size * 4, PIXEL_BLOCK_BYTES // (3 * h * w * 4)))
+        settings = {**self.settings(plan), "model": plan.loaded}
+        # Fault tolerance is Ray Data's default, which exactly-once needs: a task lost with its node runs
+        # again, a dead actor restarts (on another node) and its tasks run again, and a part counts only
+        # once the driver has it. The pool grows to `workers` and shrinks to one, so a restarted actor on a
+        # survivor does not keep the CPUs its decode tasks need. The decode tasks' memory reservation also
+        # keeps Ray from fusing decoding into the actors (fused, the two would take turns instead of overlapping).
+        return (todo.repartition(target_num_rows_per_block=decode_rows)  # a settled shard is one big block
+                .map_batches(decode_batch, batch_size=decode_rows, batch_format="numpy", num_cpus=1,
+                             memory=_decode_memory(ray, opts.max_pixels),
+                             fn_kwargs={"spec": plan.spec, "draft": opts.draft, "max_pixels": opts.max_pixels})
+                .map_batches(Classifier, batch_size=opts.batch_size, batch_format="numpy",
+                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+                             fn_constructor_kwargs={"plan": plan, "batch_size": opts.batch_size,
+                                                    "threads": opts.threads, "topk": opts.topk, "counter": counter},
+                             **resources)
+                .map_batches(write_part, batch_size=opts.rows_per_file, batch_format="pyarrow", num_cpus=0,
+                             fn_kwargs={"output": self.output.output, "fmt": opts.fmt, "run": self.output.run,
+                                        "settings": settings}))
+
+    def run(self, report: bool = False, on_part: Callable[[Part], None] | None = None) -> Summary:
+        """Classify what is left (with `report`, the resume count and each failed file on stderr). Parts are committed as they arrive and, if
+        given, handed to `on_part`. Interrupted: keeps the committed parts, then raises `Interrupted`; stalled:
+        raises `Stalled`; failed: keeps the committed parts, then raises."""
+        ray = import_ray()
+        plan, workers, _ = self.plan()
+        todo, counts = self.settle(ray)
+        s = Summary(plan.backend, plan.resolved_precision, plan.artifact, plan.synthetic, workers=workers,
+                    images=counts.done, more_failed=counts.done_failed, resumed=counts.done - counts.done_failed)
+        if counts.todo + counts.done == 0:
+            raise UsageError("INPUT lists no images")
+        if report and counts.done:
+            print(f"distributed: resuming: {counts.done} inputs done earlier, {counts.todo} to go", file=sys.stderr)
+        start = time.perf_counter()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        counter = ray.remote(num_cpus=0)(Counter).options(scheduling_strategy=here).remote()
+        watch = Watchdog(ray, counter, self.opts.stall_s)
+        try:
+            with progress_bar(total=counts.todo, unit="img", enabled=self.opts.progress) as bar, watch.running(bar):
+                if counts.todo:
+                    stream = iter(self.pipeline(ray, todo, counter).iter_batches(batch_format="pyarrow",
+                                                                                 batch_size=None))
+                    with contextlib.closing(stream):  # pyright: ignore[reportArgumentType]
+                        for table in stream:
+                            for row in table.to_pylist():
+                                part = Part(**row)
+                                self.output.commit(part)
+                                watch.committed = self.output.committed
+                                if s.first_row_s is None:
+                                    s.first_row_s = time.perf_counter() - start
+                                s.images += part.rows
+                                kept = max(0, min(part.failed, len(part.failures), MAX_LISTED_FAILURES - len(s.failed)))
+                                s.failed.extend(Prediction(m.split(": ", 1)[0], error=m) for m in part.failures[:kept])
+                                s.more_failed += part.failed - kept
+                                for message in part.failures if report else ():
+                                    bar.write(f"distributed: error: {message}", file=sys.stderr)
+                                if on_part is not None:
+                                    on_part(part)
+        except KeyboardInterrupt as err:
+            if watch.stalled:
+                raise Stalled(f"{watch.stalled}; {self._kept(s)}; run {self.opts.command} again to resume "
+                              "once the cluster has room") from None
+            raise Interrupted(getattr(err, "signum", signal.SIGINT),
+                              f"{self._kept(s)}; run {self.opts.command} again to resume") from None
+        except Exception as err:  # the committed parts are kept; a re-run resumes from them
+            raise _unwrapped(err) from None
+        finally:
+            with contextlib.suppress(Exception):
+                self.output.remove_uncommitted()
+                ray.kill(counter)
         s.seconds = time.perf_counter() - start
         return s
+
+    def _kept(self, s: Summary) -> str:
+        return f"{self.output.committed} rows of this run committed to {self.output.output} ({s.images} inputs done)"
+
+
+class Watchdog:
+    """Moves the progress bar from the actors' counter and ends a job that makes no progress for `stall_s`
+    (it interrupts the main thread, which waits inside Ray; the job turns that into `Stalled`)."""
+
+    def __init__(self, ray: Any, counter: Any, stall_s: float, poll_s: float = 1.0) -> None:
+        self.ray, self.counter, self.stall_s, self.poll_s = ray, counter, stall_s, poll_s
+        self.stalled: str | None = None
+        self.committed = 0
+        self._stop = threading.Event()
+
+    @contextlib.contextmanager
+    def running(self, bar: Any) -> Iterator[None]:
+        thread = threading.Thread(target=self._watch, args=(bar,), name="stall-watchdog", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            thread.join()
+
+    def _watch(self, bar: Any) -> None:
+        seen, last, moved = 0, (0, 0), time.monotonic()
+        while not self._stop.wait(self.poll_s):
+            try:
+                rows = self.ray.get(self.counter.get.remote(), timeout=30)
+            except Exception:  # the counter's node is the driver's: if it is gone, so are we
+                rows = seen
+            bar.update(max(0, rows - seen))
+            seen = max(seen, rows)
+            if (seen, self.committed) != last:
+                last, moved = (seen, self.committed), time.monotonic()
+            elif time.monotonic() - moved > self.stall_s:
+                self.stalled = (f"no input classified for {self.stall_s:g} s ({pending_demand(self.ray)}); "
+                                "a node was lost or the cluster cannot run a decode task and an actor")
+                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)  # wakes a blocked wait too
+                return

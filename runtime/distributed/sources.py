@@ -1,12 +1,19 @@
-"""Where a job's inputs come from: INPUT listed into distinct sources, and one source read and decoded on a worker."""
+"""Where a job's inputs come from: INPUT listed on the workers as a stream of sources, and one source read and decoded.
+
+The driver never holds the listing. It looks only at INPUT itself (does it exist, which kind is it, the
+folder's first level), and Ray Data does the rest on the workers: a list file is read in blocks
+(`read_text`, `read_parquet`), a folder is walked one first-level subfolder per task, a glob is the
+walk of its fixed prefix filtered by the pattern. Each listed row is (source, key, error): what a
+worker opens (bytes: a local name need not be UTF-8), the `path` the output shows for it, and why it
+cannot be read when that is already known (a folder that cannot be listed).
+"""
 
 from __future__ import annotations
 
 import functools
-import glob
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,9 +27,12 @@ from runtime.preprocess import IMAGE_SUFFIXES, Preprocessing, find_images
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    import ray.data
 
 GLOB_CHARS = "*?["
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# Bytes of a text list the driver reads to check, before any work, that it is a list of names.
+LIST_PROBE_BYTES = 64 * 2**10
 
 
 def is_uri(name: str) -> bool:
@@ -45,6 +55,13 @@ def resolve(uri: str) -> tuple[Any, str]:
     return fs, root.rstrip("/") + "/" + parts.path.lstrip("/")
 
 
+def filesystem_of(location: str) -> tuple[Any, str]:
+    """(filesystem, path) of a local name or a URI."""
+    import pyarrow.fs as pafs
+
+    return resolve(location) if is_uri(location) else (pafs.LocalFileSystem(), os.path.abspath(location))
+
+
 def _uri_of(template: str, fs_path: str) -> str:
     """The URI of `fs_path`, a path in the filesystem `resolve(template)` returned."""
     parts = urlsplit(template)
@@ -57,111 +74,73 @@ def key_of(source: bytes) -> str:
     return source.decode("utf-8", "backslashreplace")
 
 
-def _source(name: str) -> bytes:
-    """What a worker opens: a URI as given, a local name made absolute (workers need not share our folder)."""
-    return name.encode("utf-8") if is_uri(name) else os.fsencode(os.path.abspath(name))
+def _source(name: str, cwd: str) -> bytes:
+    """What a worker opens: a URI as given, a local name made absolute against the driver's folder."""
+    return name.encode("utf-8") if is_uri(name) else os.fsencode(os.path.normpath(os.path.join(cwd, name)))
 
 
-# ------------------------------------------------------------------------------------------------ inputs
-
-@dataclass
-class Inputs:
-    """The distinct inputs of a job in listing order (Arrow binary), and folders that could not be read."""
-
-    sources: pa.Array
-    errors: list[tuple[str, str]] = field(default_factory=list)  # (folder, "<folder>: <reason>")
-    duplicates: int = 0
-
-    @property
-    def keys(self) -> pa.Array:
-        import pyarrow as pa
-
-        try:
-            return self.sources.cast(pa.string())
-        except pa.ArrowInvalid:  # a local name that is not UTF-8
-            return pa.array([key_of(s) for s in self.sources.to_pylist()], pa.string())
-
-
-def list_inputs(spec: str) -> Inputs:
-    """Expand INPUT (a folder, a glob, a list file or one image; local or a URI) into distinct inputs."""
-    names, errors = _list_uri(spec) if is_uri(spec) else _list_local(spec)
-    sources = _sources(names)
-    distinct = sources.unique()  # first occurrences, in order
-    return Inputs(distinct, errors, len(sources) - len(distinct))
-
-
-def _sources(names: list[str] | pa.Array) -> pa.Array:
-    """Names -> sources. A Parquet column of URIs only (the 50-million-object case) is used as it is;
-    anything else is converted a million names at a time, so no second copy exists as Python objects."""
+def listed_schema() -> pa.Schema:
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    if isinstance(names, pa.Array):
-        if len(names) and pc.all(pc.match_substring_regex(names, URI.pattern)).as_py():
-            return names.cast(pa.binary())
-        names = names.to_pylist()
-    step = 2**20
-    chunks = [pa.array([_source(n) for n in names[i : i + step]], pa.binary()) for i in range(0, len(names), step)]
-    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.binary())
+    return pa.schema([("source", pa.binary()), ("key", pa.string()), ("error", pa.string())])
 
 
-Listed = tuple["list[str] | pa.Array", list[tuple[str, str]]]  # names, and (folder, message) for unreadable folders
+def _listed(sources: list[bytes], errors: list[tuple[bytes, str]] = ()) -> pa.Table:  # type: ignore[assignment]
+    import pyarrow as pa
+
+    everything = [*sources, *(s for s, _ in errors)]
+    return pa.table({"source": everything, "key": [key_of(s) for s in everything],
+                     "error": [None] * len(sources) + [e for _, e in errors]}, schema=listed_schema())
 
 
-def _list_local(spec: str) -> Listed:
-    if os.path.isdir(spec):
-        listing = find_images([Path(spec)], recursive=True)
-        if not listing.files and not listing.errors:
-            raise UsageError(f"no images found in {spec}")
-        keys = [key_of(_source(str(d))) for d, _ in listing.errors]
-        return [str(f) for f in listing.files], [(k, f"{k}: {why}") for k, (_, why) in zip(keys, listing.errors)]
-    if os.path.isfile(spec):
-        import pyarrow.fs as pafs
+# ------------------------------------------------------------------------------------------------ listing
 
-        return _from_file(pafs.LocalFileSystem(), os.path.abspath(spec), spec), []
-    if any(c in spec for c in GLOB_CHARS):
-        matches = sorted(m for m in glob.glob(spec, recursive=True) if not os.path.isdir(m))
-        if not matches:
-            raise UsageError(f"no files match {spec}")
-        return matches, []
-    raise UsageError(f"no such file or folder: {spec}")
+Listing = Callable[[Any], "ray.data.Dataset"]  # given the ray module, the dataset of (source, key, error)
 
 
-def _list_uri(spec: str) -> Listed:
+def list_inputs(spec: str) -> Listing:
+    """INPUT (a folder, a glob, a list file or one image; local or a URI), checked now and listed later
+    as a dataset of (source, key, error).
+
+    The driver only checks INPUT and lists a folder's first level (no Ray needed, so a bad argument
+    fails at once); everything below is listed by tasks. Inputs may repeat (a list can name a file
+    twice); the job keeps one row per key.
+    """
+    cwd = os.getcwd()
+    uri = is_uri(spec)
+    fs, path = filesystem_of(spec)
+    glob_at = [i for i, c in enumerate(urlsplit(spec).path if uri else spec) if c in GLOB_CHARS]
+    if glob_at:
+        written = urlsplit(spec).path if uri else spec
+        base = written[: glob_at[0]].rsplit("/", 1)[0] if "/" in written[: glob_at[0]] else ""
+        if uri:
+            fs, base_path = resolve(urlunsplit(urlsplit(spec)._replace(path=base or "/")))
+            pattern = _segments(urlsplit(spec).path)
+        else:
+            base_path = os.path.abspath(base or ("/" if spec.startswith("/") else "."))
+            pattern = _segments(os.path.abspath(spec))
+        return _walk(fs, base_path, spec if uri else None, pattern, shown=spec)
+    info = _info(fs, path)
     import pyarrow.fs as pafs
 
-    path = urlsplit(spec).path
-    if any(c in path for c in GLOB_CHARS):
-        first = min(path.index(c) for c in GLOB_CHARS if c in path)
-        base = path[:first].rsplit("/", 1)[0]
-        fs, base_path = resolve(urlunsplit(urlsplit(spec)._replace(path=base or "/")))
-        pattern = _segments(path)
-        names = [uri for uri in (_uri_of(spec, i.path) for i in _files_under(fs, base_path))
-                 if _glob_match(_segments(urlsplit(uri).path), pattern)]
-        if not names:
-            raise UsageError(f"no files match {spec}")
-        return names, []
-    fs, fs_path = resolve(spec)
-    info = fs.get_file_info(fs_path)
     if info.type == pafs.FileType.Directory:
-        names = [_uri_of(spec, i.path) for i in _files_under(fs, fs_path) if i.extension.lower() in _suffixes()]
-        if not names:
-            raise UsageError(f"no images found in {spec}")
-        return names, []
-    if info.type == pafs.FileType.File:
-        return _from_file(fs, fs_path, spec), []
-    raise UsageError(f"no such file or folder: {spec}")
+        return _walk(fs, path, spec if uri else None, None, shown=spec)
+    if info.type != pafs.FileType.File:
+        raise UsageError(f"no such file or folder: {spec}")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in IMAGE_SUFFIXES:
+        one = _listed([_source(spec, cwd)])
+        return lambda ray: ray.data.from_arrow(one)
+    if suffix == ".parquet":
+        return _parquet_list(fs, path, spec, cwd)
+    return _text_list(fs, path, spec, cwd)
 
 
-def _suffixes() -> set[str]:
-    return {s.lstrip(".") for s in IMAGE_SUFFIXES}
-
-
-def _files_under(fs: Any, path: str) -> list[Any]:
-    import pyarrow.fs as pafs
-
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+def _info(fs: Any, path: str) -> Any:
+    try:
+        return fs.get_file_info(path)
+    except OSError as err:
+        raise UsageError(f"{path}: {err}") from None
 
 
 def _segments(path: str) -> list[str]:
@@ -177,37 +156,107 @@ def _glob_match(parts: list[str], pattern: list[str]) -> bool:
     return bool(parts) and fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
 
 
-def _from_file(fs: Any, path: str, shown: str) -> list[str] | pa.Array:
-    """One image, or the entries of a list file: a Parquet `path` column (else its first text column) or
-    text lines (blank lines and `#` comments skipped). Relative local entries are relative to the current folder."""
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix in IMAGE_SUFFIXES:
-        return [shown]
-    if suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
+def _walk(fs: Any, root: str, template: str | None, pattern: list[str] | None, shown: str) -> Listing:
+    """A folder's images (or a glob's matches under `root`): the driver lists the first level, one task
+    walks each subfolder, one more lists the files of the first level itself."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
 
-        schema = pq.read_schema(path, filesystem=fs)
-        columns = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-        if not columns:
-            raise UsageError(f"{shown}: a Parquet list needs a `path` column of strings")
-        table = pq.read_table(path, columns=["path" if "path" in columns else columns[0]], filesystem=fs)
-        column = table.column(0).combine_chunks().cast(pa.string())
-        names = column.filter(pc.greater(pc.utf8_length(column), 0))  # drops nulls and empty strings
+    try:
+        if template is None:
+            with os.scandir(root) as entries:
+                folders = sorted(os.fsencode(e.path) for e in entries if e.is_dir())  # follows links, as runtime.infer
+        else:
+            first = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+            folders = sorted(i.path.encode("utf-8") for i in first if i.type == pafs.FileType.Directory)
+    except FileNotFoundError:
+        raise UsageError(f"no such file or folder: {shown}") from None
+    except OSError as err:
+        raise UsageError(f"{shown}: cannot read folder ({err.strerror or err})") from None
+    todo = pa.table({"folder": [os.fsencode(root), *folders], "recursive": [False] + [True] * len(folders)},
+                    schema=pa.schema([("folder", pa.binary()), ("recursive", pa.bool_())]))
+    return lambda ray: ray.data.from_arrow(todo).map_batches(
+        walk_batch, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+        fn_kwargs={"template": template, "pattern": pattern})
+
+
+def walk_batch(batch: pa.Table, template: str | None, pattern: list[str] | None) -> pa.Table:
+    """Runs on a worker: the images under each folder of the batch (every file, when a glob decides)."""
+    import pyarrow as pa
+
+    tables = [_walk_one(os.fsdecode(folder), recursive, template, pattern)
+              for folder, recursive in zip(batch["folder"].to_pylist(), batch["recursive"].to_pylist())]
+    return pa.concat_tables(tables) if tables else listed_schema().empty_table()
+
+
+def _walk_one(folder: str, recursive: bool, template: str | None, pattern: list[str] | None) -> pa.Table:
+    if template is None and pattern is None:  # runtime.infer's own walk: symlinked folders followed once, unreadable ones reported
+        listing = find_images([Path(folder)], recursive=recursive)
+        errors = [(os.fsencode(str(d)), f"{key_of(os.fsencode(str(d)))}: {why}") for d, why in listing.errors]
+        return _listed([os.fsencode(str(f)) for f in listing.files], errors)
+    if template is None:
+        return _listed([os.fsencode(f) for f in sorted(_local_files(folder, recursive))
+                        if _glob_match(_segments(f), pattern or [])])
+    import pyarrow.fs as pafs
+
+    fs, _ = resolve(template)
+    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=recursive))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File)
+    uris = [_uri_of(template, f) for f in files]
+    if pattern is None:
+        uris = [u for u in uris if os.path.splitext(urlsplit(u).path)[1].lower() in IMAGE_SUFFIXES]
     else:
-        with fs.open_input_stream(path) as f:
-            data = f.read()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise UsageError(f"{shown}: not an image, a .parquet list or a text list of paths") from None
-        names = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not names:
+        uris = [u for u in uris if _glob_match(_segments(urlsplit(u).path), pattern)]
+    return _listed([u.encode("utf-8") for u in uris])
+
+
+def _local_files(folder: str, recursive: bool) -> list[str]:
+    """Every file under a local folder (a glob matches any name, not only image suffixes; links to folders
+    are not followed, so a link to an ancestor cannot loop)."""
+    if not recursive:
+        return [e.path for e in os.scandir(folder) if not e.is_dir()]
+    return [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
+
+
+def _parquet_list(fs: Any, path: str, shown: str, cwd: str) -> Listing:
+    """A Parquet list's `path` column (else its first text column), read in blocks by tasks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path, filesystem=fs)
+    columns = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    if not columns:
+        raise UsageError(f"{shown}: a Parquet list needs a `path` column of strings")
+    column = "path" if "path" in columns else columns[0]
+    return lambda ray: (ray.data.read_parquet(path, filesystem=fs, columns=[column])
+                        .map_batches(names_batch, batch_format="pyarrow", fn_kwargs={"column": column, "cwd": cwd}))
+
+
+def _text_list(fs: Any, path: str, shown: str, cwd: str) -> Listing:
+    """A text list (one name a line; blank lines and `#` comments skipped), read in blocks by tasks.
+    Its start is checked here, so a binary file is refused before any work."""
+    with fs.open_input_stream(path) as f:
+        head = f.read(LIST_PROBE_BYTES)
+    try:
+        head.decode("utf-8") if len(head) < LIST_PROBE_BYTES else head[:-4].decode("utf-8", "strict")
+    except UnicodeDecodeError:
+        raise UsageError(f"{shown}: not an image, a .parquet list or a text list of paths") from None
+    if len(head) < LIST_PROBE_BYTES and not _names(head.decode("utf-8").splitlines()):
         raise UsageError(f"{shown}: the list names no files")
-    return names
+    return lambda ray: (ray.data.read_text(path, filesystem=fs)
+                        .map_batches(names_batch, batch_format="pyarrow", fn_kwargs={"column": "text", "cwd": cwd}))
 
 
+def _names(lines: list[str | None]) -> list[str]:
+    return [n.strip() for n in lines if n and n.strip() and not n.lstrip().startswith("#")]
+
+
+def names_batch(batch: pa.Table, column: str, cwd: str) -> pa.Table:
+    """Runs on a worker: the names of a list block -> sources (relative local names against the driver's folder)."""
+    return _listed([_source(n, cwd) for n in _names(batch[column].to_pylist())])
+
+
+# ------------------------------------------------------------------------------------------------ reading
 
 def decode_source(source: bytes, spec: Preprocessing, draft: bool, max_pixels: int) -> np.ndarray | str:
     """One input -> pixels, or "<path>: <reason>" (runtime.classify's loader and messages; URIs read via pyarrow.fs)."""
@@ -229,15 +278,17 @@ def decode_source(source: bytes, spec: Preprocessing, draft: bool, max_pixels: i
 
 def decode_batch(batch: dict[str, np.ndarray], spec: Preprocessing, draft: bool,
                  max_pixels: int) -> dict[str, np.ndarray]:
-    """The CPU stage: paths -> (path, pixels, error); a failed file keeps zero pixels and its message."""
-    sources = [bytes(s) for s in batch["source"]]
+    """The CPU stage: (source, key, error) -> (path, pixels, error); a failed input keeps zero pixels and its message."""
     h, w = spec.input_size
-    pixels = np.zeros((len(sources), 3, h, w), dtype=np.float32)
-    errors = np.full(len(sources), "", dtype=object)
-    for i, source in enumerate(sources):
-        result = decode_source(source, spec, draft, max_pixels)
+    n = len(batch["key"])
+    pixels = np.zeros((n, 3, h, w), dtype=np.float32)
+    errors = np.array([e if isinstance(e, str) else "" for e in batch["error"]], dtype=object)
+    for i, source in enumerate(batch["source"]):
+        if errors[i]:
+            continue
+        result = decode_source(bytes(source), spec, draft, max_pixels)
         if isinstance(result, str):
             errors[i] = result
         else:
             pixels[i] = result
-    return {"path": np.array([key_of(s) for s in sources], dtype=object), "pixels": pixels, "error": errors}
+    return {"path": np.asarray(batch["key"], dtype=object), "pixels": pixels, "error": errors}

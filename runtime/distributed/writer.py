@@ -1,4 +1,15 @@
-"""Where a job's rows go: whole part files under a temporary name, renamed when complete."""
+"""Where a job's rows go: parts written whole on the workers, committed by the driver, described by a manifest.
+
+A write task on a worker turns a batch of result rows into one part file under a `_tmp-` name and
+returns only its name and counts; the driver commits it by renaming it `part-<run>-<n>`. The output
+folder therefore holds only complete parts, each the result of exactly one completed task (a task
+that ran twice, after a lost node, leaves a second `_tmp-` file nobody commits; it is removed at the
+end of the run or by the next one). Readers (pyarrow, pandas, Spark) skip names that start with `_`.
+
+`_manifest.json` records what made the rows (the model file and its sha256, backend, precision,
+top-k, decoding, format) and every run id; each Parquet part carries the same in its file metadata,
+with its run id. A run into an output made with other settings is refused before any work.
+"""
 
 from __future__ import annotations
 
@@ -6,50 +17,100 @@ import json
 import os
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.distributed.sources import is_uri, resolve
+from runtime.distributed.sources import filesystem_of, is_uri, resolve
 from runtime.errors import UsageError, signals_deferred
 from runtime.paths import check_output_dir
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    import ray.data
 
 FORMATS = {"parquet": ".parquet", "jsonl": ".jsonl"}
 PART_PREFIX = "part-"
 TMP_PREFIX = "_tmp-"  # pyarrow and pandas skip names starting with "_" when they read a folder
+MANIFEST = "_manifest.json"
+METADATA_KEY = b"deit"  # the Parquet file metadata entry of a part: its manifest settings and run id
+MAX_LISTED_FAILURES = 20  # failure messages a part reports to the driver (its rows hold them all)
 
 
 def output_schema() -> pa.Schema:
+    """One row per input: its source, the top-k (or the error), and the Ray node that classified it."""
     import pyarrow as pa
 
     return pa.schema([("path", pa.string()), ("indices", pa.list_(pa.int32())), ("labels", pa.list_(pa.string())),
-                      ("probs", pa.list_(pa.float64())), ("error", pa.string())])
+                      ("probs", pa.list_(pa.float64())), ("error", pa.string()), ("node", pa.string())])
 
 
-def error_rows(rows: list[tuple[str, str]]) -> pa.Table:
+def part_schema() -> pa.Schema:
+    """What a write task returns to the driver for one part: its temporary name, counts, first failures."""
     import pyarrow as pa
 
-    return pa.table({"path": [p for p, _ in rows], "indices": [None] * len(rows), "labels": [None] * len(rows),
-                     "probs": [None] * len(rows), "error": [e for _, e in rows]}, schema=output_schema())
+    return pa.schema([("tmp", pa.string()), ("rows", pa.int64()), ("failed", pa.int64()),
+                      ("failures", pa.list_(pa.string()))])
 
 
-class PartWriter:
-    """Commits rows to `<output>/part-<run>-<n>.<format>`, each part written whole, then renamed.
+@dataclass(frozen=True)
+class Part:
+    tmp: str
+    rows: int
+    failed: int
+    failures: list[str]
 
-    The output folder only ever holds complete parts (a temp name is used until the part is whole, and
-    a rename makes it visible at once; on object stores, where a rename is a copy, the copy is still
-    all or nothing), so the committed paths are exactly the inputs done, for resume. Only the driver
-    writes: one job per output folder at a time.
+
+def write_part(batch: pa.Table, output: str, fmt: str, run: str, settings: dict[str, Any]) -> pa.Table:
+    """Runs on a worker: one batch of result rows -> one `_tmp-` part file; returns its `part_schema` row."""
+    import pyarrow as pa
+
+    fs, root = filesystem_of(output)
+    tmp = f"{TMP_PREFIX}{PART_PREFIX}{run}-{secrets.token_hex(8)}{FORMATS[fmt]}"
+    _put(fs, f"{root.rstrip('/')}/{tmp}", _encode(batch.cast(output_schema()), fmt, {**settings, "run": run}))
+    errors = [e for e in batch["error"].to_pylist() if e]
+    return pa.table({"tmp": [tmp], "rows": [batch.num_rows], "failed": [len(errors)],
+                     "failures": [errors[:MAX_LISTED_FAILURES]]}, schema=part_schema())
+
+
+def _encode(table: pa.Table, fmt: str, metadata: dict[str, Any]) -> bytes:
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        sink = pa.BufferOutputStream()
+        pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()}), sink,
+                       compression="zstd")
+        return sink.getvalue().to_pybytes()
+    return "".join(json.dumps(row) + "\n" for row in table.to_pylist()).encode("utf-8")
+
+
+def _put(fs: Any, path: str, data: bytes) -> None:
+    """A whole file; on a local disk also synced, so a machine crash cannot leave an empty part behind its rename."""
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+class Output:
+    """The driver's side of an output folder: what earlier runs committed, the manifest, and commits.
+
+    One job writes an output folder at a time (its stale `_tmp-` files are removed when it starts).
     """
 
-    def __init__(self, output: str, fmt: str = "parquet", rows_per_file: int = 10_000, commit_s: float = 60.0) -> None:
+    def __init__(self, output: str, fmt: str = "parquet") -> None:
         import pyarrow.fs as pafs
 
         if fmt not in FORMATS:
             raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-        self.output, self.fmt, self.rows_per_file, self.commit_s = output, fmt, rows_per_file, commit_s
+        self.output, self.fmt = output, fmt
         if is_uri(output):
             self.fs, self.root = resolve(output)
         else:
@@ -58,11 +119,17 @@ class PartWriter:
         self.root = self.root.rstrip("/")
         self.fs.create_dir(self.root, recursive=True)
         self.run = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
-        self.buffer: list[pa.Table] = []
-        self.buffered = 0
         self.committed = 0  # rows this run has committed
         self.parts = 0
-        self.last_commit = time.monotonic()
+        names = self._names()
+        for name in names:
+            if name.startswith(TMP_PREFIX + PART_PREFIX):
+                self.fs.delete_file(f"{self.root}/{name}")
+        self.done_parts = [f"{self.root}/{n}" for n in names if n.startswith(PART_PREFIX)]
+        foreign = [n for n in names if n.startswith(PART_PREFIX) and not n.endswith(FORMATS[fmt])]
+        if foreign:
+            raise UsageError(f"--output {output} holds other part files ({foreign[0]}); use the --format they "
+                             "were written in, or another --output")
 
     def _names(self) -> list[str]:
         import pyarrow.fs as pafs
@@ -70,82 +137,56 @@ class PartWriter:
         infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
 
-    def done(self) -> pa.Table:
-        """(path, error) of every row earlier runs committed; stale temp parts of killed runs are removed."""
-        import pyarrow as pa
+    def done(self, ray: Any) -> ray.data.Dataset | None:
+        """(key, error) of every row earlier runs committed, read by tasks; None when there are none."""
+        if not self.done_parts:
+            return None
+        if self.fmt == "parquet":
+            ds = ray.data.read_parquet(self.done_parts, filesystem=self.fs, columns=["path", "error"])
+        else:
+            ds = ray.data.read_json(self.done_parts, filesystem=self.fs)
+        return ds.map_batches(_done_batch, batch_format="pyarrow")
 
-        names = self._names()
-        for name in names:
+    def check_manifest(self, settings: dict[str, Any]) -> None:
+        """Refuse (one line, before any work) to add rows made with other settings; record this run."""
+        path = f"{self.root}/{MANIFEST}"
+        manifest: dict[str, Any] = {"settings": settings, "runs": []}
+        try:
+            with self.fs.open_input_stream(path) as f:
+                manifest = json.loads(f.read())
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as err:
+            raise UsageError(f"{path}: unreadable manifest ({err}); use another --output") from None
+        theirs = manifest.get("settings", {})
+        differ = [k for k in settings if k != "model" and theirs.get(k) != settings[k]]
+        if differ and self.done_parts:
+            was = ", ".join(f"{k} {theirs.get(k)}" for k in differ)
+            now = ", ".join(f"{k} {settings[k]}" for k in differ)
+            raise UsageError(f"--output {self.output} holds rows made with {was}; this run would use {now}: "
+                             "resume with the same settings, or use another --output")
+        manifest["settings"] = settings
+        manifest["runs"] = [*manifest.get("runs", []), self.run]
+        tmp = f"{self.root}/{TMP_PREFIX}{MANIFEST.lstrip('_')}"
+        _put(self.fs, tmp, (json.dumps(manifest, indent=1) + "\n").encode())
+        self.fs.move(tmp, path)
+
+    def commit(self, part: Part) -> None:
+        """Make a part that a task wrote visible under its final name (a rename: all or nothing)."""
+        with signals_deferred():  # Ctrl-C waits until the part is renamed and counted
+            name = f"{PART_PREFIX}{self.run}-{self.parts:05d}{FORMATS[self.fmt]}"
+            self.fs.move(f"{self.root}/{part.tmp}", f"{self.root}/{name}")
+            self.committed += part.rows
+            self.parts += 1
+
+    def remove_uncommitted(self) -> None:
+        """`_tmp-` parts nobody committed (a task that ran twice, a run stopped mid-write)."""
+        for name in self._names():
             if name.startswith(TMP_PREFIX + PART_PREFIX):
                 self.fs.delete_file(f"{self.root}/{name}")
-        parts = [n for n in names if n.startswith(PART_PREFIX)]
-        foreign = [n for n in parts if not n.endswith(FORMATS[self.fmt])]
-        if foreign:
-            raise UsageError(f"--output {self.output} holds other part files ({foreign[0]}); use the --format they "
-                             "were written in, or another --output")
-        schema = pa.schema([("path", pa.string()), ("error", pa.string())])
-        tables = [self._read_keys(f"{self.root}/{n}", schema) for n in parts]
-        return pa.concat_tables(tables) if tables else schema.empty_table()
 
-    def _read_keys(self, path: str, schema: pa.Schema) -> pa.Table:
-        if self.fmt == "parquet":
-            import pyarrow.parquet as pq
 
-            return pq.read_table(path, columns=schema.names, filesystem=self.fs).cast(schema)
-        import pyarrow.json as pajson
+def _done_batch(batch: pa.Table) -> pa.Table:
+    import pyarrow as pa
 
-        with self.fs.open_input_stream(path) as f:
-            table = pajson.read_json(f, parse_options=pajson.ParseOptions(explicit_schema=schema,
-                                                                          unexpected_field_behavior="ignore"))
-        return table.select(schema.names)
-
-    def add(self, rows: pa.Table) -> None:
-        with signals_deferred():  # a row is either buffered and counted, or not
-            self.buffer.append(rows)
-            self.buffered += rows.num_rows
-        if self.buffered >= self.rows_per_file or time.monotonic() - self.last_commit >= self.commit_s:
-            self.commit()
-
-    def commit(self) -> None:
-        """Write the buffered rows as one part (nothing when empty)."""
-        import pyarrow as pa
-
-        if not self.buffered:
-            return
-        with signals_deferred():  # Ctrl-C waits until the part is renamed and counted
-            table = pa.concat_tables(self.buffer)
-            name = f"{PART_PREFIX}{self.run}-{self.parts:05d}{FORMATS[self.fmt]}"
-            self._put(name, self._encode(table))
-            self.committed += table.num_rows
-            self.parts += 1
-            self.buffer, self.buffered, self.last_commit = [], 0, time.monotonic()
-
-    def _encode(self, table: pa.Table) -> Any:
-        if self.fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            sink = pa.BufferOutputStream()
-            pq.write_table(table, sink, compression="zstd")
-            return sink.getvalue()
-        return "".join(json.dumps(row) + "\n" for row in table.to_pylist()).encode("utf-8")
-
-    def _put(self, name: str, data: Any) -> None:
-        import pyarrow.fs as pafs
-
-        tmp, final = f"{self.root}/{TMP_PREFIX}{name}", f"{self.root}/{name}"
-        if isinstance(self.fs, pafs.LocalFileSystem):  # fsync, so a machine crash cannot leave an empty part
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            fd = os.open(self.root, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        else:
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
-            self.fs.move(tmp, final)
+    return pa.table({"key": batch["path"].cast(pa.string()), "error": batch["error"].cast(pa.string())})
