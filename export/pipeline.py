@@ -78,6 +78,7 @@ def export_checkpoint(opts: ExportOptions) -> dict[str, Any]:
         check_output_dir(opts.out_root, needed_bytes=int(parameters * BYTES_PER_PARAMETER))
         step("load")
         meta = ckpt.meta.copy(attention=opts.attention, opset=OPSET[opts.attention], versions=tool_versions())
+        load_warnings = ckpt.warnings
         model = export_onnx(ckpt, opts.attention)
         torch_model = ckpt.model
         del ckpt
@@ -96,6 +97,7 @@ def export_checkpoint(opts: ExportOptions) -> dict[str, Any]:
             report.update({k: getattr(meta, k) for k in REPORTED_META})
             report.update(
                 preprocessing=meta.preprocessing.to_dict(),
+                warnings=load_warnings,
                 parameters=parameters,
                 ops={k: v for k, v in op_counts(model).items() if k in ("Attention", "Softmax", "MatMul", "Gemm", "LayerNormalization")},
                 timings_s=timings,

@@ -8,7 +8,7 @@ architecture: valid for export, latency and numerics, never a classifier.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +104,7 @@ class LoadedCheckpoint:
 
     model: torch.nn.Module
     meta: ArtifactMeta
+    warnings: list[str] = field(default_factory=list)  # one line each, for the user (e.g. preprocessing disagreements)
 
 
 def load_checkpoint(
@@ -132,7 +133,7 @@ def load_checkpoint(
         raise CheckpointError(f"{source}: not a DeiT checkpoint (model_type={model_type!r})")
     arch = _architecture(config, task)
     model = _build_model(source, config, arch, weights, attn_implementation)
-    preprocessing, pre_source = _load_preprocessing(source, local if is_local else None, config)
+    preprocessing, pre_source, warnings = checkpoint_preprocessing(source, local if is_local else None, config, weights)
     id2label = _id2label(config) if task == "classification" else None
     outputs = (
         ["embedding"]
@@ -154,7 +155,7 @@ def load_checkpoint(
         output_names=outputs,
         config=config.to_dict(),
     )
-    return LoadedCheckpoint(model, meta)
+    return LoadedCheckpoint(model, meta, warnings)
 
 
 def _load_config(source: str, local: Path | None, weights: str) -> Any:
@@ -207,22 +208,36 @@ def _build_model(source: str, config: Any, arch: str, weights: str, attn_impleme
     return model.eval()
 
 
-def _load_preprocessing(source: str, local: Path | None, config: Any) -> tuple[Preprocessing, str]:
+def checkpoint_preprocessing(source: str, local: Path | None, config: Any,
+                             weights: str = "pretrained") -> tuple[Preprocessing, str, list[str]]:
+    """The checkpoint's own preprocessing (its `preprocessor_config.json`), where it came from, and warnings.
+
+    A published id's table entry is the fallback when the Hub cannot give the file (and the source of
+    synthetic weights, which never download anything); when both exist and disagree, the checkpoint's
+    own file wins and one warning line names both values.
+    """
     cfg_path: Path | None = None
     if local is not None:
         cfg_path = local / "preprocessor_config.json" if (local / "preprocessor_config.json").exists() else None
-    elif source not in PUBLISHED:
+    elif weights != "synthetic" or source not in PUBLISHED:
         cfg_path = _hub_file(source, "preprocessor_config.json")
+    table = PUBLISHED[source].preprocessing if source in PUBLISHED and local is None else None
     if cfg_path is not None:
         try:
-            return Preprocessing.from_hf_config(json.loads(cfg_path.read_text())), "preprocessor_config.json"
+            own = Preprocessing.from_hf_config(json.loads(cfg_path.read_text()))
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"{cfg_path}: bad preprocessor config ({_first_line(err)})") from None
-    if source in PUBLISHED:
-        return PUBLISHED[source].preprocessing, "published table (runtime/checkpoints.py)"
+        differ = [f"{f.name} {getattr(own, f.name)} (table {getattr(table, f.name)})" for f in fields(Preprocessing)
+                  if table is not None and getattr(own, f.name) != getattr(table, f.name)]
+        warnings = [f"{source}: its preprocessor_config.json differs from the built-in table: {'; '.join(differ)}; "
+                    "using the checkpoint's own"] if differ else []
+        return own, "preprocessor_config.json", warnings
+    if table is not None:
+        why = "synthetic weights" if weights == "synthetic" else "the Hub did not give preprocessor_config.json"
+        return table, f"published table (runtime/checkpoints.py; {why})", []
     # The DeiT paper's eval transform: resize to size/0.875, centre crop, ImageNet mean/std.
     size = int(config.image_size)
-    return _distilled(int(size / 0.875), size), "default DeiT eval transform (no preprocessor_config.json)"
+    return _distilled(int(size / 0.875), size), "default DeiT eval transform (no preprocessor_config.json)", []
 
 
 def _hub_file(repo: str, filename: str) -> Path | None:

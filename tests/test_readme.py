@@ -37,6 +37,7 @@ CLIS = {
     "benchmarks.int8_latency": "benchmarks.int8_latency",
     "benchmarks.export_time": "benchmarks.export_time",
     "benchmarks.distributed_throughput": "benchmarks.distributed_throughput",
+    "benchmarks.distributed_listing": "benchmarks.distributed_listing",
     "benchmarks.serve": "benchmarks.serve",
 }
 FOREIGN_MODULES = {"pytest"}  # shown as commands, not ours to check
