@@ -149,3 +149,20 @@ def test_ort_cuda_preloads_cuda_libraries_and_records_its_providers(tiny_artifac
     finally:
         backend.deactivate()
     assert calls[:2] == ["preload_dlls", "session"]
+
+
+@pytest.mark.parametrize("name", ["torch-compile", "torch-sdpa"])
+def test_torch_backends_release_compiled_and_cached_memory_on_close(name: str, tiny_artifact: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between benchmark rows: torch.compile's caches are reset and, on a GPU, the allocator's free blocks returned."""
+    import torch
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: calls.append("compiler.reset"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("cuda.empty_cache"))
+    backend = create(name, tiny_artifact, max_batch=2, threads=1)
+    backend.deactivate()
+    assert calls == (["compiler.reset"] if name == "torch-compile" else [])
+    backend.device = "cuda"  # what the GPU path does on close (no GPU needed to see the call)
+    backend.deactivate()
+    assert calls[-1] == "cuda.empty_cache"

@@ -32,6 +32,10 @@ from runtime.errors import first_line
 
 CPU_EP, CUDA_EP, TRT_EP = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 TRT_WORKSPACE_BYTES = 4 << 30
+# What a reader of a CUDA-event table must know about the IOBinding rows (printed under the table).
+HOST_SYNC_NOTE = ("ONNX Runtime synchronises the host inside run_with_iobinding and CUDA-graph replay, so the end event "
+                  "is recorded after that sync: the time includes the host's return from the run, which the torch and "
+                  "trt rows (asynchronous launches) do not")
 
 
 @dataclass(frozen=True)
@@ -266,8 +270,9 @@ class OrtBackend(Backend):
         self.source.release()
 
     def describe(self) -> dict[str, object]:
-        return super().describe() | {"providers": list(self.config.providers), "providers_used": self.providers_used,
+        info = super().describe() | {"providers": list(self.config.providers), "providers_used": self.providers_used,
                                      "cuda_graphs": self.cuda_graphs, "notes": self.notes}
+        return info | ({"timing_note": HOST_SYNC_NOTE} if self.config.io_binding else {})
 
 
 ORT_CPU = OrtKind(OrtConfig(
