@@ -21,7 +21,7 @@ from export.verify import verification_inputs
 from runtime.artifact import (MODEL_FILES, ORT_FP16_SLN_FILE, ORT_FUSED_FILES, REPORT_FILE, ArtifactMeta, file_sha256, set_onnx_meta,
                               write_hf_configs, write_json)
 from runtime.backends.onnxruntime import ORT_CPU
-from runtime.checkpoints import load_checkpoint, model_outputs
+from runtime.checkpoints import load_checkpoint, model_outputs, parameter_count
 from runtime.compare import compare
 from runtime.console import progress_bar
 from runtime.errors import GateFailed
@@ -73,9 +73,9 @@ def export_checkpoint(opts: ExportOptions) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix_str(name)
 
-        ckpt = load_checkpoint(opts.source, opts.weights, opts.task, attn_implementation="sdpa")
-        parameters = sum(p.numel() for p in ckpt.model.parameters())
+        parameters = parameter_count(opts.source, opts.weights, opts.task)  # from the config: room is checked first
         check_output_dir(opts.out_root, needed_bytes=int(parameters * BYTES_PER_PARAMETER))
+        ckpt = load_checkpoint(opts.source, opts.weights, opts.task, attn_implementation="sdpa")
         step("load")
         meta = ckpt.meta.copy(attention=opts.attention, opset=OPSET[opts.attention], versions=tool_versions())
         load_warnings = ckpt.warnings

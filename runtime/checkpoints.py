@@ -118,22 +118,9 @@ def load_checkpoint(
     Raises CheckpointError with a one-line reason for unknown names, non-DeiT configs, missing
     folders, unreachable hubs and corrupt weights.
     """
-    if weights not in ("pretrained", "synthetic"):
-        raise CheckpointError(f"--weights must be 'pretrained' or 'synthetic', not {weights!r}")
-    if task not in ("classification", "features"):
-        raise CheckpointError(f"--task must be 'classification' or 'features', not {task!r}")
-    local = Path(source).expanduser()
-    is_local = local.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
-    if is_local and not local.is_dir():
-        raise CheckpointError(f"{source}: no such checkpoint folder (expected a save_pretrained folder or a hub id)")
-
-    config = _load_config(source, local if is_local else None, weights)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ("deit", "vit"):
-        raise CheckpointError(f"{source}: not a DeiT checkpoint (model_type={model_type!r})")
-    arch = _architecture(config, task)
+    config, arch, local = _config(source, weights, task)
     model = _build_model(source, config, arch, weights, attn_implementation)
-    preprocessing, pre_source, warnings = checkpoint_preprocessing(source, local if is_local else None, config, weights)
+    preprocessing, pre_source, warnings = checkpoint_preprocessing(source, local, config, weights)
     id2label = _id2label(config) if task == "classification" else None
     outputs = (
         ["embedding"]
@@ -143,7 +130,7 @@ def load_checkpoint(
         else ["logits"]
     )
     meta = ArtifactMeta(
-        checkpoint=str(local) if is_local else source,
+        checkpoint=str(local) if local is not None else source,
         weights=weights,
         architecture=arch,
         task=task,
@@ -177,6 +164,36 @@ def _load_config(source: str, local: Path | None, weights: str) -> Any:
         hint = ("; pass --weights synthetic for a random-weights model of the same architecture" if source in PUBLISHED
                 else "; check the network, or pass a local save_pretrained folder")
         raise HubUnreachable(message + hint) from None
+
+
+def _config(source: str, weights: str, task: str) -> tuple[Any, str, Path | None]:
+    """(transformers config, architecture, local folder or None for a hub id) of a DeiT checkpoint."""
+    if weights not in ("pretrained", "synthetic"):
+        raise CheckpointError(f"--weights must be 'pretrained' or 'synthetic', not {weights!r}")
+    if task not in ("classification", "features"):
+        raise CheckpointError(f"--task must be 'classification' or 'features', not {task!r}")
+    local = Path(source).expanduser()
+    is_local = local.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
+    if is_local and not local.is_dir():
+        raise CheckpointError(f"{source}: no such checkpoint folder (expected a save_pretrained folder or a hub id)")
+    config = _load_config(source, local if is_local else None, weights)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ("deit", "vit"):
+        raise CheckpointError(f"{source}: not a DeiT checkpoint (model_type={model_type!r})")
+    return config, _architecture(config, task), local if is_local else None
+
+
+def parameter_count(source: str, weights: str = "pretrained", task: str = "classification") -> int:
+    """The parameters of a checkpoint's model from its config alone: the model is built on torch's meta
+    device (no memory, no weights read), so a caller can check for room before loading it."""
+    import torch
+    import transformers
+
+    config, arch, _ = _config(source, weights, task)
+    extra: dict[str, Any] = {"add_pooling_layer": False} if arch.endswith("Model") else {}
+    with torch.device("meta"):
+        model = getattr(transformers, arch)(config, **extra)
+    return sum(p.numel() for p in model.parameters())
 
 
 def _architecture(config: Any, task: str) -> str:
