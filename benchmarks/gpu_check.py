@@ -15,7 +15,9 @@ could run here (the SKIP rows say why).
 
 from __future__ import annotations
 
+import os
 import shutil
+import site
 import subprocess
 import sys
 import time
@@ -37,6 +39,10 @@ from runtime.errors import SOME_FAILED, ArgumentParser, Unavailable, first_line,
 DEFAULT_MODEL = "facebook/deit-small-distilled-patch16-224"
 MIN_AGREEMENT = {"fp32": 0.995, "fp16": 0.995, "int8": 0.98}
 POLYGRAPHY_TOLERANCE = {"fp16": ("2e-2", "2e-2"), "int8": ("1e-1", "1e-1")}  # (atol, rtol) on logits
+# A hung subprocess (a driver wait, a lost GPU) must end as a FAIL row, not hang the check: generous
+# bounds, well above what DeiT-B takes (export, 128-image calibration and the bench take minutes).
+CLI_TIMEOUT_S = 3600
+POLYGRAPHY_TIMEOUT_S = 900
 
 
 @dataclass
@@ -68,8 +74,15 @@ def _timed(name: str, fn: Callable[[], str]) -> Step:
     return Step(name, status, time.perf_counter() - t0, detail)
 
 
+def _run(cmd: list[str], timeout_s: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        raise StepFailed(f"`{' '.join(cmd[:3])} ...` did not finish within {timeout_s} s") from None
+
+
 def _run_cli(args: list[str]) -> str:
-    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+    proc = _run([sys.executable, "-m", *args], CLI_TIMEOUT_S)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         raise StepFailed(f"`python -m {' '.join(args)}` exited {proc.returncode}: {lines[-1] if lines else ''}")
@@ -105,7 +118,32 @@ def _attention(artifact: Path, precision: str) -> str:
     return text
 
 
-def polygraphy_commands(artifact: Path, precision: str, work: Path) -> list[list[str]]:
+def polygraphy_executable(bin_dir: Path | None = None) -> str | None:
+    """The `polygraphy` script of this Python's environment (found without an activated venv), else one on PATH."""
+    beside = (bin_dir or Path(sys.executable).parent) / "polygraphy"
+    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else shutil.which("polygraphy")
+
+
+def nvidia_library_dirs(roots: list[Path] | None = None) -> list[str]:
+    """The `nvidia/*/lib` folders of pip's CUDA wheels (cuda-runtime, cuBLAS, cuDNN, ...).
+
+    Polygraphy's TensorRT runner loads libcudart through ctypes, which searches LD_LIBRARY_PATH and the
+    system folders only: on a pip-only CUDA install these folders must be added for it.
+    """
+    if roots is None:
+        roots = [Path(p) for p in (*site.getsitepackages(), site.getusersitepackages())]
+    return sorted({str(lib) for root in roots for lib in root.glob("nvidia/*/lib") if lib.is_dir()})
+
+
+def polygraphy_env(roots: list[Path] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    dirs = nvidia_library_dirs(roots) + [d for d in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if d]
+    if dirs:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(dict.fromkeys(dirs))
+    return env
+
+
+def polygraphy_commands(artifact: Path, precision: str, work: Path, polygraphy: str = "polygraphy") -> list[list[str]]:
     """ONNX Runtime fp32 outputs saved by Polygraphy, then our engine run by Polygraphy's TensorRT runner against them."""
     meta = read_onnx_meta(model_path(artifact, "fp32"))
     h, w = meta.preprocessing.input_size
@@ -113,21 +151,24 @@ def polygraphy_commands(artifact: Path, precision: str, work: Path) -> list[list
     inputs, reference = work / f"inputs-{precision}.json", work / f"onnxrt-{precision}.json"
     shape = f"pixel_values:[8,3,{h},{w}]"
     return [
-        ["polygraphy", "run", str(model_path(artifact, "fp32")), "--onnxrt", "--input-shapes", shape,
+        [polygraphy, "run", str(model_path(artifact, "fp32")), "--onnxrt", "--input-shapes", shape,
          "--save-inputs", str(inputs), "--save-outputs", str(reference)],
-        ["polygraphy", "run", str(engine_path(artifact, precision)), "--model-type", "engine", "--trt",
+        [polygraphy, "run", str(engine_path(artifact, precision)), "--model-type", "engine", "--trt",
          "--load-inputs", str(inputs), "--load-outputs", str(reference), "--atol", atol, "--rtol", rtol,
          "--check-error-stat", "median"],
     ]
 
 
 def _polygraphy(artifact: Path, precision: str) -> str:
-    if shutil.which("polygraphy") is None:
-        raise StepSkipped("polygraphy is not installed (`pip install polygraphy`, with TensorRT)")
+    polygraphy = polygraphy_executable()
+    if polygraphy is None:
+        raise StepSkipped(f"polygraphy is not installed beside {sys.executable} nor on PATH "
+                          "(`pip install polygraphy`, with TensorRT)")
     work = artifact / "polygraphy"
     work.mkdir(exist_ok=True)
-    for cmd in polygraphy_commands(artifact, precision, work):
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = polygraphy_env()
+    for cmd in polygraphy_commands(artifact, precision, work, polygraphy):
+        proc = _run(cmd, POLYGRAPHY_TIMEOUT_S, env)
         if proc.returncode != 0:
             tail = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()][-3:]
             raise StepFailed(f"`{' '.join(cmd[:3])} ...` exited {proc.returncode}: {' | '.join(tail)}")

@@ -74,6 +74,7 @@ def markdown(results: dict[str, Any]) -> str:
     for clock, group in by_clock(rows).items():
         lines += _latency_table(group, clock, results.get("cpu_efficiency", {})) + [""]
         if clock == "cuda-events":
+            lines += [f"`{row['label']}`: {row['timing_note']}." for row in group if row.get("timing_note")]
             lines += [f"Reference ({HF_DOCS_A100}).", ""]
     if rows:
         lines += _correctness_table(results, rows) + [""]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,27 @@ from PIL import Image, ImageOps
 
 from runtime.errors import DeitError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def _decodable_suffixes() -> tuple[str, ...]:
+    """Every file extension the installed Pillow decodes: its registered readers, less the stubs and
+    identify-only formats (HDF5, GRIB, MPEG video...) and EPS/PS without Ghostscript. A folder is read
+    with this one list, so a file is never skipped there that would be classified when named."""
+    from PIL import EpsImagePlugin, ImageFile
+
+    Image.init()
+    cannot = {"MPEG"} | (set() if EpsImagePlugin.has_ghostscript() else {"EPS"})
+
+    def decodes(fmt: str) -> bool:
+        if fmt not in Image.OPEN or fmt in cannot:
+            return False
+        opener = Image.OPEN[fmt][0]  # a class, or a factory function (JPEG's)
+        return not (isinstance(opener, type) and issubclass(opener, ImageFile.StubImageFile))
+
+    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if decodes(fmt)))
+
+
+IMAGE_SUFFIXES = _decodable_suffixes()
 
 # The default limit on the pixels of one image, checked from the header before decoding: a
 # 10,000 x 10,000 photo is a legitimate (if silly) input; a 17,000 x 17,000 PNG of 321 KB is a bomb.
@@ -133,8 +154,8 @@ def load_image(path: str | Path, draft_size: tuple[int, int] | None = None, max_
         with Image.open(path) as img:
             width, height = img.size
             if width * height > max_pixels:
-                raise ImageError(f"{path}: refused, {width} x {height} = {width * height / 1e6:.0f} Mpx is over the "
-                                 f"limit of {max_pixels / 1e6:.0f} Mpx (--max-pixels)")
+                raise ImageError(f"{path}: refused, {width} x {height} = {_pixels(width * height)} is over the "
+                                 f"limit of {_pixels(max_pixels)} (--max-pixels)")
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB", draft_size)
             img.seek(0)
@@ -151,6 +172,11 @@ def load_image(path: str | Path, draft_size: tuple[int, int] | None = None, max_
         if "cannot identify image file" in reason:
             reason = "not an image (or an unsupported format)" if path.stat().st_size else "empty file"
         raise ImageError(f"{path}: {reason}") from None
+
+
+def _pixels(n: int) -> str:
+    """289 Mpx; below 10 Mpx the exact count, so no limit reads as "0 Mpx"."""
+    return f"{n / 1e6:.0f} Mpx" if n >= 10_000_000 else f"{n:,} pixels"
 
 
 def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
@@ -231,6 +257,16 @@ class Listing:
     files: list[Path] = field(default_factory=list)
     errors: list[tuple[Path, str]] = field(default_factory=list)
     skipped_loops: list[Path] = field(default_factory=list)  # symlinked folders already visited
+    skipped_suffixes: Counter[str] = field(default_factory=Counter)  # files in folders not read: their extension
+
+    def skipped_note(self) -> str | None:
+        """`3 files skipped for their extension (.txt 2, .json 1)`, or None."""
+        if not self.skipped_suffixes:
+            return None
+        count = sum(self.skipped_suffixes.values())
+        kinds = ", ".join(f"{ext or '(none)'} {n}" for ext, n in self.skipped_suffixes.most_common(5))
+        more = ", ..." if len(self.skipped_suffixes) > 5 else ""
+        return f"{count} file{'s' * (count != 1)} skipped for their extension ({kinds}{more}); not an image format Pillow reads"
 
 
 def find_images(paths: list[Path], recursive: bool = False) -> Listing:
@@ -274,6 +310,8 @@ def _walk(folder: Path, recursive: bool, found: list[Path], listing: Listing, se
                 _walk(path, recursive, found, listing, seen)
         elif path.suffix.lower() in IMAGE_SUFFIXES:
             found.append(path)
+        else:
+            listing.skipped_suffixes[path.suffix.lower()] += 1
 
 
 def list_images(paths: list[Path], recursive: bool = False) -> list[Path]:

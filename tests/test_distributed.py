@@ -365,3 +365,33 @@ def test_a_node_lost_mid_job_leaves_exactly_one_row_per_input(tiny_artifact: Pat
     table = rows(out)
     assert len(table) == table["path"].nunique() == BIG_COPIES
     assert sorted(table["path"]) == [str(f) for f in images(big_photos)]
+
+
+def test_the_stall_watchdog_interrupts_a_job_that_makes_no_progress() -> None:
+    """The watchdog reads the actors' counter; a counter that never moves ends the wait with the stall reason."""
+    import time
+
+    from runtime.distributed.job import Watchdog
+
+    class Stuck:  # the counter actor's handle: `get.remote()` is a reference that `ray.get` resolves
+        class get:  # noqa: N801
+            @staticmethod
+            def remote() -> int:
+                return 7
+
+    class NoRay:
+        def get(self, ref: int, timeout: float) -> int:
+            return ref
+
+    class Bar:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def update(self, n: int) -> None:
+            self.n += n
+
+    watch, bar = Watchdog(NoRay(), Stuck(), stall_s=0.5, poll_s=0.05), Bar()
+    with pytest.raises(KeyboardInterrupt), watch.running(bar):
+        time.sleep(60)  # the driver waiting inside Ray for a row that never comes
+    assert bar.n == 7 and watch.stalled is not None
+    assert watch.stalled.startswith("no input classified for 0.5 s (")

@@ -397,6 +397,45 @@ def test_polygraphy_cross_check_commands(artifact: Path, tmp_path: Path) -> None
     assert check[check.index("--load-inputs") + 1] == save[save.index("--save-inputs") + 1]
 
 
+def test_polygraphy_runs_from_this_environment_bounded_and_finds_pip_cuda(
+        artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make gpu-check` runs .venv/bin/python without .venv/bin on PATH: Polygraphy is found beside it, each
+    run has a timeout, and pip's CUDA libraries are on LD_LIBRARY_PATH for Polygraphy's ctypes load of libcudart."""
+    from benchmarks import gpu_check
+
+    bin_dir, site_packages = tmp_path / "venv" / "bin", tmp_path / "venv" / "site-packages"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "polygraphy").write_text("#!/bin/sh\n")
+    (bin_dir / "polygraphy").chmod(0o755)
+    for lib in ("cu13", "cudnn"):
+        (site_packages / "nvidia" / lib / "lib").mkdir(parents=True)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/mine")
+    monkeypatch.setattr(gpu_check.sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setattr(gpu_check.site, "getsitepackages", lambda: [str(site_packages)])
+    runs: list[dict[str, Any]] = []
+
+    def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        runs.append({"cmd": cmd, **kwargs})
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", run)
+    assert "matches ONNX Runtime fp32" in gpu_check._polygraphy(artifact, "fp16")
+    assert [r["cmd"][0] for r in runs] == [str(bin_dir / "polygraphy")] * 2
+    assert all(r["timeout"] == gpu_check.POLYGRAPHY_TIMEOUT_S for r in runs)
+    assert runs[0]["env"]["LD_LIBRARY_PATH"].split(":") == [str(site_packages / "nvidia" / "cu13" / "lib"),
+                                                          str(site_packages / "nvidia" / "cudnn" / "lib"), "/opt/mine"]
+
+    def hung(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", hung)
+    with pytest.raises(gpu_check.StepFailed, match="did not finish within 900 s"):
+        gpu_check._polygraphy(artifact, "fp16")
+    with pytest.raises(gpu_check.StepFailed, match="did not finish within"):
+        gpu_check._run_cli(["benchmarks", "--help"])
+
+
 @pytest.mark.skipif(GPU_REASON is None, reason="this machine has TensorRT and a GPU")
 def test_gpu_check_without_a_gpu_skips_every_step_and_says_why(capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks.gpu_check import gpu_missing, main

@@ -32,6 +32,10 @@ from runtime.errors import first_line
 
 CPU_EP, CUDA_EP, TRT_EP = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 TRT_WORKSPACE_BYTES = 4 << 30
+# What a reader of a CUDA-event table must know about the IOBinding rows (printed under the table).
+HOST_SYNC_NOTE = ("ONNX Runtime synchronises the host inside run_with_iobinding and CUDA-graph replay, so the end event "
+                  "is recorded after that sync: the time includes the host's return from the run, which the torch and "
+                  "trt rows (asynchronous launches) do not")
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,27 @@ class OrtConfig:
     files: dict[str, tuple[str, ...]]  # precision -> artifact files, preferred first
     io_binding: bool = False  # inputs copied once into GPU buffers, outputs bound on the GPU
     cuda_graphs: bool = False  # one captured CUDA graph per batch size
+    cuda_options: tuple[tuple[str, str], ...] = ()  # further CUDA provider options (name, value)
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def preload_cuda_libraries() -> str | None:
+    """Load CUDA and cuDNN before a CUDA session, as onnxruntime-gpu's `preload_dlls` does (from torch or pip's
+    `nvidia-*` wheels); None when done, else a note saying why not.
+
+    `make install-gpu` installs onnxruntime-gpu with --no-deps, so those libraries come from torch's wheels; a
+    process that has not imported torch would otherwise get the CPU provider with only a log line.
+    """
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return f"onnxruntime {ort.__version__} has no preload_dlls (1.21+): CUDA and cuDNN must be on the library path"
+    try:
+        preload()
+    except Exception as err:  # a missing library is reported by the provider check that follows
+        return f"onnxruntime.preload_dlls() failed ({first_line(err)})"
+    return None
 
 
 class OrtKind(BackendKind):
@@ -87,6 +111,7 @@ class OrtBackend(Backend):
         self.output_names: list[str] = []
         self._bound: dict[int, tuple[Any, Any, list[Any], int]] = {}  # batch -> (IOBinding, input, outputs, graph id)
         self._stream: Any = None
+        self.providers_used: list[str] = []  # what the session really got (ORT falls back silently)
 
     def session_options(self) -> Any:
         import onnxruntime as ort
@@ -111,7 +136,7 @@ class OrtBackend(Backend):
             opts["user_compute_stream"] = str(cudart.stream_handle(self._stream))
         if self.cuda_graphs:
             opts["enable_cuda_graph"] = "1"
-        return opts
+        return opts | dict(self.config.cuda_options)
 
     def _trt_options(self) -> dict[str, Any]:
         if TRT_EP not in self.config.providers:
@@ -146,6 +171,10 @@ class OrtBackend(Backend):
     def _open_session(self) -> None:
         import onnxruntime as ort
 
+        if self.device == "cuda":
+            note = preload_cuda_libraries()
+            if note and note not in self.notes:
+                self.notes.append(note)
         try:
             self.session = ort.InferenceSession(str(self.model_file), sess_options=self.session_options(),
                                                 providers=self.provider_list())
@@ -161,6 +190,7 @@ class OrtBackend(Backend):
             self.session = None
             raise BackendUnavailable(f"ONNX Runtime could not start {self.config.providers[0]} for {self.model_file} "
                                      f"(providers in use: {', '.join(used)}); {cudart.INSTALL_HINT}")
+        self.providers_used = list(used)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
@@ -241,8 +271,9 @@ class OrtBackend(Backend):
         self.source.release()
 
     def describe(self) -> dict[str, object]:
-        return super().describe() | {"providers": list(self.config.providers), "cuda_graphs": self.cuda_graphs,
-                                     "notes": self.notes}
+        info = super().describe() | {"providers": list(self.config.providers), "providers_used": self.providers_used,
+                                     "cuda_graphs": self.cuda_graphs, "notes": self.notes}
+        return info | ({"timing_note": HOST_SYNC_NOTE} if self.config.io_binding else {})
 
 
 ORT_CPU = OrtKind(OrtConfig(

@@ -12,7 +12,6 @@ unmet) with the cluster's pending demand and the command that resumes it.
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import logging
 import os
@@ -530,5 +529,5 @@ class Watchdog:
             elif time.monotonic() - moved > self.stall_s:
                 self.stalled = (f"no input classified for {self.stall_s:g} s ({pending_demand(self.ray)}); "
                                 "a node was lost or the cluster cannot run a decode task and an actor")
-                _thread.interrupt_main()
+                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)  # wakes a blocked wait too
                 return
