@@ -31,6 +31,10 @@ INT8_CPU_FILE = "model.int8-cpu.onnx"
 # ONNX Runtime's own fused-op graph (com.microsoft Attention, SkipLayerNormalization, BiasGelu):
 # what its CUDA provider runs fastest. The standard-op files above stay the input for TensorRT.
 ORT_FUSED_FILES = {"fp32": "model.ort.onnx", "fp16": "model.ort.fp16.onnx"}
+# The same fp16 graph with SkipLayerNormalization in fp16 too (as Optimum's fp16 conversion leaves it), run with
+# ONNX Runtime's strict mode (fp32 accumulation inside the op): a benchmark row beside ort-cuda's, so a GPU run
+# decides which of the two ort-cuda prefers.
+ORT_FP16_SLN_FILE = "model.ort.fp16-sln.onnx"
 REPORT_FILE = "export.json"
 INPUT_NAME = "pixel_values"  # the one input every exported model takes
 SYNTHETIC_WARNING = (

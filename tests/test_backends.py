@@ -166,3 +166,18 @@ def test_torch_backends_release_compiled_and_cached_memory_on_close(name: str, t
     backend.device = "cuda"  # what the GPU path does on close (no GPU needed to see the call)
     backend.deactivate()
     assert calls[-1] == "cuda.empty_cache"
+
+
+def test_the_fp16_skip_layer_norm_row_asks_for_strict_mode(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ort-cuda-sln16` (benchmark row) runs model.ort.fp16-sln.onnx with fp32 accumulation inside SkipLayerNormalization."""
+    from benchmarks.optimum_style import ORT_CUDA_SLN16
+    from runtime.backends import cudart
+
+    monkeypatch.setattr(cudart, "stream_create", lambda: "stream")
+    monkeypatch.setattr(cudart, "stream_handle", lambda stream: 7)
+    backend = ORT_CUDA_SLN16(tiny_artifact)
+    assert backend.model_file.name == "model.ort.fp16-sln.onnx" and backend.precision == "fp16"
+    options = dict(backend.provider_list())["CUDAExecutionProvider"]  # type: ignore[attr-defined]
+    assert options["enable_skip_layer_norm_strict_mode"] == "1" and options["enable_cuda_graph"] == "1"
+    assert "enable_skip_layer_norm_strict_mode" not in dict(create("ort-cuda", tiny_artifact).provider_list())[  # type: ignore[attr-defined]
+        "CUDAExecutionProvider"]

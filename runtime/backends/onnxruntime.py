@@ -47,6 +47,7 @@ class OrtConfig:
     files: dict[str, tuple[str, ...]]  # precision -> artifact files, preferred first
     io_binding: bool = False  # inputs copied once into GPU buffers, outputs bound on the GPU
     cuda_graphs: bool = False  # one captured CUDA graph per batch size
+    cuda_options: tuple[tuple[str, str], ...] = ()  # further CUDA provider options (name, value)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -135,7 +136,7 @@ class OrtBackend(Backend):
             opts["user_compute_stream"] = str(cudart.stream_handle(self._stream))
         if self.cuda_graphs:
             opts["enable_cuda_graph"] = "1"
-        return opts
+        return opts | dict(self.config.cuda_options)
 
     def _trt_options(self) -> dict[str, Any]:
         if TRT_EP not in self.config.providers:
