@@ -40,7 +40,7 @@ from runtime.cpuinfo import usable_cores
 from runtime.errors import ArgumentParser, Interrupted, Unavailable, UsageError, doc_parser, run_cli
 from runtime.oip import HEADER_LENGTH, InferRequest, ProtocolError, RequestedOutput, encode_response, io_config, parse_request
 from runtime.predictor import Predictor, Top, decode_bytes
-from runtime.preprocess import DEFAULT_MAX_PIXELS
+from runtime.preprocess import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 
 PROG = "serve"
 VERSION = "1"  # the one model version the server holds
@@ -59,6 +59,7 @@ class ServeOptions:
     max_request_bytes: int = 64 << 20
     draft: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
 
 class RequestTooLarge(Exception):
@@ -192,7 +193,7 @@ class ModelServer:
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
             raise ProtocolError(f"input 'images': shape {list(shape)}, expected [N] or [N, 1]")
         spec = self.predictor.spec
-        decoded = [decode_bytes(item, f"images[{i}]", spec, self.opts.draft, self.opts.max_pixels)
+        decoded = [decode_bytes(item, f"images[{i}]", spec, self.opts.draft, self.opts.max_pixels, self.opts.max_file_bytes)
                    for i, item in enumerate(data)]
         errors = [d for d in decoded if isinstance(d, str)]
         if errors:
@@ -467,7 +468,7 @@ def run(args: argparse.Namespace) -> int:
         print(SYNTHETIC_WARNING, file=sys.stderr)
     name = args.name or backend.artifact_dir.name
     opts = ServeOptions(name, args.batch_size, args.max_queue_delay_ms / 1000, args.batching, args.max_queue_size,
-                        args.max_request_bytes, args.draft, args.max_pixels)
+                        args.max_request_bytes, args.draft, args.max_pixels, args.max_file_bytes)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     batching = (f"dynamic batching up to {opts.max_batch} within {args.max_queue_delay_ms:g} ms" if opts.batching
