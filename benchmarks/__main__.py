@@ -13,6 +13,7 @@ from pathlib import Path
 from benchmarks.harness import EndToEndRequest, Settings, default_labels, end_to_end, resolve, run_benchmark
 from benchmarks.report import contended, write_report
 from runtime.artifact import SYNTHETIC_WARNING, find_artifact
+from runtime.cli import check_thread_count
 from runtime.errors import ArgumentParser, run_cli
 from runtime.paths import check_output_dir
 
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--threads", args.threads), ("--min-iters", args.min_iters), ("--end-to-end-limit", args.end_to_end_limit)):
         if value is not None and value < 1:
             p.error(f"{flag} must be at least 1")
+    check_thread_count(p, "--threads", args.threads)
     if args.warmup < 0 or args.retries < 0 or args.min_time < 0:
         p.error("--warmup, --retries and --min-time cannot be negative")
     if not 0.0 <= args.min_agreement <= 1.0:

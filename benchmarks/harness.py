@@ -37,12 +37,13 @@ from runtime.timing import LoadMeter, host_ms, measure
 BENCH_ONLY: dict[str, str] = {
     "ort-cpu-optimum-style": "benchmarks.optimum_style:ORT_CPU_OPTIMUM_STYLE",
     "ort-cuda-optimum-style": "benchmarks.optimum_style:ORT_CUDA_OPTIMUM_STYLE",
+    "ort-cuda-sln16": "benchmarks.optimum_style:ORT_CUDA_SLN16",
 }
 DEFAULT_REFERENCE = "torch-eager"
 CPU_DEFAULTS = ("torch-eager", "torch-sdpa", "ort-cpu", "ort-cpu-int8", "openvino-cpu", "openvino-cpu-bf16",
                 "openvino-cpu-int8", "ort-cpu-optimum-style")
 GPU_DEFAULTS = ("torch-eager", "torch-sdpa", "torch-eager-fp16", "torch-sdpa-fp16", "torch-sdpa-graph-fp16",
-                "torch-compile-fp16", "ort-cuda", "ort-cuda-fp32", "ort-cuda-optimum-style", "trt", "trt-int8", "ort-trt")
+                "torch-compile-fp16", "ort-cuda", "ort-cuda-sln16", "ort-cuda-fp32", "ort-cuda-optimum-style", "trt", "trt-int8", "ort-trt")
 
 
 @dataclass(frozen=True)

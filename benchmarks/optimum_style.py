@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.artifact import MODEL_FILES, ArtifactMeta
+from runtime.artifact import MODEL_FILES, ORT_FP16_SLN_FILE, ArtifactMeta
 from runtime.backends.base import ModelSource
 from runtime.backends.onnxruntime import CPU_EP, CUDA_EP, OrtConfig, OrtKind
 
@@ -108,3 +108,10 @@ ORT_CUDA_OPTIMUM_STYLE = OptimumStyleKind(OrtConfig(
     name="ort-cuda-optimum-style", device="cuda", providers=(CUDA_EP, CPU_EP), default_precision="fp16",
     files={"fp16": (), "fp32": ()}, io_binding=True, cuda_graphs=True,
 ), use_gpu=True)
+# ort-cuda on our fused graph with SkipLayerNormalization in fp16 as well (what the Optimum-style graph runs), with
+# ONNX Runtime's strict mode keeping the op's accumulation in fp32: beside `ort-cuda`, a GPU run shows which is faster.
+ORT_CUDA_SLN16 = OrtKind(OrtConfig(
+    name="ort-cuda-sln16", device="cuda", providers=(CUDA_EP, CPU_EP), default_precision="fp16",
+    files={"fp16": (ORT_FP16_SLN_FILE,)}, io_binding=True, cuda_graphs=True,
+    cuda_options=(("enable_skip_layer_norm_strict_mode", "1"),),
+))

@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 def print_report(report: dict[str, Any]) -> None:
     if report["weights"] == "synthetic":
         print(SYNTHETIC_WARNING, file=sys.stderr)
+    for warning in report.get("warnings", []):
+        print(f"export: warning: {warning}", file=sys.stderr)
     print(f"exported {report['checkpoint']} ({report['architecture']}, {report['weights']} weights) -> {report['artifact_dir']}")
     for name, info in report["files"].items():
         print(f"  {name:22s} {info['bytes'] / 2**20:8.1f} MiB")

@@ -16,12 +16,12 @@ import torch
 
 from export.fp16 import convert_to_fp16
 from export.onnx_export import OPSET, export_onnx, op_counts, tool_versions
-from export.ort_fusion import fuse_for_ort, to_ort_fp16
+from export.ort_fusion import FP32_OPS, fuse_for_ort, to_ort_fp16
 from export.verify import verification_inputs
-from runtime.artifact import (MODEL_FILES, ORT_FUSED_FILES, REPORT_FILE, ArtifactMeta, file_sha256, set_onnx_meta,
+from runtime.artifact import (MODEL_FILES, ORT_FP16_SLN_FILE, ORT_FUSED_FILES, REPORT_FILE, ArtifactMeta, file_sha256, set_onnx_meta,
                               write_hf_configs, write_json)
 from runtime.backends.onnxruntime import ORT_CPU
-from runtime.checkpoints import load_checkpoint, model_outputs
+from runtime.checkpoints import load_checkpoint, model_outputs, parameter_count
 from runtime.compare import compare
 from runtime.console import progress_bar
 from runtime.errors import GateFailed
@@ -73,11 +73,12 @@ def export_checkpoint(opts: ExportOptions) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix_str(name)
 
-        ckpt = load_checkpoint(opts.source, opts.weights, opts.task, attn_implementation="sdpa")
-        parameters = sum(p.numel() for p in ckpt.model.parameters())
+        parameters = parameter_count(opts.source, opts.weights, opts.task)  # from the config: room is checked first
         check_output_dir(opts.out_root, needed_bytes=int(parameters * BYTES_PER_PARAMETER))
+        ckpt = load_checkpoint(opts.source, opts.weights, opts.task, attn_implementation="sdpa")
         step("load")
         meta = ckpt.meta.copy(attention=opts.attention, opset=OPSET[opts.attention], versions=tool_versions())
+        load_warnings = ckpt.warnings
         model = export_onnx(ckpt, opts.attention)
         torch_model = ckpt.model
         del ckpt
@@ -96,6 +97,7 @@ def export_checkpoint(opts: ExportOptions) -> dict[str, Any]:
             report.update({k: getattr(meta, k) for k in REPORTED_META})
             report.update(
                 preprocessing=meta.preprocessing.to_dict(),
+                warnings=load_warnings,
                 parameters=parameters,
                 ops={k: v for k, v in op_counts(model).items() if k in ("Attention", "Softmax", "MatMul", "Gemm", "LayerNormalization")},
                 timings_s=timings,
@@ -154,27 +156,32 @@ def _ort_graph(model: onnx.ModelProto, meta: ArtifactMeta, staging: Path, inputs
     graph = {"graph": "onnxruntime-fused", "fused_ops": counts}
     set_onnx_meta(fused, meta.copy(extra=graph))
     onnx.save(fused, str(staging / ORT_FUSED_FILES["fp32"]))
-    fused16 = to_ort_fp16(fused)
-    del fused  # a base model's graph is 350 MB: hold one copy at a time
-    set_onnx_meta(fused16, meta.copy(precision="fp16", extra=graph))
-    onnx.save(fused16, str(staging / ORT_FUSED_FILES["fp16"]))
-    del fused16
+    for name, fp32_ops in ((ORT_FUSED_FILES["fp16"], FP32_OPS), (ORT_FP16_SLN_FILE, ())):
+        fused16 = to_ort_fp16(fused, fp32_ops)
+        set_onnx_meta(fused16, meta.copy(precision="fp16", extra=graph | {"fp32_ops": list(fp32_ops)}))
+        onnx.save(fused16, str(staging / name))
+        del fused16  # a base model's graph is 350 MB: hold one fp16 copy at a time
+    del fused
     step("ort graph")
     photos = report["verification"]["fp32_vs_torch"]["photos"]
     with ORT_CPU(staging, model_file=staging / ORT_FUSED_FILES["fp32"]) as ort32:
         got32 = ort32.infer(inputs)
     with ORT_CPU(staging, model_file=staging / ORT_FUSED_FILES["fp16"]) as ort16:
         got16 = ort16.infer(inputs)
+    with ORT_CPU(staging, model_file=staging / ORT_FP16_SLN_FILE) as ort16_sln:
+        got16_sln = ort16_sln.infer(inputs)
     fp32 = compare(reference, got32) | {"photos": photos}
     _gate(fp32["max_abs_diff"] <= FP32_MAX_ABS_DIFF and (meta.task != "classification" or fp32["top1_agreement"] == 1.0),
           f"{ORT_FUSED_FILES['fp32']} differs from PyTorch by {fp32['max_abs_diff']:.3g} (top-1 {fp32['top1_agreement']:.1%})")
     fp16 = compare(got32, got16) | {"photos": photos}
     _gate(fp16["min_cosine"] >= FP16_MIN_COSINE, f"{ORT_FUSED_FILES['fp16']} logits cosine {fp16['min_cosine']:.5f} < {FP16_MIN_COSINE}")
-    for name in ORT_FUSED_FILES.values():
+    fp16_sln = compare(got32, got16_sln) | {"photos": photos}
+    _gate(fp16_sln["min_cosine"] >= FP16_MIN_COSINE, f"{ORT_FP16_SLN_FILE} logits cosine {fp16_sln['min_cosine']:.5f} < {FP16_MIN_COSINE}")
+    for name in (*ORT_FUSED_FILES.values(), ORT_FP16_SLN_FILE):
         report["files"][name] = _file_info(staging / name)
     report["ort_fused_ops"] = counts
     step("verify ort graph")
-    return {"ort_fp32_vs_torch": fp32, "ort_fp16_vs_ort_fp32": fp16}
+    return {"ort_fp32_vs_torch": fp32, "ort_fp16_vs_ort_fp32": fp16, "ort_fp16_sln_vs_ort_fp32": fp16_sln}
 
 
 def _gate(ok: bool | np.bool_, message: str) -> None:

@@ -31,7 +31,12 @@ INT8_CPU_FILE = "model.int8-cpu.onnx"
 # ONNX Runtime's own fused-op graph (com.microsoft Attention, SkipLayerNormalization, BiasGelu):
 # what its CUDA provider runs fastest. The standard-op files above stay the input for TensorRT.
 ORT_FUSED_FILES = {"fp32": "model.ort.onnx", "fp16": "model.ort.fp16.onnx"}
+# The same fp16 graph with SkipLayerNormalization in fp16 too (as Optimum's fp16 conversion leaves it), run with
+# ONNX Runtime's strict mode (fp32 accumulation inside the op): a benchmark row beside ort-cuda's, so a GPU run
+# decides which of the two ort-cuda prefers.
+ORT_FP16_SLN_FILE = "model.ort.fp16-sln.onnx"
 REPORT_FILE = "export.json"
+INPUT_NAME = "pixel_values"  # the one input every exported model takes
 SYNTHETIC_WARNING = (
     "WARNING: this model has SYNTHETIC (random) weights: fine for latency and numerics, "
     "but its predictions and labels are meaningless."
@@ -112,12 +117,14 @@ class ArtifactMeta:
 
 
 def read_onnx_meta(path: str | Path) -> ArtifactMeta:
-    """The metadata of an ONNX file this project wrote (weights are not loaded)."""
+    """The metadata of an ONNX file this project wrote (weights are not loaded), once the file is known
+    to be the bytes its export recorded and to take and give what the runtime feeds and reads."""
     import onnx
 
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: no such model file")
+    check_recorded_sha256(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # protobuf raises DecodeError and friends
@@ -125,7 +132,49 @@ def read_onnx_meta(path: str | Path) -> ArtifactMeta:
     props = {p.key: p.value for p in model.metadata_props}
     if METADATA_KEY not in props:
         raise ArtifactError(f"{path}: ONNX file has no '{METADATA_KEY}' metadata; export it with `python -m export`")
-    return ArtifactMeta.from_json(props[METADATA_KEY], str(path))
+    meta = ArtifactMeta.from_json(props[METADATA_KEY], str(path))
+    weights = {t.name for t in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in weights]
+    outputs = [o.name for o in model.graph.output]
+    if inputs != [INPUT_NAME] or not set(meta.output_names) <= set(outputs):
+        raise ArtifactError(f"{path}: the model takes {inputs} and gives {outputs}; the runtime feeds ['{INPUT_NAME}'] "
+                            f"and reads {meta.output_names} (export it with `python -m export`)")
+    return meta
+
+
+def check_recorded_sha256(path: Path) -> None:
+    """A model file must hold the bytes its export recorded (the sha256 in export.json): a damaged file
+    otherwise runs and answers with confidence. Files the report does not list are not checked. Each
+    version of a file (path, size, mtime) is hashed once: the result is kept in this process and in
+    the user's cache folder."""
+    try:
+        want = json.loads((path.parent / REPORT_FILE).read_text())["files"][path.name]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no report, or one that records no hash for this file
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deit-deploy" / "verified-sha256.json"
+    if _VERIFIED.get(key) == want:
+        return
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict) or known.get(key) != want:
+        got = file_sha256(path)
+        if got != want:
+            raise ArtifactError(f"{path}: contents differ from what the export recorded (sha256 {got[:12]}..., "
+                                f"{path.parent / REPORT_FILE} says {want[:12]}...): the file is damaged or was changed; "
+                                "export it again")
+        known = {k: v for k, v in (known.items() if isinstance(known, dict) else ())} | {key: got}
+        try:
+            write_json(cache, dict(list(known.items())[-256:]))
+        except OSError:
+            pass  # a read-only home: hash again next time
+    _VERIFIED[key] = want
+
+
+_VERIFIED: dict[str, str] = {}
 
 
 def set_onnx_meta(model: Any, meta: ArtifactMeta) -> None:

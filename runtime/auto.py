@@ -48,7 +48,9 @@ def int8_gate_passed(artifact_dir: Path) -> bool:
         report = json.loads((artifact_dir / CALIBRATION_REPORT).read_text())
     except (OSError, ValueError):
         return False
-    gate = report.get("gate", {})
+    gate = report.get("gate", {}) if isinstance(report, dict) else None
+    if not isinstance(gate, dict):  # `[]`, a string, a gate of another shape: not a report this project wrote
+        return False
     return bool(report.get("passed")) and bool(gate.get("applied")) and not gate.get("failures")
 
 

@@ -8,7 +8,7 @@ architecture: valid for export, latency and numerics, never a classifier.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +104,7 @@ class LoadedCheckpoint:
 
     model: torch.nn.Module
     meta: ArtifactMeta
+    warnings: list[str] = field(default_factory=list)  # one line each, for the user (e.g. preprocessing disagreements)
 
 
 def load_checkpoint(
@@ -117,22 +118,9 @@ def load_checkpoint(
     Raises CheckpointError with a one-line reason for unknown names, non-DeiT configs, missing
     folders, unreachable hubs and corrupt weights.
     """
-    if weights not in ("pretrained", "synthetic"):
-        raise CheckpointError(f"--weights must be 'pretrained' or 'synthetic', not {weights!r}")
-    if task not in ("classification", "features"):
-        raise CheckpointError(f"--task must be 'classification' or 'features', not {task!r}")
-    local = Path(source).expanduser()
-    is_local = local.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
-    if is_local and not local.is_dir():
-        raise CheckpointError(f"{source}: no such checkpoint folder (expected a save_pretrained folder or a hub id)")
-
-    config = _load_config(source, local if is_local else None, weights)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ("deit", "vit"):
-        raise CheckpointError(f"{source}: not a DeiT checkpoint (model_type={model_type!r})")
-    arch = _architecture(config, task)
+    config, arch, local = _config(source, weights, task)
     model = _build_model(source, config, arch, weights, attn_implementation)
-    preprocessing, pre_source = _load_preprocessing(source, local if is_local else None, config)
+    preprocessing, pre_source, warnings = checkpoint_preprocessing(source, local, config, weights)
     id2label = _id2label(config) if task == "classification" else None
     outputs = (
         ["embedding"]
@@ -142,7 +130,7 @@ def load_checkpoint(
         else ["logits"]
     )
     meta = ArtifactMeta(
-        checkpoint=str(local) if is_local else source,
+        checkpoint=str(local) if local is not None else source,
         weights=weights,
         architecture=arch,
         task=task,
@@ -154,7 +142,7 @@ def load_checkpoint(
         output_names=outputs,
         config=config.to_dict(),
     )
-    return LoadedCheckpoint(model, meta)
+    return LoadedCheckpoint(model, meta, warnings)
 
 
 def _load_config(source: str, local: Path | None, weights: str) -> Any:
@@ -176,6 +164,36 @@ def _load_config(source: str, local: Path | None, weights: str) -> Any:
         hint = ("; pass --weights synthetic for a random-weights model of the same architecture" if source in PUBLISHED
                 else "; check the network, or pass a local save_pretrained folder")
         raise HubUnreachable(message + hint) from None
+
+
+def _config(source: str, weights: str, task: str) -> tuple[Any, str, Path | None]:
+    """(transformers config, architecture, local folder or None for a hub id) of a DeiT checkpoint."""
+    if weights not in ("pretrained", "synthetic"):
+        raise CheckpointError(f"--weights must be 'pretrained' or 'synthetic', not {weights!r}")
+    if task not in ("classification", "features"):
+        raise CheckpointError(f"--task must be 'classification' or 'features', not {task!r}")
+    local = Path(source).expanduser()
+    is_local = local.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
+    if is_local and not local.is_dir():
+        raise CheckpointError(f"{source}: no such checkpoint folder (expected a save_pretrained folder or a hub id)")
+    config = _load_config(source, local if is_local else None, weights)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ("deit", "vit"):
+        raise CheckpointError(f"{source}: not a DeiT checkpoint (model_type={model_type!r})")
+    return config, _architecture(config, task), local if is_local else None
+
+
+def parameter_count(source: str, weights: str = "pretrained", task: str = "classification") -> int:
+    """The parameters of a checkpoint's model from its config alone: the model is built on torch's meta
+    device (no memory, no weights read), so a caller can check for room before loading it."""
+    import torch
+    import transformers
+
+    config, arch, _ = _config(source, weights, task)
+    extra: dict[str, Any] = {"add_pooling_layer": False} if arch.endswith("Model") else {}
+    with torch.device("meta"):
+        model = getattr(transformers, arch)(config, **extra)
+    return sum(p.numel() for p in model.parameters())
 
 
 def _architecture(config: Any, task: str) -> str:
@@ -207,22 +225,36 @@ def _build_model(source: str, config: Any, arch: str, weights: str, attn_impleme
     return model.eval()
 
 
-def _load_preprocessing(source: str, local: Path | None, config: Any) -> tuple[Preprocessing, str]:
+def checkpoint_preprocessing(source: str, local: Path | None, config: Any,
+                             weights: str = "pretrained") -> tuple[Preprocessing, str, list[str]]:
+    """The checkpoint's own preprocessing (its `preprocessor_config.json`), where it came from, and warnings.
+
+    A published id's table entry is the fallback when the Hub cannot give the file (and the source of
+    synthetic weights, which never download anything); when both exist and disagree, the checkpoint's
+    own file wins and one warning line names both values.
+    """
     cfg_path: Path | None = None
     if local is not None:
         cfg_path = local / "preprocessor_config.json" if (local / "preprocessor_config.json").exists() else None
-    elif source not in PUBLISHED:
+    elif weights != "synthetic" or source not in PUBLISHED:
         cfg_path = _hub_file(source, "preprocessor_config.json")
+    table = PUBLISHED[source].preprocessing if source in PUBLISHED and local is None else None
     if cfg_path is not None:
         try:
-            return Preprocessing.from_hf_config(json.loads(cfg_path.read_text())), "preprocessor_config.json"
+            own = Preprocessing.from_hf_config(json.loads(cfg_path.read_text()))
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"{cfg_path}: bad preprocessor config ({_first_line(err)})") from None
-    if source in PUBLISHED:
-        return PUBLISHED[source].preprocessing, "published table (runtime/checkpoints.py)"
+        differ = [f"{f.name} {getattr(own, f.name)} (table {getattr(table, f.name)})" for f in fields(Preprocessing)
+                  if table is not None and getattr(own, f.name) != getattr(table, f.name)]
+        warnings = [f"{source}: its preprocessor_config.json differs from the built-in table: {'; '.join(differ)}; "
+                    "using the checkpoint's own"] if differ else []
+        return own, "preprocessor_config.json", warnings
+    if table is not None:
+        why = "synthetic weights" if weights == "synthetic" else "the Hub did not give preprocessor_config.json"
+        return table, f"published table (runtime/checkpoints.py; {why})", []
     # The DeiT paper's eval transform: resize to size/0.875, centre crop, ImageNet mean/std.
     size = int(config.image_size)
-    return _distilled(int(size / 0.875), size), "default DeiT eval transform (no preprocessor_config.json)"
+    return _distilled(int(size / 0.875), size), "default DeiT eval transform (no preprocessor_config.json)", []
 
 
 def _hub_file(repo: str, filename: str) -> Path | None:

@@ -27,7 +27,7 @@ from typing import IO
 
 from runtime.artifact import SYNTHETIC_WARNING
 from runtime.backends import Backend
-from runtime.classify import ClassifyOptions, Summary, classify, default_workers, print_summary
+from runtime.classify import ClassifyOptions, Summary, classify, default_decode_memory, default_workers, print_summary
 from runtime.cli import add_classify_arguments, check_classify_arguments, check_thread_count, open_predictor
 from runtime.console import progress_bar
 from runtime.errors import ArgumentParser, Interrupted, UsageError, leave, run_cli, signals_deferred
@@ -53,6 +53,9 @@ def build_parser() -> ArgumentParser:
                         "the format, --topk and model must be the same")
     p.add_argument("--recursive", "-r", action="store_true", help="also look inside sub-folders (symlinks followed)")
     p.add_argument("--workers", type=int, default=default_workers(), help="decode threads (default: one per core)")
+    p.add_argument("--decode-memory", type=int, default=default_decode_memory(),
+                   help="bytes of decoded pixels all decode threads may hold at once; a bigger picture is decoded alone "
+                        "(default: a quarter of the memory, 512 MiB to 8 GiB)")
     return p
 
 
@@ -61,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     check_classify_arguments(p, args, "workers")
     check_thread_count(p, "--workers", args.workers)
+    if args.decode_memory < 1:
+        p.error("--decode-memory must be at least 1")
     if args.resume and args.output is None:
         p.error("--resume needs --output (the file an interrupted run was writing)")
     return args
@@ -79,16 +84,30 @@ def find_files(paths: list[Path], recursive: bool) -> Listing:
 
 def run(args: argparse.Namespace) -> int:
     listing = find_files(args.paths, args.recursive)
+    output: Path | None = None  # the regular file written through its .partial; None: stdout or a stream
+    stream = args.output
+    if args.output is None and sys.stdout is None:
+        raise UsageError("stdout is closed; give --output FILE for the predictions")
     if args.output is not None:
         needed = len(listing.files) * (100 + 60 * args.topk)  # bytes: a record is a name and k (index, label, prob)
-        check_output_file(args.output, needed_bytes=needed)
-        check_output_file(partial_path(args.output), needed_bytes=needed)
+        output = check_output_file(args.output, needed_bytes=needed)
+        if output is not None:
+            check_output_file(partial_path(output), needed_bytes=needed)
+            stream = None
+        elif args.resume:
+            raise UsageError(f"--resume: --output {args.output} is a device or FIFO, written straight through; "
+                             "nothing of an earlier run was kept there")
     fmt = RecordFormat(args.format, args.topk)
     predictor = open_predictor(args, "infer")
     backend = predictor.backend
-    with prediction_file(args.output, fmt, run_identity(fmt, backend), args.resume) as target:
+    with prediction_file(output, stream, fmt, run_identity(fmt, backend), args.resume) as target:
+        if stream is not None:
+            print(f"infer: note: --output {stream} is a device or FIFO: records go straight to it (no .partial; "
+                  "an interrupted run cannot be resumed)", file=sys.stderr)
         if backend.meta.synthetic:
             print(SYNTHETIC_WARNING, file=sys.stderr)
+        if listing.skipped_note():
+            print(f"infer: note: {listing.skipped_note()}", file=sys.stderr)
         for folder in listing.skipped_loops:
             print(f"infer: note: {display_path(folder)}: already visited (a symlink loop); not read again", file=sys.stderr)
         done_keys = {r.key for r in target.done}
@@ -102,9 +121,10 @@ def run(args: argparse.Namespace) -> int:
                 summary.failed.append(Prediction(r.key, error=r.error))
         summary.resumed -= len(summary.failed)
         opts = ClassifyOptions(batch_size=args.batch_size, topk=args.topk, workers=args.workers, draft=args.draft,
-                               max_pixels=args.max_pixels, max_file_bytes=args.max_file_bytes)
+                               max_pixels=args.max_pixels, max_file_bytes=args.max_file_bytes,
+                               decode_memory=args.decode_memory)
         with backend, progress_bar(total=len(todo) + len(folder_errors), unit="img", enabled=args.progress) as bar:
-            writer = PredictionWriter(target.out, fmt, written=len(target.done))
+            writer = PredictionWriter(target.out, fmt, len(target.done), target.name, resumable=output is not None)
 
             def emit(pred: Prediction) -> None:  # called with signals deferred, after the prediction was counted
                 writer.write(pred)
@@ -125,8 +145,8 @@ def run(args: argparse.Namespace) -> int:
                 summary.interrupted = True
                 with signals_deferred():
                     writer.close(summary)
-                saved = (f"{writer.count} records kept in {partial_path(args.output)}; run the same command with --resume "
-                         "to finish" if args.output is not None else f"{writer.count} records written")
+                saved = (f"{writer.count} records kept in {partial_path(output)}; run the same command with --resume "
+                         "to finish" if output is not None else f"{writer.count} records written")
                 raise Interrupted(getattr(err, "signum", signal.SIGINT), saved) from None
             with signals_deferred(deliver=False):  # everything is predicted: a signal now changes nothing
                 writer.close(summary)
@@ -147,20 +167,27 @@ class Target:
     """Where records go: stdout, or `<output>.partial` (with the records an earlier run finished, when resuming)."""
 
     out: IO[str]
+    name: str  # how errors name it
     done: list[DoneRecord] = field(default_factory=list)
     finish: Callable[[], None] = lambda: None  # the run is complete: make the output final
 
 
 @contextmanager
-def prediction_file(output: Path | None, fmt: RecordFormat, identity: str, resume: bool) -> Iterator[Target]:
-    """stdout, or `<output>.partial` held under `<output>.partial.lock` (so two runs never write one output).
+def prediction_file(output: Path | None, stream: Path | None, fmt: RecordFormat, identity: str,
+                    resume: bool) -> Iterator[Target]:
+    """`<output>.partial` held under `<output>.partial.lock` (so two runs never write one output); without
+    an output, the `stream` (a device or FIFO) or stdout.
 
     With `resume`, the complete records of the partial (else of the finished output) are kept and the
     file is continued after them (nothing written earlier is rewritten, so a kill at any point loses
     nothing); an output of another format, top-k or model is refused.
     """
     if output is None:
-        yield Target(sys.stdout)
+        if stream is None:
+            yield Target(sys.stdout, "stdout")
+            return
+        with open(stream, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+            yield Target(f, str(stream))
         return
     partial = partial_path(output)
     with output_lock(partial.with_name(partial.name + ".lock"), str(output)) as lock:
@@ -175,12 +202,13 @@ def prediction_file(output: Path | None, fmt: RecordFormat, identity: str, resum
                                  "run without --resume to start over")
             kept, done = text[:written.end].encode("utf-8", "surrogateescape"), written.records
         lock.note(identity)
-        with open(partial, "r+b" if kept and source == partial else "wb") as raw:
+        # Unbuffered below the text layer: a write that fails (a full disk) leaves nothing pending to fail again.
+        with open(partial, "r+b" if kept and source == partial else "wb", buffering=0) as raw:
             if source != partial:
                 raw.write(kept)
             raw.truncate(len(kept))  # a cut-off record or a closing footer goes; complete records stay
             raw.seek(len(kept))
-            out = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+            out = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="", write_through=True)
 
             def finish() -> None:
                 out.flush()
@@ -189,9 +217,8 @@ def prediction_file(output: Path | None, fmt: RecordFormat, identity: str, resum
                 lock.remove = True
 
             try:
-                yield Target(out, done, finish)
+                yield Target(out, str(partial), done, finish)
             finally:
-                out.flush()
                 out.detach()
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from runtime.classify import Summary
-from runtime.errors import UsageError
+from runtime.errors import DeitError, UsageError
 from runtime.predictor import Prediction
 
 FORMATS = ("text", "json", "csv")
@@ -190,27 +190,40 @@ def _read_json(text: str) -> Written:
     return Written("json", topk, records, end)
 
 
+class WriteFailed(DeitError):
+    """A record could not be written (a full disk): the message names the file and says what is kept."""
+
+
 class PredictionWriter:
     """Writes records as they come; JSON records are joined with commas so the document stays valid."""
 
-    def __init__(self, out: IO[str], fmt: RecordFormat, written: int = 0) -> None:
-        """`written`: records already in `out` (a resumed file), which then needs no header."""
+    def __init__(self, out: IO[str], fmt: RecordFormat, written: int = 0, where: str = "stdout",
+                 resumable: bool = False) -> None:
+        """`written`: records already in `out` (a resumed file), which then needs no header. `where` names
+        `out` in an error; `resumable`: a failed write can be finished with --resume."""
         self.out, self.fmt, self.count = out, fmt, written
+        self.where, self.resumable = where, resumable
         if not written:
-            out.write(fmt.header())
-            out.flush()
+            self._put(fmt.header())
 
     def write(self, pred: Prediction) -> None:
         record = self.fmt.record(pred)
-        if self.fmt.fmt == "json" and self.count:
-            record = "," + record
-        self.out.write(record)
-        self.out.flush()
+        self._put("," + record if self.fmt.fmt == "json" and self.count else record)
         self.count += 1
 
     def close(self, summary: Summary) -> None:
-        self.out.write(self.fmt.footer(summary))
-        self.out.flush()
+        self._put(self.fmt.footer(summary))
+
+    def _put(self, text: str) -> None:
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except BrokenPipeError:  # the reader of stdout left: not a failure of this run
+            raise
+        except OSError as err:
+            then = "; run the same command with --resume once there is room" if self.resumable else ""
+            raise WriteFailed(f"{self.where}: {err.strerror or err}; the {self.count} records written before it are "
+                              f"kept{then}") from None
 
 
 def partial_path(output: Path) -> Path:

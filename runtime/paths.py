@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,12 +37,28 @@ def _check_writable_folder(folder: Path, shown: Path, flag: str, needed_bytes: i
                          "are needed")
 
 
-def check_output_file(path: Path, flag: str = "--output", needed_bytes: int = 0) -> None:
-    """A file can be written at `path` (it may exist, and will be replaced; missing folders are created)."""
+def check_output_file(path: Path, flag: str = "--output", needed_bytes: int = 0) -> Path | None:
+    """Where a run may write the file `path` names, checked before the work: the path of a regular file
+    or a new name (a symlink is followed to its target, so the link stays a link; the file there is
+    replaced, and missing folders are created), or None for a character device or FIFO, which are
+    written straight through (replacing `/dev/null` with a file would break the machine). Anything else
+    (a folder, a socket, a block device) is refused.
+    """
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a folder; give a file name")
-    ancestor = _existing_ancestor(path.parent)
-    _check_writable_folder(ancestor, path, flag, needed_bytes)
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):  # a new name (a missing or wrong folder is said below)
+        mode = None
+    except OSError as err:
+        raise UsageError(f"{flag} {path}: {err.strerror or err}") from None
+    if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        return None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise UsageError(f"{flag} {path}: not a regular file, character device or FIFO")
+    real = Path(os.path.realpath(path))
+    _check_writable_folder(_existing_ancestor(real.parent), path, flag, needed_bytes)
+    return real
 
 
 def check_output_dir(path: Path, flag: str = "--out", needed_bytes: int = 0) -> None:

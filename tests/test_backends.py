@@ -149,3 +149,35 @@ def test_ort_cuda_preloads_cuda_libraries_and_records_its_providers(tiny_artifac
     finally:
         backend.deactivate()
     assert calls[:2] == ["preload_dlls", "session"]
+
+
+@pytest.mark.parametrize("name", ["torch-compile", "torch-sdpa"])
+def test_torch_backends_release_compiled_and_cached_memory_on_close(name: str, tiny_artifact: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between benchmark rows: torch.compile's caches are reset and, on a GPU, the allocator's free blocks returned."""
+    import torch
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: calls.append("compiler.reset"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("cuda.empty_cache"))
+    backend = create(name, tiny_artifact, max_batch=2, threads=1)
+    backend.deactivate()
+    assert calls == (["compiler.reset"] if name == "torch-compile" else [])
+    backend.device = "cuda"  # what the GPU path does on close (no GPU needed to see the call)
+    backend.deactivate()
+    assert calls[-1] == "cuda.empty_cache"
+
+
+def test_the_fp16_skip_layer_norm_row_asks_for_strict_mode(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ort-cuda-sln16` (benchmark row) runs model.ort.fp16-sln.onnx with fp32 accumulation inside SkipLayerNormalization."""
+    from benchmarks.optimum_style import ORT_CUDA_SLN16
+    from runtime.backends import cudart
+
+    monkeypatch.setattr(cudart, "stream_create", lambda: "stream")
+    monkeypatch.setattr(cudart, "stream_handle", lambda stream: 7)
+    backend = ORT_CUDA_SLN16(tiny_artifact)
+    assert backend.model_file.name == "model.ort.fp16-sln.onnx" and backend.precision == "fp16"
+    options = dict(backend.provider_list())["CUDAExecutionProvider"]  # type: ignore[attr-defined]
+    assert options["enable_skip_layer_norm_strict_mode"] == "1" and options["enable_cuda_graph"] == "1"
+    assert "enable_skip_layer_norm_strict_mode" not in dict(create("ort-cuda", tiny_artifact).provider_list())[  # type: ignore[attr-defined]
+        "CUDAExecutionProvider"]

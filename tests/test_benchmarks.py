@@ -144,6 +144,18 @@ def test_one_table_per_clock(results: dict[str, Any]) -> None:
     assert "eager 8/9/9/8 ms, SDPA 6/6/6/6 ms" in device  # the transformers docs' A100 line beside the GPU table
 
 
+def test_gpu_rows_that_sync_on_the_host_say_so_under_their_table(results: dict[str, Any], tiny_artifact: Path) -> None:
+    from runtime.backends import create
+
+    note = create("ort-cuda", tiny_artifact).describe()["timing_note"]  # ORT's IOBinding rows (constructed, not run)
+    assert "synchronises the host inside run_with_iobinding" in str(note)
+    assert "timing_note" not in create("ort-cpu", tiny_artifact).describe()
+    quiet = _quiet(results)
+    next(row for row in quiet["backends"] if row["label"] == "event-timed")["timing_note"] = note
+    host, device = markdown(quiet).split("Median latency, ms, ")[1:3]
+    assert f"`event-timed`: {note}." in device.split("Reference")[0] and str(note) not in host
+
+
 def test_report_files(results: dict[str, Any], tmp_path: Path) -> None:
     results = _quiet(results)
     paths = write_report(results, tmp_path / "out")

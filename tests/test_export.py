@@ -69,6 +69,7 @@ def test_metadata_makes_the_artifact_self_describing(tiny_artifact: Path, tiny_c
         fp32 = report["verification"][check]
         assert fp32["max_abs_diff"] <= 1e-4 and fp32["top1_agreement"] == 1.0, check
     assert report["verification"]["ort_fp16_vs_ort_fp32"]["min_cosine"] >= 0.999
+    assert report["verification"]["ort_fp16_sln_vs_ort_fp32"]["min_cosine"] >= 0.999
     assert fp32["photos"] == (32 if SAMPLE_DIR.is_dir() else 0)  # CI always has the photos (conftest)
     assert report["files"]["model.onnx"]["bytes"] == (tiny_artifact / "model.onnx").stat().st_size
 
@@ -244,7 +245,8 @@ def test_failed_verification_writes_nothing_and_keeps_the_previous_artifact(
     assert err.value.exit_code == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-deit"], "no staging leftovers"
     assert sorted(p.name for p in (tmp_path / "tiny-deit").iterdir()) == [
-        "config.json", "export.json", "model.onnx", "model.ort.fp16.onnx", "model.ort.onnx", "preprocessor_config.json"]
+        "config.json", "export.json", "model.onnx", "model.ort.fp16-sln.onnx", "model.ort.fp16.onnx", "model.ort.onnx",
+        "preprocessor_config.json"]
     assert (tmp_path / "tiny-deit" / "model.onnx").read_bytes() == before
 
 
@@ -269,3 +271,23 @@ def test_export_time_benchmark_reports_time_and_memory(tiny_checkpoint: Path, tm
     libraries_kib = run_measured([sys.executable, "-c", "import torch, transformers, onnx, onnxruntime"])[2]
     assert libraries_kib / 1024 < result["peak_rss_mib"] < 3 * libraries_kib / 1024, (result["peak_rss_mib"], libraries_kib)
     assert result["verification"]["fp32_vs_torch"]["max_abs_diff"] <= 1e-4
+
+
+def test_the_fp16_skip_layer_norm_variant_runs_skip_layer_norm_in_fp16(tiny_artifact: Path) -> None:
+    """model.ort.fp16-sln.onnx: the same fused graph with SkipLayerNormalization in fp16 (fewer Casts), verified."""
+
+    def sln_scale_types(path: Path) -> tuple[set[int], int]:
+        """The element types of the SkipLayerNormalization scales (initializers, or Casts of them) and the number of Casts."""
+        model = onnx.load(str(path))
+        inits = {i.name: i.data_type for i in model.graph.initializer}
+        inits |= {n.output[0]: onnx.helper.get_attribute_value(n.attribute[0]) for n in model.graph.node if n.op_type == "Cast"}
+        slns = [n for n in model.graph.node if n.op_type == "SkipLayerNormalization"]
+        assert len(slns) == 2 * TINY["num_hidden_layers"]
+        return {inits[n.input[2]] for n in slns}, sum(n.op_type == "Cast" for n in model.graph.node)
+
+    kept, casts_kept = sln_scale_types(tiny_artifact / "model.ort.fp16.onnx")
+    sln, casts_sln = sln_scale_types(tiny_artifact / "model.ort.fp16-sln.onnx")
+    assert kept == {onnx.TensorProto.FLOAT} and sln == {onnx.TensorProto.FLOAT16}
+    assert casts_sln < casts_kept
+    meta = read_onnx_meta(tiny_artifact / "model.ort.fp16-sln.onnx")
+    assert meta.precision == "fp16" and meta.extra["fp32_ops"] == []

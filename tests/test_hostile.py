@@ -14,21 +14,26 @@ import json
 import os
 import shutil
 import signal
+import socket
+import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 from PIL import Image
 
 from benchmarks.export_time import run_measured
 from conftest import SAMPLE_DIR, needs_sample
-from runtime.artifact import read_onnx_meta
+from runtime.artifact import file_sha256, read_onnx_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -98,6 +103,62 @@ def test_infer_output_locations_are_refused_before_work(tiny_artifact: Path, tmp
     assert not list((tmp_path / "ro").iterdir())
 
 
+def test_output_follows_a_symlink_writes_a_fifo_through_and_refuses_a_socket(tiny_artifact: Path, tmp_path: Path) -> None:
+    """Stand-ins for devices (tests never touch the real /dev): a symlink, a FIFO, a socket."""
+    images = photos(tmp_path / "images", 2)
+    model = ("--model", str(tiny_artifact), "--backend", "ort-cpu", "--format", "csv", "--no-progress")
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "latest.csv"
+    link.symlink_to(tmp_path / "real" / "run1.csv")  # dangling until the run writes its target
+    proc = cli("runtime.infer", str(images), *model, "--output", str(link))
+    assert proc.returncode == 0, proc.stderr
+    assert link.is_symlink() and len(list(csv.DictReader(io.StringIO(link.read_text())))) == 2
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["run1.csv"]  # no partial or lock left
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    proc = cli("runtime.infer", str(images), *model, "--output", str(fifo))
+    reader.join(timeout=120)
+    assert proc.returncode == 0 and "records go straight to it" in proc.stderr, proc.stderr
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and len(list(csv.DictReader(io.StringIO(got[0])))) == 2
+    assert not Path(f"{fifo}.partial").exists() and not Path(f"{fifo}.partial.lock").exists()
+    proc = cli("runtime.infer", str(images), *model, "--output", str(fifo), "--resume")
+    assert proc.returncode == 2 and "is a device or FIFO" in assert_one_line(proc.stderr, "infer: error: --resume")
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "sock"))
+        proc = cli("runtime.infer", str(images), *model, "--output", str(tmp_path / "sock"))
+    assert proc.returncode == 2 and "not a regular file, character device or FIFO" in assert_one_line(
+        proc.stderr, "infer: error: --output")
+
+
+def test_closed_stdout_is_refused_before_work(tiny_artifact: Path, tmp_path: Path) -> None:
+    images = photos(tmp_path / "images", 1)
+    proc = subprocess.run([PY, "-m", "runtime.infer", str(images), "--model", str(tiny_artifact), "--backend", "ort-cpu"],
+                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
+                          preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 2, proc.stderr
+    assert "stdout is closed; give --output FILE" in assert_one_line(proc.stderr, "infer: error: ")
+
+
+def test_thread_counts_are_bounded_by_the_usable_cores(tiny_artifact: Path, tmp_path: Path) -> None:
+    from runtime.cpuinfo import usable_cores
+
+    images = photos(tmp_path / "images", 1)
+    far = str(4 * usable_cores() + 1)
+    for args in (("runtime.infer", str(images), "--threads", far), ("runtime.infer", str(images), "--workers", far),
+                 ("benchmarks", "--threads", far, "--out", str(tmp_path / "bench"))):
+        proc = cli(*args, "--model", str(tiny_artifact))
+        assert proc.returncode == 2 and f"{far}: more than 4x the {usable_cores()} usable cores" in assert_one_line(
+            proc.stderr, f"{args[0].split('.')[-1]}: error: --"), proc.stderr
+    above = str(usable_cores() + 1)
+    proc = cli("runtime.infer", str(images), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--threads", above)
+    assert proc.returncode == 0 and f"warning: --threads {above} is more than the {usable_cores()} usable cores" in proc.stderr
+
+
 def test_a_full_disk_is_refused_before_work(tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     import runtime.paths
@@ -110,6 +171,26 @@ def test_a_full_disk_is_refused_before_work(tiny_artifact: Path, tmp_path: Path,
     err = capsys.readouterr().err
     assert rc == 2 and "MiB free" in assert_one_line(err, "infer: error: --output")
     assert not (tmp_path / "o.csv").exists() and not (tmp_path / "o.csv.partial").exists()
+
+
+def test_export_checks_for_room_before_loading_the_checkpoint(tiny_checkpoint: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import export.__main__ as export_cli
+    import export.pipeline
+    import runtime.paths
+    from runtime.checkpoints import load_checkpoint, parameter_count
+
+    loaded = load_checkpoint(str(tiny_checkpoint))
+    assert parameter_count(str(tiny_checkpoint)) == sum(p.numel() for p in loaded.model.parameters())
+
+    def load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the checkpoint was loaded before the room for its export was checked")
+
+    monkeypatch.setattr(export.pipeline, "load_checkpoint", load)
+    monkeypatch.setattr(runtime.paths.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))  # type: ignore[attr-defined]
+    rc = export_cli.main(["--model", str(tiny_checkpoint), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 2 and "MiB free" in assert_one_line(capsys.readouterr().err, "export: error: --out")
 
 
 def test_export_and_benchmarks_refuse_an_output_that_is_a_file(tiny_artifact: Path, tmp_path: Path,
@@ -255,6 +336,82 @@ def test_a_second_run_on_the_same_output_is_refused_before_work(tiny_artifact: P
     assert not out.exists() and not Path(f"{out}.partial").exists()
 
 
+@pytest.mark.parametrize("fmt", ["text", "csv", "json"])
+def test_every_file_name_is_one_record_fresh_and_resumed(tiny_artifact: Path, tmp_path: Path, fmt: str) -> None:
+    """Line breaks of every kind in names, and a non-UTF-8 byte beside a name spelling its escape: one record each,
+    read back by the format's own reader, and --resume after an interrupt gives the uninterrupted file."""
+    from runtime.output import escape_name
+
+    folder = photos(tmp_path / "images", 6)
+    names = [b"cr\rname.png", b"ff\x0cname.png", "ls\u2028name.png".encode(), b"nl\nname.png", b"a\xff.png", b"a\\xff.png"]
+    for old, new in zip(sorted(folder.iterdir()), names):
+        old.rename(os.fsdecode(os.fsencode(folder) + b"/" + new))
+    files = sorted(folder.iterdir())
+    common = [str(folder), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--format", fmt, "--no-progress",
+              "--batch-size", "2", "--workers", "1"]
+    reference = tmp_path / "reference"
+    assert cli("runtime.infer", *common, "--output", str(reference)).returncode == 0
+    text = reference.read_bytes().decode("utf-8", "surrogateescape")
+    if fmt == "csv":
+        keys = [row["path"] for row in csv.DictReader(io.StringIO(text, newline=""))]
+    elif fmt == "json":
+        keys = [p["path"] for p in json.loads(text)["predictions"]]
+    else:
+        keys = [line.split("\t")[0] for line in text.split("\n")[:-1]]
+    assert sorted(keys) == sorted(escape_name(f) for f in files) and len(set(keys)) == 6
+    out = tmp_path / "out"
+    first = subprocess.run([PY, "-c", SPLIT_RECORD, "3", str(int(signal.SIGTERM)), *common, "--output", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 143, first.stderr
+    resumed = cli("runtime.infer", *common, "--output", str(out), "--resume")
+    assert resumed.returncode == 0 and "resuming: 4 files done earlier, 2 to go" in resumed.stderr, resumed.stderr
+    if fmt == "json":
+        assert json.loads(out.read_text())["predictions"] == json.loads(reference.read_text())["predictions"]
+    else:
+        assert out.read_bytes() == reference.read_bytes()
+
+
+FULL_DISK = """
+import errno, io, os, sys
+import runtime.infer
+from runtime.errors import leave
+
+room = int(sys.argv[1])
+
+
+class Full(io.FileIO):  # the disk fills up once this file reaches `room` bytes
+    def write(self, data):
+        if self.tell() + len(data) > room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+runtime.infer.open = lambda file, mode="r", buffering=-1, **kw: Full(file, mode.replace("b", ""))
+leave(runtime.infer.main(sys.argv[2:]))
+"""
+
+
+def test_a_full_disk_mid_run_names_the_file_keeps_it_and_resume_finishes(tiny_artifact: Path, tmp_path: Path) -> None:
+    images = photos(tmp_path / "images", 10)
+    common = [str(images), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--format", "csv", "--no-progress",
+              "--batch-size", "2"]
+    reference = tmp_path / "reference.csv"
+    assert cli("runtime.infer", *common, "--output", str(reference)).returncode == 0
+    out = tmp_path / "out.csv"
+    partial = Path(f"{out}.partial")
+    room = len("".join(reference.read_text().splitlines(keepends=True)[:5])) + 20  # the header, 4 records and a bit
+    proc = subprocess.run([PY, "-c", FULL_DISK, str(room), *common, "--output", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 7, proc.stderr
+    assert assert_one_line(proc.stderr, "infer: error: ") == (
+        f"infer: error: {partial}: No space left on device; the 4 records written before it are kept; "
+        "run the same command with --resume once there is room")
+    assert partial.stat().st_size <= room and not out.exists()
+    resumed = cli("runtime.infer", *common, "--output", str(out), "--resume")
+    assert resumed.returncode == 0 and "4 files done earlier, 6 to go" in resumed.stderr, resumed.stderr
+    assert out.read_text() == reference.read_text()
+
+
 def stalling_file(path: Path, size: int = 2 * 2**30) -> Path:
     """A sparse file behind a JPEG header: Pillow scans it for markers a byte at a time (minutes for 2 GiB)."""
     with path.open("wb") as f:
@@ -335,6 +492,34 @@ def test_decompression_bomb_is_refused_from_its_header_in_bounded_memory(tiny_ar
     big = grey_png(tmp_path / "big.png", 8_000, 8_000)
     proc = cli("runtime.infer", str(big), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--max-pixels", "50000000")
     assert proc.returncode == 1 and "64 Mpx is over the limit of 50 Mpx" in proc.stderr
+    small = grey_png(tmp_path / "small.png", 500, 375)
+    proc = cli("runtime.infer", str(small), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--max-pixels", "100000")
+    assert proc.returncode == 1 and "500 x 375 = 187,500 pixels is over the limit of 100,000 pixels" in proc.stderr
+
+
+def test_huge_photos_are_decoded_once_and_share_one_memory_budget(tiny_artifact: Path, tmp_path: Path) -> None:
+    """Peak memory relative to the same run on a tiny photo: one 8000 x 8000 JPEG costs about its decoded
+    pixels (4 bytes each in Pillow), not a copy per step; two decoded by two threads under a budget that fits
+    one cost about what one does."""
+    width = height = 8000
+    folders = {name: tmp_path / name for name in ("tiny", "one", "two")}
+    for folder in folders.values():
+        folder.mkdir()
+    Image.new("RGB", (64, 48), (120, 30, 200)).save(folders["tiny"] / "a.jpg")
+    Image.new("RGB", (width, height), (120, 30, 200)).save(folders["one"] / "a.jpg")
+    for name in ("a.jpg", "b.jpg"):
+        shutil.copy(folders["one"] / "a.jpg", folders["two"] / name)
+    pixels = 4 * width * height
+    peak = {}
+    for name, folder in folders.items():
+        rc, _, peak_kib, err = run_measured([PY, "-m", "runtime.infer", str(folder), "--model", str(tiny_artifact),
+                                             "--backend", "ort-cpu", "--no-progress", "--workers", "2", "--batch-size", "1",
+                                             "--decode-memory", str(int(1.2 * 2 * pixels))])
+        assert rc == 0, err
+        peak[name] = peak_kib * 1024
+    one, two = peak["one"] - peak["tiny"], peak["two"] - peak["tiny"]
+    assert one < 1.5 * pixels, f"one photo of {pixels / 2**20:.0f} MiB of pixels took {one / 2**20:.0f} MiB"
+    assert two < 1.5 * one, f"two photos took {two / 2**20:.0f} MiB, one {one / 2**20:.0f} MiB: decoded at once"
 
 
 def test_huge_batch_size_is_refused_before_anything_is_allocated(tiny_artifact: Path, tmp_path: Path) -> None:
@@ -362,7 +547,7 @@ def test_metadata_written_by_another_version(tiny_artifact: Path, tmp_path: Path
     images = photos(tmp_path / "images", 2)
     artifact = tmp_path / "artifact"
     artifact.mkdir()
-    shutil.copy(tiny_artifact / "export.json", artifact)
+    (artifact / "export.json").write_text("{}")  # records no hashes: the edited file is not a damaged one
     model = onnx.load(str(tiny_artifact / "model.onnx"))
     data = json.loads(read_onnx_meta(tiny_artifact / "model.onnx").to_json())
     data |= {"writer": "deit-deploy 3.0.0", "a_field_from_the_future": [1, 2]}
@@ -375,6 +560,90 @@ def test_metadata_written_by_another_version(tiny_artifact: Path, tmp_path: Path
     proc = cli("runtime.infer", str(images), "--model", str(artifact), "--backend", "ort-cpu")
     last = assert_one_line(proc.stderr, "infer: error:")
     assert proc.returncode == 5 and "model.onnx" in last and "preprocessing" in last and "deit-deploy 3.0.0" in last
+
+
+def edited_artifact(tiny_artifact: Path, folder: Path, edit: Callable[[onnx.ModelProto], None],
+                    record: bool = True) -> Path:
+    """A copy of the artifact whose model.onnx is edited; `record`: export.json records the edited file's
+    sha256 (a faithful export of a bad model), else the original's (a file damaged after the export)."""
+    shutil.copytree(tiny_artifact, folder)
+    model = onnx.load(str(folder / "model.onnx"))
+    edit(model)
+    onnx.save(model, str(folder / "model.onnx"))
+    if record:
+        report = json.loads((folder / "export.json").read_text())
+        report["files"]["model.onnx"]["sha256"] = file_sha256(folder / "model.onnx")
+        (folder / "export.json").write_text(json.dumps(report))
+    return folder
+
+
+def test_a_model_that_is_not_what_the_export_recorded_is_refused(tiny_artifact: Path, tmp_path: Path) -> None:
+    images = photos(tmp_path / "images", 2)
+    damaged = shutil.copytree(tiny_artifact, tmp_path / "damaged")
+    data = bytearray((damaged / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped byte inside the weights: the file still parses and runs
+    (damaged / "model.onnx").write_bytes(bytes(data))
+    proc = cli("runtime.infer", str(images), "--model", str(damaged), "--backend", "ort-cpu")
+    last = assert_one_line(proc.stderr, "infer: error: ")
+    assert proc.returncode == 5 and f"{damaged / 'model.onnx'}: contents differ from what the export recorded" in last
+    assert proc.stdout == ""
+
+    def rename_input(model: onnx.ModelProto) -> None:
+        model.graph.input[0].name = "images"
+        for node in model.graph.node:
+            node.input[:] = ["images" if name == "pixel_values" else name for name in node.input]
+
+    other = edited_artifact(tiny_artifact, tmp_path / "other", rename_input)
+    proc = cli("runtime.infer", str(images), "--model", str(other), "--backend", "ort-cpu")
+    last = assert_one_line(proc.stderr, "infer: error: ")
+    assert proc.returncode == 5 and "model.onnx: the model takes ['images']" in last and "feeds ['pixel_values']" in last
+
+
+def test_a_model_with_a_nan_weight_gives_error_rows_and_valid_json(tiny_artifact: Path, tmp_path: Path) -> None:
+    def poison(model: onnx.ModelProto) -> None:
+        weight = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+        values = onnx.numpy_helper.to_array(weight).copy()
+        values.flat[0] = np.nan
+        weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+
+    artifact = edited_artifact(tiny_artifact, tmp_path / "nan", poison)
+    images = photos(tmp_path / "images", 3)
+    proc = cli("runtime.infer", str(images), "--model", str(artifact), "--backend", "ort-cpu", "--format", "json")
+    assert proc.returncode == 1, proc.stderr
+
+    def bare(constant: str) -> None:
+        raise AssertionError(f"bare {constant} in the JSON output")
+
+    doc = json.loads(proc.stdout, parse_constant=bare)
+    assert [("top" in p, "not finite" in p.get("error", "")) for p in doc["predictions"]] == [(False, True)] * 3
+
+
+def test_a_folder_reads_every_format_pillow_decodes_and_counts_what_it_skips(tiny_artifact: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    picture.save(folder / "a.jfif", format="JPEG")
+    picture.save(folder / "b.apng", format="PNG", save_all=True, append_images=[picture.rotate(90)])
+    picture.save(folder / "c.avif", format="AVIF")
+    (folder / "notes.txt").write_text("not a picture")
+    (folder / "data.json").write_text("{}")
+    (folder / "more.txt").write_text("nor this")
+    proc = cli("runtime.infer", str(folder), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(Path(line.split("\t")[0]).name for line in proc.stdout.splitlines()) == ["a.jfif", "b.apng", "c.avif"]
+    assert "infer: note: 3 files skipped for their extension (.txt 2, .json 1)" in proc.stderr
+
+
+def test_a_calibration_report_of_another_shape_is_no_int8_gate(tiny_artifact: Path, tmp_path: Path) -> None:
+    from runtime.auto import int8_gate_passed
+
+    images = photos(tmp_path / "images", 1)
+    artifact = shutil.copytree(tiny_artifact, tmp_path / "artifact")
+    for text in ("[]", '"passed"', '{"passed": true, "gate": []}', "{not json"):
+        (artifact / "calibration.json").write_text(text)
+        assert int8_gate_passed(artifact) is False, text
+    proc = cli("runtime.infer", str(images), "--model", str(artifact), "--backend", "auto", "--no-progress")
+    assert proc.returncode == 0 and "infer: backend: " in proc.stderr, proc.stderr
 
 
 def test_unreadable_and_symlinked_folders(tiny_artifact: Path, tmp_path: Path) -> None:

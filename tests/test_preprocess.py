@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -112,3 +115,37 @@ def test_pictures_smaller_than_the_crop_are_zero_padded_like_transformers() -> N
     np.testing.assert_allclose(got, want, atol=1e-5)
     border = (0 - np.asarray(spec.mean)) / np.asarray(spec.std)  # a zero pixel, normalised
     np.testing.assert_allclose(got[:, 0, 0], border, atol=1e-6)  # the corner is padding
+
+
+def test_a_published_checkpoints_own_preprocessor_config_wins_over_the_table(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint's preprocessor_config.json (from the Hub) is used; the table is the offline fallback, and
+    a disagreement is one warning line naming both values."""
+    import runtime.checkpoints as checkpoints
+
+    name = "facebook/deit-base-patch16-224"
+    table = PUBLISHED[name].preprocessing
+    own = tmp_path / "preprocessor_config.json"
+    asked: list[str] = []
+
+    def hub_file(repo: str, filename: str) -> Path | None:
+        asked.append(repo)
+        return own if own.exists() else None
+
+    monkeypatch.setattr(checkpoints, "_hub_file", hub_file)
+    config = checkpoints.published_config(name)
+    # the Hub cannot be reached: the table, saying why
+    prep, source, warnings = checkpoints.checkpoint_preprocessing(name, None, config)
+    assert (prep, warnings) == (table, []) and "published table" in source and "did not give" in source
+    # the checkpoint's own file, equal to the table: no warning
+    own.write_text(json.dumps(table.to_hf_config()))
+    assert checkpoints.checkpoint_preprocessing(name, None, config) == (table, "preprocessor_config.json", [])
+    # ...and different from it: the checkpoint's own values, one warning naming both
+    own.write_text(json.dumps(table.to_hf_config() | {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    prep, source, warnings = checkpoints.checkpoint_preprocessing(name, None, config)
+    assert prep.mean == (0.485, 0.456, 0.406) and source == "preprocessor_config.json"
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "mean (0.485, 0.456, 0.406) (table (0.5, 0.5, 0.5))" in warnings[0] and name in warnings[0]
+    # synthetic weights never download anything
+    asked.clear()
+    assert checkpoints.checkpoint_preprocessing(name, None, config, "synthetic")[0] == table and asked == []

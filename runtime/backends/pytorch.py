@@ -198,6 +198,20 @@ class TorchBackend(Backend):
         self.model = None
         while self._restore:
             self._restore.pop()()
+        self._release_memory()
+
+    def _release_memory(self) -> None:
+        """Free what compiled and captured runs hold, so the next benchmark row starts with the memory this one took:
+        torch.compile's caches (with reduce-overhead, its CUDA-graph memory pool), then the caching allocator's free blocks."""
+        import gc
+
+        import torch
+
+        if self.config.compile:
+            torch.compiler.reset()
+        gc.collect()  # captured graphs and compiled modules hold their tensors until collected
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
 
     def describe(self) -> dict[str, object]:
         info: dict[str, object] = super().describe() | {"attn_implementation": self.config.attn_implementation}
