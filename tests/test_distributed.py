@@ -124,16 +124,18 @@ def test_a_corrupt_file_is_a_row_with_an_error_and_counted(ray_session: Any, tin
         os.link(f, folder / f.name)
     (folder / "corrupt.jpg").write_bytes(images(photos)[0].read_bytes()[:300])
     (folder / "empty.png").write_bytes(b"")
+    (folder / "huge.jpg").write_bytes(images(photos)[0].read_bytes() + bytes(3 * 2**20))
     status = main([str(folder), "--model", str(tiny_artifact), "--output", str(tmp_path / "out"),
-                   "--backend", "ort-cpu", "--topk", "3", "--no-progress"])
+                   "--backend", "ort-cpu", "--topk", "3", "--no-progress", "--max-file-bytes", str(2**21)])
     err = capsys.readouterr().err
     assert status == 1  # done, some files failed
-    assert "14 images, 12 predicted, 2 failed" in err
+    assert "15 images, 12 predicted, 3 failed" in err
     table = rows(tmp_path / "out")
-    assert len(table) == 14
+    assert len(table) == 15
     failed = table[table["error"].notna()].set_index("path")["error"]
-    corrupt, empty = str(folder / "corrupt.jpg"), str(folder / "empty.png")
-    assert sorted(failed.index) == [corrupt, empty]
+    corrupt, empty, huge = str(folder / "corrupt.jpg"), str(folder / "empty.png"), str(folder / "huge.jpg")
+    assert sorted(failed.index) == [corrupt, empty, huge]
+    assert failed[huge] == f"{huge}: refused, 3.0 MiB is over the limit of 2.0 MiB (--max-file-bytes)"
     assert failed[empty] == f"{empty}: empty file"
     assert failed[corrupt].startswith(f"{corrupt}: ")
     assert table[table["error"].isna()]["indices"].map(len).eq(3).all()

@@ -23,7 +23,7 @@ import numpy as np
 
 from runtime.errors import UsageError
 from runtime.predictor import decode_bytes, decode_file
-from runtime.preprocess import IMAGE_SUFFIXES, Preprocessing, find_images
+from runtime.preprocess import DEFAULT_MAX_FILE_BYTES, IMAGE_SUFFIXES, Preprocessing, find_images, size_error
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -258,14 +258,19 @@ def names_batch(batch: pa.Table, column: str, cwd: str) -> pa.Table:
 
 # ------------------------------------------------------------------------------------------------ reading
 
-def decode_source(source: bytes, spec: Preprocessing, draft: bool, max_pixels: int) -> np.ndarray | str:
-    """One input -> pixels, or "<path>: <reason>" (runtime.classify's loader and messages; URIs read via pyarrow.fs)."""
+def decode_source(source: bytes, spec: Preprocessing, draft: bool, max_pixels: int,
+                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> np.ndarray | str:
+    """One input -> pixels, or "<path>: <reason>" (runtime.classify's loader and messages; URIs read via
+    pyarrow.fs, their size checked before they are read)."""
     name = os.fsdecode(source)
     if not is_uri(name):
-        return decode_file(Path(name), spec, draft, max_pixels)
+        return decode_file(Path(name), spec, draft, max_pixels, max_file_bytes)
     try:
         fs, path = resolve(name)
         with fs.open_input_file(path) as f:
+            too_big = size_error(f.size(), max_file_bytes)
+            if too_big:
+                return f"{name}: {too_big}"
             data = f.read()
     except FileNotFoundError:
         return f"{name}: no such file"
@@ -273,11 +278,11 @@ def decode_source(source: bytes, spec: Preprocessing, draft: bool, max_pixels: i
         return f"{name}: permission denied"
     except (OSError, ValueError) as err:  # pyarrow's network and protocol errors
         return f"{name}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-    return decode_bytes(data, name, spec, draft, max_pixels)
+    return decode_bytes(data, name, spec, draft, max_pixels, max_file_bytes)
 
 
-def decode_batch(batch: dict[str, np.ndarray], spec: Preprocessing, draft: bool,
-                 max_pixels: int) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], spec: Preprocessing, draft: bool, max_pixels: int,
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> dict[str, np.ndarray]:
     """The CPU stage: (source, key, error) -> (path, pixels, error); a failed input keeps zero pixels and its message."""
     h, w = spec.input_size
     n = len(batch["key"])
@@ -286,7 +291,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec: Preprocessing, draft: bool,
     for i, source in enumerate(batch["source"]):
         if errors[i]:
             continue
-        result = decode_source(bytes(source), spec, draft, max_pixels)
+        result = decode_source(bytes(source), spec, draft, max_pixels, max_file_bytes)
         if isinstance(result, str):
             errors[i] = result
         else:
