@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import SAMPLE_DIR, needs_sample
 
-BIG_COPIES = 96  # 2000 x 1500 JPEGs: ~35 ms each to decode, so decoding outlasts an actor's start
+BIG_COPIES = 96  # 3200 x 2400 JPEGs: ~90 ms each to decode, so decoding outlasts an actor's start (the pool starts it lazily)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def big_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("big")
-    photo(np.random.default_rng(2), 2000, 1500).save(root / "big000.jpg", quality=90)
+    photo(np.random.default_rng(2), 3200, 2400).save(root / "big000.jpg", quality=90)
     for i in range(1, BIG_COPIES):
         os.link(root / "big000.jpg", root / f"big{i:03d}.jpg")
     return root
@@ -187,7 +187,7 @@ def test_a_killed_actor_loses_and_duplicates_no_row(ray_session: Any, tiny_artif
         else:
             after.update(actors)
 
-    summary = run_job(big_photos, tmp_path / "out", tiny_artifact, rows_per_file=8, on_part=kill_on_first_part)
+    summary = run_job(big_photos, tmp_path / "out", tiny_artifact, rows_per_file=1, on_part=kill_on_first_part)
     table = rows(tmp_path / "out")
     assert killed and after - set(killed), "the actor was not restarted after the kill: nothing was left to do"
     assert summary.images == summary.predicted == BIG_COPIES
