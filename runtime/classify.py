@@ -8,6 +8,7 @@ file that cannot be read becomes a `Prediction` with an `error` instead of stopp
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import deque
@@ -22,13 +23,20 @@ from runtime.artifact import SYNTHETIC_WARNING
 from runtime.cpuinfo import usable_cores
 from runtime.errors import signals_deferred
 from runtime.predictor import Prediction, Predictor, decode_file, display_path
-from runtime.preprocess import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, Preprocessing
+from runtime.preprocess import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, DecodeBudget, Preprocessing
 
 
 def default_workers() -> int:
     """Decode threads: one per core. On 2 cores they share the CPU with the model's own threads,
     which is fine because decoding a batch costs a fraction of running it (see README)."""
     return usable_cores()
+
+
+def default_decode_memory() -> int:
+    """Decoded pixels all decode threads may hold at once: a quarter of the machine's memory, between
+    512 MiB and 8 GiB (one 15,000 x 15,000 photo holds about 1.7 GiB while it is decoded)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(512 * 2**20, min(total // 4, 8 * 2**30))
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,7 @@ class ClassifyOptions:
     prefetch: int | None = None  # files decoded ahead of the model; default 4 batches
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused from their header, before decoding
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger files are refused before they are opened
+    decode_memory: int = field(default_factory=default_decode_memory)  # bytes all decode threads may hold
 
 
 @dataclass
@@ -109,27 +118,30 @@ def print_summary(s: Summary) -> None:
 
 def decoded(
     files: Iterable[Path], spec: Preprocessing, workers: int, prefetch: int, draft: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, decode_memory: int | None = None,
 ) -> Iterator[tuple[Path, np.ndarray | str]]:
-    """(file, pixels or error) in input order, decoded by `workers` threads at most `prefetch` files ahead.
+    """(file, pixels or error) in input order, decoded by `workers` threads at most `prefetch` files ahead,
+    which together hold at most `decode_memory` bytes of decoded pixels (a bigger picture is decoded alone).
 
     A consumer that stops early (an interrupt) does not wait for the decodes under way: a file that
     stalls the decoder must not hold the run (the threads are left to finish, or to the process exit).
     """
+    budget = DecodeBudget(decode_memory or default_decode_memory())
+    limits = (draft, max_pixels, max_file_bytes, budget)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
     pending: deque[tuple[Path, Future[np.ndarray | str]]] = deque()
     it = iter(files)
     finished = False
     try:
         for path in it:
-            pending.append((path, pool.submit(decode_file, path, spec, draft, max_pixels, max_file_bytes)))
+            pending.append((path, pool.submit(decode_file, path, spec, *limits)))
             if len(pending) >= prefetch:
                 break
         while pending:
             path, fut = pending.popleft()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(decode_file, nxt, spec, draft, max_pixels, max_file_bytes)))
+                pending.append((nxt, pool.submit(decode_file, nxt, spec, *limits)))
             yield path, fut.result()
         finished = True
     finally:
@@ -144,7 +156,7 @@ def iter_predictions(
     batch: list[tuple[Path, np.ndarray | str]] = []
     ready = 0  # decoded images in `batch`; errors ride along so records stay in input order
     for path, result in decoded(files, predictor.spec, opts.workers, prefetch, opts.draft, opts.max_pixels,
-                                    opts.max_file_bytes):
+                                opts.max_file_bytes, opts.decode_memory):
         batch.append((path, result))
         ready += not isinstance(result, str)
         if ready == opts.batch_size:

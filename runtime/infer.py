@@ -27,7 +27,7 @@ from typing import IO
 
 from runtime.artifact import SYNTHETIC_WARNING
 from runtime.backends import Backend
-from runtime.classify import ClassifyOptions, Summary, classify, default_workers, print_summary
+from runtime.classify import ClassifyOptions, Summary, classify, default_decode_memory, default_workers, print_summary
 from runtime.cli import add_classify_arguments, check_classify_arguments, check_thread_count, open_predictor
 from runtime.console import progress_bar
 from runtime.errors import ArgumentParser, Interrupted, UsageError, leave, run_cli, signals_deferred
@@ -53,6 +53,9 @@ def build_parser() -> ArgumentParser:
                         "the format, --topk and model must be the same")
     p.add_argument("--recursive", "-r", action="store_true", help="also look inside sub-folders (symlinks followed)")
     p.add_argument("--workers", type=int, default=default_workers(), help="decode threads (default: one per core)")
+    p.add_argument("--decode-memory", type=int, default=default_decode_memory(),
+                   help="bytes of decoded pixels all decode threads may hold at once; a bigger picture is decoded alone "
+                        "(default: a quarter of the memory, 512 MiB to 8 GiB)")
     return p
 
 
@@ -61,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     check_classify_arguments(p, args, "workers")
     check_thread_count(p, "--workers", args.workers)
+    if args.decode_memory < 1:
+        p.error("--decode-memory must be at least 1")
     if args.resume and args.output is None:
         p.error("--resume needs --output (the file an interrupted run was writing)")
     return args
@@ -116,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
                 summary.failed.append(Prediction(r.key, error=r.error))
         summary.resumed -= len(summary.failed)
         opts = ClassifyOptions(batch_size=args.batch_size, topk=args.topk, workers=args.workers, draft=args.draft,
-                               max_pixels=args.max_pixels, max_file_bytes=args.max_file_bytes)
+                               max_pixels=args.max_pixels, max_file_bytes=args.max_file_bytes,
+                               decode_memory=args.decode_memory)
         with backend, progress_bar(total=len(todo) + len(folder_errors), unit="img", enabled=args.progress) as bar:
             writer = PredictionWriter(target.out, fmt, len(target.done), target.name, resumable=output is not None)
 

@@ -21,8 +21,8 @@ from runtime.artifact import ArtifactError
 from runtime.backends import Backend
 from runtime.errors import UsageError
 from runtime.labels import resolve_labels
-from runtime.preprocess import (DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, ImageError, Preprocessing, file_error,
-                                load_and_preprocess)
+from runtime.preprocess import (DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, DecodeBudget, ImageError, Preprocessing,
+                                file_error, load_and_preprocess)
 
 Top = list[tuple[int, str, float]]  # (class index, label, probability), best first
 
@@ -55,13 +55,14 @@ def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[Top]:
 
 
 def decode_file(path: Path, spec: Preprocessing, draft: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> np.ndarray | str:
-    """One file -> pixel array, or the one-line reason it cannot be read (the message names the file)."""
+                max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, budget: DecodeBudget | None = None) -> np.ndarray | str:
+    """One file -> pixel array, or the one-line reason it cannot be read (the message names the file).
+    `budget`: the decoded-pixel memory this decode shares with the other decode threads."""
     reason = file_error(path, max_file_bytes)
     if reason:
         return f"{display_path(path)}: {reason}"
     try:
-        return load_and_preprocess(path, spec, draft=draft, max_pixels=max_pixels)
+        return load_and_preprocess(path, spec, draft=draft, max_pixels=max_pixels, budget=budget)
     except ImageError as err:
         return str(err).replace(str(path), display_path(path), 1)
     except (OSError, ValueError, MemoryError) as err:  # anything else Pillow/numpy raise on a hostile file

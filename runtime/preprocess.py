@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,12 +145,47 @@ class ImageError(DeitError):
     """An input file that cannot be turned into a picture; the message names the file."""
 
 
-def load_image(path: str | Path, draft_size: tuple[int, int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode any still or animated image to RGB, upright, first frame, transparency on white.
+class DecodeBudget:
+    """Bytes of decoded pixels that all decode threads together may hold: a picture waits for its share.
+
+    A folder of huge photos decoded by several threads would otherwise multiply the peak by the thread
+    count. A picture that needs more than the whole budget holds all of it, so it is decoded alone.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total, self.free = total, total
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        share = min(nbytes, self.total)
+        with self._changed:
+            self._changed.wait_for(lambda: self.free >= share)
+            self.free -= share
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.free += share
+                self._changed.notify_all()
+
+
+def decoded_bytes(img: Image.Image) -> int:
+    """What decoding `img` may hold at once: Pillow keeps 4 bytes a pixel for RGB, and a conversion
+    (palette, CMYK, 16-bit, transparency) holds a second copy for a moment."""
+    width, height = img.size
+    return 8 * width * height
+
+
+@contextmanager
+def opened_image(path: str | Path, draft_size: tuple[int, int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 budget: DecodeBudget | None = None) -> Iterator[Image.Image]:
+    """Any still or animated image as RGB, upright, first frame, transparency on white, valid inside the block.
 
     `max_pixels` is checked from the header, before any pixel is decoded. `draft_size` lets JPEG
     decode at 1/2, 1/4 or 1/8 scale while staying at least that large: much faster for big photos,
-    at a small cost in exactness (see README).
+    at a small cost in exactness. A decoded picture that is already upright RGB is not copied (a
+    15,000 x 15,000 photo costs its pixels once, not three times), and `budget` accounts for it.
     """
     path = Path(path)
     try:
@@ -158,9 +196,11 @@ def load_image(path: str | Path, draft_size: tuple[int, int] | None = None, max_
                                  f"limit of {_pixels(max_pixels)} (--max-pixels)")
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB", draft_size)
-            img.seek(0)
-            img.load()
-            return _to_rgb(ImageOps.exif_transpose(img) or img, path)
+            with budget.hold(decoded_bytes(img)) if budget is not None else nullcontext():
+                img.seek(0)
+                img.load()
+                ImageOps.exif_transpose(img, in_place=True)
+                yield _to_rgb(img, path)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file (or a broken symlink)") from None
     except PermissionError:
@@ -172,6 +212,12 @@ def load_image(path: str | Path, draft_size: tuple[int, int] | None = None, max_
         if "cannot identify image file" in reason:
             reason = "not an image (or an unsupported format)" if path.stat().st_size else "empty file"
         raise ImageError(f"{path}: {reason}") from None
+
+
+def load_image(path: str | Path, draft_size: tuple[int, int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`opened_image` as a picture of its own, valid after the file is closed."""
+    with opened_image(path, draft_size, max_pixels) as img:
+        return img.copy()
 
 
 def _pixels(n: int) -> str:
@@ -187,7 +233,7 @@ def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _to_8bit(arr: np.ndarray, mode: str, path: Path) -> np.ndarray:
@@ -244,10 +290,11 @@ def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
 
 
 def load_and_preprocess(path: str | Path, spec: Preprocessing, draft: bool = False,
-                        max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+                        max_pixels: int = DEFAULT_MAX_PIXELS, budget: DecodeBudget | None = None) -> np.ndarray:
     """Decode + preprocess one file; `draft` decodes JPEGs at reduced scale (>= 2x the resize target)."""
     draft_size = (2 * spec.resize_width, 2 * spec.resize_height) if draft else None
-    return preprocess(load_image(path, draft_size, max_pixels), spec)
+    with opened_image(path, draft_size, max_pixels, budget) as img:
+        return preprocess(img, spec)
 
 
 @dataclass

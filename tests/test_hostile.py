@@ -497,6 +497,31 @@ def test_decompression_bomb_is_refused_from_its_header_in_bounded_memory(tiny_ar
     assert proc.returncode == 1 and "500 x 375 = 187,500 pixels is over the limit of 100,000 pixels" in proc.stderr
 
 
+def test_huge_photos_are_decoded_once_and_share_one_memory_budget(tiny_artifact: Path, tmp_path: Path) -> None:
+    """Peak memory relative to the same run on a tiny photo: one 8000 x 8000 JPEG costs about its decoded
+    pixels (4 bytes each in Pillow), not a copy per step; two decoded by two threads under a budget that fits
+    one cost about what one does."""
+    width = height = 8000
+    folders = {name: tmp_path / name for name in ("tiny", "one", "two")}
+    for folder in folders.values():
+        folder.mkdir()
+    Image.new("RGB", (64, 48), (120, 30, 200)).save(folders["tiny"] / "a.jpg")
+    Image.new("RGB", (width, height), (120, 30, 200)).save(folders["one"] / "a.jpg")
+    for name in ("a.jpg", "b.jpg"):
+        shutil.copy(folders["one"] / "a.jpg", folders["two"] / name)
+    pixels = 4 * width * height
+    peak = {}
+    for name, folder in folders.items():
+        rc, _, peak_kib, err = run_measured([PY, "-m", "runtime.infer", str(folder), "--model", str(tiny_artifact),
+                                             "--backend", "ort-cpu", "--no-progress", "--workers", "2", "--batch-size", "1",
+                                             "--decode-memory", str(int(1.2 * 2 * pixels))])
+        assert rc == 0, err
+        peak[name] = peak_kib * 1024
+    one, two = peak["one"] - peak["tiny"], peak["two"] - peak["tiny"]
+    assert one < 1.5 * pixels, f"one photo of {pixels / 2**20:.0f} MiB of pixels took {one / 2**20:.0f} MiB"
+    assert two < 1.5 * one, f"two photos took {two / 2**20:.0f} MiB, one {one / 2**20:.0f} MiB: decoded at once"
+
+
 def test_huge_batch_size_is_refused_before_anything_is_allocated(tiny_artifact: Path, tmp_path: Path) -> None:
     images = photos(tmp_path / "images", 1)
     rc, wall, peak_kib, err = run_measured([PY, "-m", "runtime.infer", str(images), "--model", str(tiny_artifact),
