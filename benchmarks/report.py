@@ -9,6 +9,7 @@ the model achieved and what share of the best MatMul ceiling measured in the sam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,18 @@ CLOCKS = {
 HF_DOCS_A100 = "transformers docs, deit-base-distilled, A100-40GB fp32, PyTorch 2.3: eager 8/9/9/8 ms, SDPA 6/6/6/6 ms at batch 1/2/4/8"
 
 
-def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write the three files (each atomically) and return their paths."""
+def write_report(results: dict[str, Any], out_dir: str | Path, files: dict[str, str] = FILES,
+                 to_markdown: Callable[[dict[str, Any]], str] | None = None,
+                 to_plot: Callable[[dict[str, Any], Path], None] | None = None) -> dict[str, Path]:
+    """Write the json, markdown and plot files (each atomically) and return their paths; other benchmarks
+    pass their own file names and writers."""
     out = Path(out_dir)
-    paths = {kind: out / name for kind, name in FILES.items()}
+    paths = {kind: out / name for kind, name in files.items()}
     write_json(paths["json"], results)
     with atomic_path(paths["markdown"]) as tmp:
-        tmp.write_text(markdown(results))
+        tmp.write_text((to_markdown or markdown)(results))
     with atomic_path(paths["plot"]) as tmp:
-        plot(results, tmp)
+        (to_plot or plot)(results, tmp)
     return paths
 
 

@@ -36,16 +36,16 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.distributed_throughput import OthersLoad
 from benchmarks.export_time import _vm_hwm_kib
 from benchmarks.harness import environment
-from runtime.artifact import SYNTHETIC_WARNING, atomic_path, find_model, write_json
+from benchmarks.report import write_report
+from runtime.artifact import SYNTHETIC_WARNING, find_model
 from runtime.backends import create
 from runtime.classify import ClassifyOptions, classify
-from runtime.errors import ArgumentParser, UsageError, run_cli
+from runtime.errors import ArgumentParser, UsageError, doc_parser, run_cli
 from runtime.predictor import Prediction, Predictor
 from runtime.preprocess import list_images, load_and_preprocess
-from runtime.timing import host_ms, measure
+from runtime.timing import _machine_busy_s, host_ms, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {"json": "serving.json", "markdown": "serving.md", "plot": "serving.png"}
@@ -85,6 +85,32 @@ class Cell:
     p90_ms: float
     p99_ms: float
     other_load_cores: float | None
+
+
+class NeighbourLoad:
+    """Cores that processes other than this benchmark and its server kept busy: the machine's busy time
+    (/proc/stat) minus both of theirs."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+
+    def _ours_s(self) -> float:
+        t = os.times()
+        try:
+            fields = Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1].split()
+            server = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        except (OSError, IndexError, ValueError):
+            server = 0.0
+        return t.user + t.system + server
+
+    def start(self) -> None:
+        self._busy, self._ours = _machine_busy_s(), self._ours_s()
+
+    def stop(self, wall_s: float) -> float | None:
+        busy = _machine_busy_s()
+        if busy is None or self._busy is None or wall_s <= 0:
+            return None
+        return round(max(0.0, (busy - self._busy) - (self._ours_s() - self._ours)) / wall_s, 2)
 
 
 def _inputs(kind: str, photo: bytes | np.ndarray) -> list[Any]:
@@ -138,8 +164,8 @@ async def _drive(url: str, model: str, requests: list[list[Any]], concurrency: i
 
 
 def measure_cell(url: str, model: str, kind: str, requests: list[list[Any]], batching: bool, concurrency: int,
-                 seconds: float) -> Cell:
-    load = OthersLoad()
+                 seconds: float, server_pid: int) -> Cell:
+    load = NeighbourLoad(server_pid)
     load.start()
     latencies, refused, errors, wall, _ = asyncio.run(_drive(url, model, requests, concurrency, seconds))
     p50, p90, p99 = (round(float(np.percentile(np.asarray(latencies or [np.nan]), q)), 2) for q in (50, 90, 99))
@@ -180,11 +206,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     cells: list[Cell] = []
     agreement: dict[str, Any] = {}
     for batching in (True, False):
-        with launch(artifact, *server_args, *([] if batching else ["--no-batching"])) as (_, url, model):
+        with launch(artifact, *server_args, *([] if batching else ["--no-batching"])) as (proc, url, model):
             asyncio.run(_drive(url, model, requests["BYTES"], 4, None, total=4 * args.max_batch_size))  # warm-up
             for kind in ("BYTES", "FP32"):
                 for c in args.concurrency:
-                    cells.append(measure_cell(url, model, kind, requests[kind], batching, c, args.seconds))
+                    cells.append(measure_cell(url, model, kind, requests[kind], batching, c, args.seconds, proc.pid))
                     print(f"serve-bench: {cells[-1]}", file=sys.stderr)
             if batching:
                 agreement = _agreement(url, model, requests["BYTES"], base["top1"], files)
@@ -300,16 +326,6 @@ def plot(r: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(r: dict[str, Any], out: Path) -> dict[str, Path]:
-    paths = {kind: out / name for kind, name in FILES.items()}
-    write_json(paths["json"], r)
-    with atomic_path(paths["markdown"]) as tmp:
-        tmp.write_text(markdown(r))
-    with atomic_path(paths["plot"]) as tmp:
-        plot(r, tmp)
-    return paths
-
-
 def _ints(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",")]
@@ -321,9 +337,7 @@ def _ints(text: str) -> list[int]:
 
 
 def build_parser() -> ArgumentParser:
-    title, _, usage = (__doc__ or "").partition("\n")
-    p = ArgumentParser(prog="python -m benchmarks.serve", description=title, epilog=usage,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = doc_parser("python -m benchmarks.serve", __doc__)
     p.add_argument("--model", help="artifact folder (default: the newest under artifacts/)")
     p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "imagenet-sample", help="folder of photos")
     p.add_argument("--backend", default="ort-cpu", help="the backend of the server and of the offline run (default ort-cpu)")
@@ -347,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         results = run_benchmark(args)
-        paths = write_report(results, args.out)
+        paths = write_report(results, args.out, FILES, markdown, plot)
         print(paths["markdown"].read_text())
         if results["offline"]["synthetic"]:
             print(SYNTHETIC_WARNING, file=sys.stderr)

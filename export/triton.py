@@ -28,7 +28,7 @@ from typing import Any
 
 from runtime.artifact import ORT_FUSED_FILES, ArtifactError, ArtifactMeta, find_model, read_onnx_meta
 from runtime.backends.trt import ENGINE_FILES, read_sidecar
-from runtime.errors import ArgumentParser, UsageError, run_cli
+from runtime.errors import ArgumentParser, UsageError, doc_parser, run_cli
 from runtime.labels import resolve_labels
 from runtime.oip import io_config
 from runtime.paths import check_output_dir
@@ -190,9 +190,7 @@ def write_repository(artifact_dir: Path, out: Path, name: str, max_batch: int = 
 
 
 def build_parser() -> ArgumentParser:
-    title, _, usage = (__doc__ or "").partition("\n")
-    p = ArgumentParser(prog="python -m export.triton", description=title, epilog=usage,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = doc_parser("python -m export.triton", __doc__)
     p.add_argument("--model", help="artifact folder (default: the newest under --artifacts)")
     p.add_argument("--artifacts", default="artifacts", help="where to look for the newest artifact")
     p.add_argument("--out", type=Path, default=Path("model_repository"), help="the repository folder (default model_repository)")

@@ -119,6 +119,12 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(USAGE, f"{cli_name(self.prog)}: error: {message} (see --help)\n")
 
 
+def doc_parser(prog: str, doc: str | None) -> ArgumentParser:
+    """A CLI's parser whose --help shows the module docstring: its first line, then the usage examples under it."""
+    title, _, usage = (doc or "").partition("\n")
+    return ArgumentParser(prog=prog, description=title, epilog=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def cli_name(prog: str) -> str:
     """`python -m runtime.infer` -> `infer`: the short name every message of a CLI starts with."""
     return prog.removeprefix("python -m ").split(".")[-1]

@@ -37,10 +37,10 @@ from runtime.artifact import SYNTHETIC_WARNING
 from runtime.batching import DynamicBatcher
 from runtime.cli import add_classify_arguments, check_classify_arguments, open_predictor
 from runtime.cpuinfo import usable_cores
-from runtime.errors import ArgumentParser, Interrupted, Unavailable, UsageError, run_cli
+from runtime.errors import ArgumentParser, Interrupted, Unavailable, UsageError, doc_parser, run_cli
 from runtime.oip import HEADER_LENGTH, InferRequest, ProtocolError, RequestedOutput, encode_response, io_config, parse_request
 from runtime.predictor import Predictor, Top, decode_bytes
-from runtime.preprocess import DEFAULT_MAX_PIXELS
+from runtime.preprocess import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 
 PROG = "serve"
 VERSION = "1"  # the one model version the server holds
@@ -59,6 +59,7 @@ class ServeOptions:
     max_request_bytes: int = 64 << 20
     draft: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
 
 class RequestTooLarge(Exception):
@@ -192,7 +193,7 @@ class ModelServer:
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
             raise ProtocolError(f"input 'images': shape {list(shape)}, expected [N] or [N, 1]")
         spec = self.predictor.spec
-        decoded = [decode_bytes(item, f"images[{i}]", spec, self.opts.draft, self.opts.max_pixels)
+        decoded = [decode_bytes(item, f"images[{i}]", spec, self.opts.draft, self.opts.max_pixels, self.opts.max_file_bytes)
                    for i, item in enumerate(data)]
         errors = [d for d in decoded if isinstance(d, str)]
         if errors:
@@ -344,12 +345,17 @@ async def read_body(request: Any, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(f"{declared} bytes")
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(f"more than {limit} bytes received")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLarge(f"more than {limit} bytes received")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise Refused(400, "the client closed the connection before the whole body arrived") from None
     data = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding in ("gzip", "deflate"):
@@ -427,9 +433,7 @@ def _uvicorn_server() -> type:
 
 
 def build_parser() -> ArgumentParser:
-    title, _, usage = (__doc__ or "").partition("\n")
-    p = ArgumentParser(prog="python -m runtime.serve", description=title, epilog=usage,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = doc_parser("python -m runtime.serve", __doc__)
     add_classify_arguments(p, "", batch_flag="--max-batch-size")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the URL printed says which)")
@@ -464,7 +468,7 @@ def run(args: argparse.Namespace) -> int:
         print(SYNTHETIC_WARNING, file=sys.stderr)
     name = args.name or backend.artifact_dir.name
     opts = ServeOptions(name, args.batch_size, args.max_queue_delay_ms / 1000, args.batching, args.max_queue_size,
-                        args.max_request_bytes, args.draft, args.max_pixels)
+                        args.max_request_bytes, args.draft, args.max_pixels, args.max_file_bytes)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     batching = (f"dynamic batching up to {opts.max_batch} within {args.max_queue_delay_ms:g} ms" if opts.batching
