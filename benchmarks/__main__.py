@@ -7,6 +7,7 @@ Writes results.json, results.md and latency.png to --out. Exit status (runtime/e
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from benchmarks.harness import EndToEndRequest, Settings, default_labels, end_to
 from benchmarks.report import contended, write_report
 from runtime.artifact import SYNTHETIC_WARNING, find_artifact
 from runtime.cli import check_thread_count
-from runtime.errors import ArgumentParser, run_cli
+from runtime.errors import ArgumentParser, Interrupted, run_cli
 from runtime.paths import check_output_dir
 
 
@@ -91,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         ceilings = (lambda: matmul_ceilings(settings.threads)) if args.ceilings else None
         results = run_benchmark(artifact, specs, settings, progress=not args.no_progress, cpu_ceilings=ceilings)
         add_cpu_figures(results)
+        if results["interrupted"]:
+            paths = write_report(results, args.out)
+            raise Interrupted(signal.Signals[results["interrupted"]],
+                              f"the {len(results['backends'])} rows that finished are in {paths['json']}")
         if args.auto:
             results["auto"] = auto_picks(artifact, results, settings.threads)
         if args.end_to_end is not None:

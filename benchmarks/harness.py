@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import platform
+import signal
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -182,6 +183,9 @@ def run_benchmark(artifact_dir: str | Path, specs: list[BenchSpec], settings: Se
                   cpu_ceilings: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Measure every spec on one artifact; returns the results document (see `benchmarks.report`).
 
+    An interrupt ends the measuring: the document then holds the rows that finished and `interrupted`
+    names the signal, for the caller to write before it stops.
+
     The reference backend runs on the shared batch even when it is not among `specs`.
     `cpu_ceilings`, when given, measures the CPU's MatMul ceilings in the same run (benchmarks/cpu.py).
     """
@@ -198,14 +202,19 @@ def run_benchmark(artifact_dir: str | Path, specs: list[BenchSpec], settings: Se
             bar.set_postfix_str(text)
             bar.update(1)
 
-        for spec in specs:
-            row, out = measure_row(spec, artifact_dir, settings, shared, on_cell)
-            rows.append(row)
-            if out is not None:
-                outputs[spec.label] = out
+        try:
+            for spec in specs:
+                row, out = measure_row(spec, artifact_dir, settings, shared, on_cell)
+                rows.append(row)
+                if out is not None:
+                    outputs[spec.label] = out
+        except KeyboardInterrupt as err:  # Ctrl-C / SIGTERM: report the rows that finished, measure nothing more
+            interrupted: int | None = getattr(err, "signum", signal.SIGINT)
+        else:
+            interrupted = None
     reference = outputs.get(settings.reference)
     reference_note = None
-    if reference is None:
+    if reference is None and interrupted is None:
         reference, reference_note = _reference_outputs(resolve(settings.reference), artifact_dir, settings, shared)
     for row in rows:
         if row["label"] in outputs and reference is not None:
@@ -227,8 +236,9 @@ def run_benchmark(artifact_dir: str | Path, specs: list[BenchSpec], settings: Se
         "settings": _settings_dict(settings) | {"agreement_batch": {"random": int(len(shared) - n_photos), "photos": n_photos}},
         "reference_note": reference_note,
         "backends": rows,
+        "interrupted": signal.Signals(interrupted).name if interrupted is not None else None,
     }
-    if cpu_ceilings is not None and any(r.get("device") == "cpu" and r["status"] == "ok" for r in rows):
+    if interrupted is None and cpu_ceilings is not None and any(r.get("device") == "cpu" and r["status"] == "ok" for r in rows):
         results["cpu_ceilings"] = cpu_ceilings()
     return results
 

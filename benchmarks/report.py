@@ -63,6 +63,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"# Benchmark: {Path(model['checkpoint']).name} ({weights})", ""]
     if results.get("warning"):
         lines += [f"> {results['warning']}", ""]
+    if results.get("interrupted"):
+        lines += [f"> Interrupted ({results['interrupted']}): only the rows that finished are here.", ""]
     gpu = env["gpu"] or "no GPU"
     features = ", ".join(env.get("cpu_features", [])) or "none reported"
     lines += [

@@ -8,7 +8,8 @@
 Predictions go to stdout or --output; progress, warnings, per-file errors and the summary go to
 stderr. Everything that can be checked (paths, model, backend, output location, arguments) is
 checked before the first image is decoded. Exit status: see runtime/errors.py (0 all predicted,
-1 some files failed, 2 usage, 5 model, 6 backend unavailable, 130/143 interrupted, work kept).
+1 some files failed, 2 usage, 5 model, 6 backend unavailable, 7 the run failed (a full disk: the
+.partial is kept for --resume), 130/143 interrupted (work kept), 141 stdout's reader left).
 """
 
 from __future__ import annotations

@@ -173,6 +173,32 @@ def test_a_full_disk_is_refused_before_work(tiny_artifact: Path, tmp_path: Path,
     assert not (tmp_path / "o.csv").exists() and not (tmp_path / "o.csv.partial").exists()
 
 
+def test_an_interrupted_benchmark_writes_the_rows_that_finished(tiny_artifact: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import benchmarks.__main__ as bench_cli
+    import benchmarks.harness
+    from runtime.errors import Interrupted
+
+    measure = benchmarks.harness.measure_row
+
+    def interrupted_second(spec, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if spec.label != "ort-cpu":
+            raise Interrupted(signal.SIGTERM)  # as the signal handler raises it mid-measurement
+        return measure(spec, *args, **kwargs)
+
+    monkeypatch.setattr(benchmarks.harness, "measure_row", interrupted_second)
+    out = tmp_path / "bench"
+    rc = bench_cli.main(["--model", str(tiny_artifact), "--backends", "ort-cpu,torch-eager", "--batch-sizes", "1",
+                         "--min-iters", "2", "--min-time", "0", "--warmup", "1", "--no-ceilings", "--no-auto",
+                         "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 143 and "the 1 rows that finished are in" in assert_one_line(err, "benchmarks: terminated")
+    report = json.loads((out / "results.json").read_text())
+    assert report["interrupted"] == "SIGTERM" and [r["label"] for r in report["backends"]] == ["ort-cpu"]
+    assert "Interrupted (SIGTERM)" in (out / "results.md").read_text()
+
+
 def test_export_checks_for_room_before_loading_the_checkpoint(tiny_checkpoint: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:

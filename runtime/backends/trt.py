@@ -15,6 +15,7 @@ pycuda is source-only and needs the CUDA toolkit to install). TensorRT and CUDA 
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,10 +104,19 @@ def stale_reason(plan: str | Path, sidecar: dict[str, Any]) -> str | None:
     if not source or not recorded:
         return None
     onnx_path = Path(plan).parent / str(source)
-    if not onnx_path.is_file() or file_sha256(onnx_path) == recorded:
+    if not onnx_path.is_file():
+        return None
+    stat = onnx_path.stat()
+    if _sha256_of(str(onnx_path), stat.st_size, stat.st_mtime_ns) == recorded:
         return None
     return (f"{plan} is stale: {onnx_path.name} changed after the engine was built from it; rebuild it with "
             f"`{rebuild_command(plan, str(sidecar.get('precision', '')))}`")
+
+
+@lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    """A file's sha256, hashed once per (size, mtime): `auto` and the backend both check the same ONNX file."""
+    return file_sha256(Path(path))
 
 
 def check_engine(plan: str | Path, sidecar: dict[str, Any], trt_version: str, gpu: cudart.GpuInfo) -> list[str]:
