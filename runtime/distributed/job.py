@@ -373,6 +373,7 @@ class Job:
         self.opts = opts
         self.model = os.path.abspath(model) if model and not is_uri(model) else model
         self.artifacts = os.path.abspath(artifacts)
+        self.input = input
         self.listing: Listing = list_inputs(input)
         self.output = Output(output, opts.fmt)
         self.settled: tuple[Plan, int, dict[str, Any]] | None = None
@@ -448,7 +449,7 @@ class Job:
         s = Summary(plan.backend, plan.resolved_precision, plan.artifact, plan.synthetic, workers=workers,
                     images=counts.done, more_failed=counts.done_failed, resumed=counts.done - counts.done_failed)
         if counts.todo + counts.done == 0:
-            raise UsageError("INPUT lists no images")
+            raise UsageError(f"no images found in {self.input}")
         if report and counts.done:
             print(f"distributed: resuming: {counts.done} inputs done earlier, {counts.todo} to go", file=sys.stderr)
         start = time.perf_counter()
