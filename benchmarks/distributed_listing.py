@@ -2,12 +2,12 @@
 
     python -m benchmarks.distributed_listing --counts 100000 1000000 --kinds list folder
 
-For each kind of INPUT (a text list of names, a folder tree of empty `.jpg` files) and each count N, a
-fresh process starts a local Ray, makes an output folder whose committed parts already hold half the
-inputs (so resume has work to do), and runs what a job does before its first image: list INPUT and
-settle it against the output (`Job.settle`: each input once, those done left out, counts back). The
-driver's resident memory is sampled every 20 ms; the figure is its peak above the resident memory it had
-just before (Ray connected, modules imported). The slope is the growth per million inputs between the
+For each kind of INPUT (a text list of names, a folder tree of empty `.jpg` files) and each count N,
+the inputs and an output folder whose committed parts already hold half of them (so resume has work
+to do) are made, then a fresh process starts a local Ray and runs what a job does before its first
+image: check INPUT and the output, list INPUT and settle it against the output (`Job.settle`: each
+input once, those done left out, counts back). That driver's resident memory is sampled every 20 ms;
+the figure is its peak above the resident memory it had just before (Ray connected, modules imported). The slope is the growth per million inputs between the
 smallest and the largest count.
 """
 
@@ -71,34 +71,30 @@ def make_done(inp: str, kind: str, n: int, out: Path) -> None:
         pq.write_table(table, out / f"part-earlier-{p:05d}.parquet")
 
 
-def measure_one(kind: str, n: int) -> dict[str, Any]:
-    """In this process: inputs made, Ray connected, then the peak driver memory of listing + settling."""
+def measure_one(inp: str, out: str) -> dict[str, Any]:
+    """In this process: Ray connected, then the peak driver memory of the job's checks, listing and settling."""
     import ray
 
     from runtime.distributed import Job, JobOptions, connect
 
-    with tempfile.TemporaryDirectory(prefix="distributed-listing-") as tmp:
-        inp = make_inputs(kind, n, Path(tmp))
-        make_done(inp, kind, n, Path(tmp) / "out")
-        connect()
-        job = Job(inp, str(Path(tmp) / "out"), opts=JobOptions(progress=False))
-        baseline, peak, stop = _rss_bytes(), [0], threading.Event()
+    connect()
+    baseline, peak, stop = _rss_bytes(), [0], threading.Event()
 
-        def sample() -> None:
-            while not stop.wait(0.02):
-                peak[0] = max(peak[0], _rss_bytes())
+    def sample() -> None:
+        while not stop.wait(0.02):
+            peak[0] = max(peak[0], _rss_bytes())
 
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        t = time.perf_counter()
-        try:
-            _, counts = job.settle(ray)
-        finally:
-            stop.set()
-            sampler.join()
-        seconds = time.perf_counter() - t
-        ray.shutdown()
-    return {"kind": kind, "inputs": n, "todo": counts.todo, "done": counts.done, "seconds": round(seconds, 1),
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t = time.perf_counter()
+    try:
+        _, counts = Job(inp, out, opts=JobOptions(progress=False)).settle(ray)
+    finally:
+        stop.set()
+        sampler.join()
+    seconds = time.perf_counter() - t
+    ray.shutdown()
+    return {"todo": counts.todo, "done": counts.done, "seconds": round(seconds, 1),
             "baseline_mb": round(baseline / 2**20, 1), "peak_above_baseline_mb": round((peak[0] - baseline) / 2**20, 1)}
 
 
@@ -106,21 +102,24 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m benchmarks.distributed_listing", description=(__doc__ or "").split("\n")[0])
     p.add_argument("--counts", type=int, nargs="+", default=[100_000, 1_000_000], help="input counts to measure")
     p.add_argument("--kinds", nargs="+", choices=["list", "folder"], default=["list", "folder"])
-    p.add_argument("--one", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)  # one measurement, in this process
+    p.add_argument("--one", nargs=2, metavar=("INPUT", "OUTPUT"), help=argparse.SUPPRESS)  # one measurement, here
     p.add_argument("--json", type=Path, help="also write the figures here")
     return p
 
 
 def report(args: Any) -> int:
     if args.one:
-        print(json.dumps(measure_one(args.one[0], int(args.one[1]))))
+        print(json.dumps(measure_one(*args.one)))
         return 0
     rows = []
     for kind in args.kinds:
         for n in sorted(args.counts):
-            done = subprocess.run([sys.executable, "-m", "benchmarks.distributed_listing", "--one", kind, str(n)],
-                                  capture_output=True, text=True, check=True)
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            with tempfile.TemporaryDirectory(prefix="distributed-listing-") as tmp:
+                inp = make_inputs(kind, n, Path(tmp))
+                make_done(inp, kind, n, Path(tmp) / "out")
+                done = subprocess.run([sys.executable, "-m", "benchmarks.distributed_listing", "--one", inp,
+                                       str(Path(tmp) / "out")], capture_output=True, text=True, check=True)
+            rows.append({"kind": kind, "inputs": n, **json.loads(done.stdout.strip().splitlines()[-1])})
             r = rows[-1]
             print(f"{kind:6} {n:>9,} inputs ({r['done']:,} done earlier): driver peak +{r['peak_above_baseline_mb']} MB "
                   f"above {r['baseline_mb']} MB, {r['seconds']} s", flush=True)

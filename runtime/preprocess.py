@@ -381,8 +381,13 @@ def file_error(path: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> str | Non
         return "permission denied"
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
-    if st.st_size > max_bytes:
-        return f"refused, {_mib(st.st_size)} is over the limit of {_mib(max_bytes)} (--max-file-bytes)"
+    return size_error(st.st_size, max_bytes)
+
+
+def size_error(size: int, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> str | None:
+    """Why a file (or an object in a store) of `size` bytes is refused before it is read, or None."""
+    if size > max_bytes:
+        return f"refused, {_mib(size)} is over the limit of {_mib(max_bytes)} (--max-file-bytes)"
     return None
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import SAMPLE_DIR, needs_sample
 
-BIG_COPIES = 96  # 2000 x 1500 JPEGs: ~35 ms each to decode, so decoding outlasts an actor's start
+BIG_COPIES = 96  # 3200 x 2400 JPEGs: ~90 ms each to decode, so decoding outlasts an actor's start (the pool starts it lazily)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def big_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("big")
-    photo(np.random.default_rng(2), 2000, 1500).save(root / "big000.jpg", quality=90)
+    photo(np.random.default_rng(2), 3200, 2400).save(root / "big000.jpg", quality=90)
     for i in range(1, BIG_COPIES):
         os.link(root / "big000.jpg", root / f"big{i:03d}.jpg")
     return root
@@ -124,16 +124,18 @@ def test_a_corrupt_file_is_a_row_with_an_error_and_counted(ray_session: Any, tin
         os.link(f, folder / f.name)
     (folder / "corrupt.jpg").write_bytes(images(photos)[0].read_bytes()[:300])
     (folder / "empty.png").write_bytes(b"")
+    (folder / "huge.jpg").write_bytes(images(photos)[0].read_bytes() + bytes(3 * 2**20))
     status = main([str(folder), "--model", str(tiny_artifact), "--output", str(tmp_path / "out"),
-                   "--backend", "ort-cpu", "--topk", "3", "--no-progress"])
+                   "--backend", "ort-cpu", "--topk", "3", "--no-progress", "--max-file-bytes", str(2**21)])
     err = capsys.readouterr().err
     assert status == 1  # done, some files failed
-    assert "14 images, 12 predicted, 2 failed" in err
+    assert "15 images, 12 predicted, 3 failed" in err
     table = rows(tmp_path / "out")
-    assert len(table) == 14
+    assert len(table) == 15
     failed = table[table["error"].notna()].set_index("path")["error"]
-    corrupt, empty = str(folder / "corrupt.jpg"), str(folder / "empty.png")
-    assert sorted(failed.index) == [corrupt, empty]
+    corrupt, empty, huge = str(folder / "corrupt.jpg"), str(folder / "empty.png"), str(folder / "huge.jpg")
+    assert sorted(failed.index) == [corrupt, empty, huge]
+    assert failed[huge] == f"{huge}: refused, 3.0 MiB is over the limit of 2.0 MiB (--max-file-bytes)"
     assert failed[empty] == f"{empty}: empty file"
     assert failed[corrupt].startswith(f"{corrupt}: ")
     assert table[table["error"].isna()]["indices"].map(len).eq(3).all()
@@ -185,7 +187,7 @@ def test_a_killed_actor_loses_and_duplicates_no_row(ray_session: Any, tiny_artif
         else:
             after.update(actors)
 
-    summary = run_job(big_photos, tmp_path / "out", tiny_artifact, rows_per_file=8, on_part=kill_on_first_part)
+    summary = run_job(big_photos, tmp_path / "out", tiny_artifact, rows_per_file=1, on_part=kill_on_first_part)
     table = rows(tmp_path / "out")
     assert killed and after - set(killed), "the actor was not restarted after the kill: nothing was left to do"
     assert summary.images == summary.predicted == BIG_COPIES

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -26,7 +27,10 @@ from runtime.predictor import Prediction, Predictor
 from runtime.preprocess import load_and_preprocess
 from runtime.serve import main
 
-httpclient = pytest.importorskip("tritonclient.http", reason="the serve extra is not installed: pip install -e '.[serve]'")
+if TYPE_CHECKING:
+    import tritonclient.http as httpclient
+else:
+    httpclient = pytest.importorskip("tritonclient.http", reason="the serve extra is not installed: pip install -e '.[serve]'")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 NAME = "tiny-deit"

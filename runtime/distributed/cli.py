@@ -55,7 +55,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     opts = JobOptions(backend=args.backend, precision=args.precision, batch_size=args.batch_size, topk=args.topk,
                       threads=args.threads, num_workers=args.num_workers, num_gpus_per_worker=args.num_gpus_per_worker,
                       num_cpus_per_worker=args.num_cpus_per_worker, fmt=args.format, rows_per_file=args.rows_per_file,
-                      max_pixels=args.max_pixels, draft=args.draft, progress=args.progress,
+                      max_pixels=args.max_pixels, max_file_bytes=args.max_file_bytes, draft=args.draft,
+                      progress=args.progress,
                       stall_s=args.stall_timeout, command=f"`python -m runtime.distributed {shlex.join(argv)}`")
     ray = import_ray()
     job = Job(args.input, args.output, args.model, opts, args.artifacts)  # inputs and output checked before Ray starts

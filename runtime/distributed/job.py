@@ -37,7 +37,7 @@ from runtime.distributed.sources import Listing, decode_batch, is_uri, list_inpu
 from runtime.distributed.writer import MAX_LISTED_FAILURES, Output, Part, output_schema, write_part
 from runtime.errors import DeitError, Interrupted, Unavailable, UsageError
 from runtime.predictor import Prediction, Predictor
-from runtime.preprocess import DEFAULT_MAX_PIXELS, Preprocessing
+from runtime.preprocess import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, Preprocessing
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -348,6 +348,7 @@ class JobOptions:
     fmt: str = "parquet"
     rows_per_file: int = 100_000
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     draft: bool = False
     progress: bool = True
     stall_s: float = 600.0  # the watchdog: no input classified for this long ends the job
@@ -390,7 +391,7 @@ class Job:
         """What decides the rows: the manifest's record, compared on resume (all but `model`, a path)."""
         return {"model": plan.loaded, "model_sha256": plan.sha256, "backend": plan.backend,
                 "precision": plan.resolved_precision, "topk": self.opts.topk, "format": self.opts.fmt,
-                "draft": self.opts.draft, "max_pixels": self.opts.max_pixels}
+                "draft": self.opts.draft, "max_pixels": self.opts.max_pixels, "max_file_bytes": self.opts.max_file_bytes}
 
     def settle(self, ray: Any) -> tuple[ray.data.Dataset, Counts]:
         """The inputs left to do, each key once, and the counts: a group-by over hash shards of the listing
@@ -426,7 +427,8 @@ class Job:
         return (todo.repartition(target_num_rows_per_block=decode_rows)  # a settled shard is one big block
                 .map_batches(decode_batch, batch_size=decode_rows, batch_format="numpy", num_cpus=1,
                              memory=_decode_memory(ray, opts.max_pixels),
-                             fn_kwargs={"spec": plan.spec, "draft": opts.draft, "max_pixels": opts.max_pixels})
+                             fn_kwargs={"spec": plan.spec, "draft": opts.draft, "max_pixels": opts.max_pixels,
+                                        "max_file_bytes": opts.max_file_bytes})
                 .map_batches(Classifier, batch_size=opts.batch_size, batch_format="numpy",
                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
                              fn_constructor_kwargs={"plan": plan, "batch_size": opts.batch_size,

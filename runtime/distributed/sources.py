@@ -23,7 +23,7 @@ import numpy as np
 
 from runtime.errors import UsageError
 from runtime.predictor import decode_bytes, decode_file
-from runtime.preprocess import IMAGE_SUFFIXES, Preprocessing, find_images
+from runtime.preprocess import DEFAULT_MAX_FILE_BYTES, IMAGE_SUFFIXES, Preprocessing, find_images, size_error
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -130,7 +130,7 @@ def list_inputs(spec: str) -> Listing:
     suffix = os.path.splitext(path)[1].lower()
     if suffix in IMAGE_SUFFIXES:
         one = _listed([_source(spec, cwd)])
-        return lambda ray: ray.data.from_arrow(one)
+        return lambda r: r.data.from_arrow(one)
     if suffix == ".parquet":
         return _parquet_list(fs, path, spec, cwd)
     return _text_list(fs, path, spec, cwd)
@@ -175,7 +175,7 @@ def _walk(fs: Any, root: str, template: str | None, pattern: list[str] | None, s
         raise UsageError(f"{shown}: cannot read folder ({err.strerror or err})") from None
     todo = pa.table({"folder": [os.fsencode(root), *folders], "recursive": [False] + [True] * len(folders)},
                     schema=pa.schema([("folder", pa.binary()), ("recursive", pa.bool_())]))
-    return lambda ray: ray.data.from_arrow(todo).map_batches(
+    return lambda r: r.data.from_arrow(todo).map_batches(
         walk_batch, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
         fn_kwargs={"template": template, "pattern": pattern})
 
@@ -228,7 +228,7 @@ def _parquet_list(fs: Any, path: str, shown: str, cwd: str) -> Listing:
     if not columns:
         raise UsageError(f"{shown}: a Parquet list needs a `path` column of strings")
     column = "path" if "path" in columns else columns[0]
-    return lambda ray: (ray.data.read_parquet(path, filesystem=fs, columns=[column])
+    return lambda r: (r.data.read_parquet(path, filesystem=fs, columns=[column])
                         .map_batches(names_batch, batch_format="pyarrow", fn_kwargs={"column": column, "cwd": cwd}))
 
 
@@ -243,7 +243,7 @@ def _text_list(fs: Any, path: str, shown: str, cwd: str) -> Listing:
         raise UsageError(f"{shown}: not an image, a .parquet list or a text list of paths") from None
     if len(head) < LIST_PROBE_BYTES and not _names(head.decode("utf-8").splitlines()):
         raise UsageError(f"{shown}: the list names no files")
-    return lambda ray: (ray.data.read_text(path, filesystem=fs)
+    return lambda r: (r.data.read_text(path, filesystem=fs)
                         .map_batches(names_batch, batch_format="pyarrow", fn_kwargs={"column": "text", "cwd": cwd}))
 
 
@@ -258,14 +258,19 @@ def names_batch(batch: pa.Table, column: str, cwd: str) -> pa.Table:
 
 # ------------------------------------------------------------------------------------------------ reading
 
-def decode_source(source: bytes, spec: Preprocessing, draft: bool, max_pixels: int) -> np.ndarray | str:
-    """One input -> pixels, or "<path>: <reason>" (runtime.classify's loader and messages; URIs read via pyarrow.fs)."""
+def decode_source(source: bytes, spec: Preprocessing, draft: bool, max_pixels: int,
+                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> np.ndarray | str:
+    """One input -> pixels, or "<path>: <reason>" (runtime.classify's loader and messages; URIs read via
+    pyarrow.fs, their size checked before they are read)."""
     name = os.fsdecode(source)
     if not is_uri(name):
-        return decode_file(Path(name), spec, draft, max_pixels)
+        return decode_file(Path(name), spec, draft, max_pixels, max_file_bytes)
     try:
         fs, path = resolve(name)
         with fs.open_input_file(path) as f:
+            too_big = size_error(f.size(), max_file_bytes)
+            if too_big:
+                return f"{name}: {too_big}"
             data = f.read()
     except FileNotFoundError:
         return f"{name}: no such file"
@@ -273,11 +278,11 @@ def decode_source(source: bytes, spec: Preprocessing, draft: bool, max_pixels: i
         return f"{name}: permission denied"
     except (OSError, ValueError) as err:  # pyarrow's network and protocol errors
         return f"{name}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-    return decode_bytes(data, name, spec, draft, max_pixels)
+    return decode_bytes(data, name, spec, draft, max_pixels, max_file_bytes)
 
 
-def decode_batch(batch: dict[str, np.ndarray], spec: Preprocessing, draft: bool,
-                 max_pixels: int) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], spec: Preprocessing, draft: bool, max_pixels: int,
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> dict[str, np.ndarray]:
     """The CPU stage: (source, key, error) -> (path, pixels, error); a failed input keeps zero pixels and its message."""
     h, w = spec.input_size
     n = len(batch["key"])
@@ -286,7 +291,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec: Preprocessing, draft: bool,
     for i, source in enumerate(batch["source"]):
         if errors[i]:
             continue
-        result = decode_source(bytes(source), spec, draft, max_pixels)
+        result = decode_source(bytes(source), spec, draft, max_pixels, max_file_bytes)
         if isinstance(result, str):
             errors[i] = result
         else:
