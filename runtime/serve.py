@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import os
 import signal
 import socket
 import sys
@@ -151,6 +152,7 @@ class ModelServer:
         queued, images = b.queued()
         stats["queue_now"] = {"requests": queued, "images": images, "in_flight": self.in_flight}
         stats["rejected"] = {str(k): v for k, v in sorted(self.rejected.items())}
+        stats["process"] = {"pid": os.getpid(), "host": socket.gethostname()}  # which replica answered, behind Ray Serve
         return {"model_stats": [stats]}
 
     # --- infer ------------------------------------------------------------------------------------
@@ -443,6 +445,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--no-batching", dest="batching", action="store_false", help="run every request alone")
     p.add_argument("--max-queue-size", type=int, default=64, help="requests held at once; more get 503 (default 64)")
     p.add_argument("--max-request-bytes", type=int, default=64 << 20, help="larger request bodies get 413 (default 64 MiB)")
+    p.add_argument("--address", help="serve as Ray Serve replicas instead of in this process: 'local' (a Ray started "
+                   "here), 'auto' (the cluster of `ray start`) or ray://HOST:PORT; Ray Serve's proxy listens on --host/--port")
+    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each with its own model and batcher "
+                   "(with --address; default 1)")
     return p
 
 
@@ -454,10 +460,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--port {args.port}: must be between 0 and 65535")
     if args.max_queue_delay_ms < 0:
         p.error("--max-queue-delay-ms must be at least 0")
+    if args.replicas < 1:
+        p.error(f"--replicas {args.replicas}: must be at least 1")
+    if args.replicas != 1 and not args.address:
+        p.error("--replicas needs --address (replicas run on Ray Serve)")
     return args
 
 
+def server_options(args: argparse.Namespace, predictor: Predictor) -> ServeOptions:
+    """The flags as the model server takes them; the one-process server and every Ray replica build theirs here."""
+    name = args.name or predictor.backend.artifact_dir.name
+    return ServeOptions(name, args.batch_size, args.max_queue_delay_ms / 1000, args.batching, args.max_queue_size,
+                        args.max_request_bytes, args.draft, args.max_pixels, args.max_file_bytes)
+
+
+def banner(opts: ServeOptions, predictor: Predictor, host: str, port: int, where: str = "") -> str:
+    """The line that says the server is ready: clients (and benchmarks.serve.launch) read the URL from it."""
+    backend = predictor.backend
+    shown = f"[{host}]" if ":" in host else host
+    batching = (f"dynamic batching up to {opts.max_batch} within {opts.max_delay_s * 1000:g} ms" if opts.batching
+                else "batching off")
+    return (f"{PROG}: http://{shown}:{port}/v2/models/{opts.name} ready: backend {backend.name} ({backend.precision}), "
+            f"{batching}, queue {opts.max_queue}{where}")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.address:
+        from runtime.serve_ray import run_on_ray
+
+        return run_on_ray(args)
     sock = bind(args.host, args.port)
     server_class = _uvicorn_server()
     import uvicorn
@@ -466,20 +497,13 @@ def run(args: argparse.Namespace) -> int:
     backend = predictor.backend
     if backend.meta.synthetic:
         print(SYNTHETIC_WARNING, file=sys.stderr)
-    name = args.name or backend.artifact_dir.name
-    opts = ServeOptions(name, args.batch_size, args.max_queue_delay_ms / 1000, args.batching, args.max_queue_size,
-                        args.max_request_bytes, args.draft, args.max_pixels, args.max_file_bytes)
+    opts = server_options(args, predictor)
     host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    batching = (f"dynamic batching up to {opts.max_batch} within {args.max_queue_delay_ms:g} ms" if opts.batching
-                else "batching off")
-    banner = (f"{PROG}: http://{shown}:{port}/v2/models/{name} ready: backend {backend.name} ({backend.precision}), "
-              f"{batching}, queue {opts.max_queue}")
     with backend:
         model = ModelServer(predictor, opts)
         config = uvicorn.Config(build_app(model), log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=30)
-        server = server_class(config, model, banner)
+        server = server_class(config, model, banner(opts, predictor, host, port))
         try:
             asyncio.run(server.serve(sockets=[sock]))
         finally:

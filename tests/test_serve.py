@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -204,14 +205,20 @@ def finish_request(sock: socket.socket, body: bytes) -> None:
     sock.sendall(body[len(body) // 2 :])
 
 
-def read_answer(sock: socket.socket) -> tuple[bytes, dict]:  # type: ignore[type-arg]
-    """A finished request's status line and JSON answer."""
+def read_raw_answer(sock: socket.socket) -> tuple[bytes, bytes]:
+    """A finished request's status line and body."""
     response = b""
     while chunk := sock.recv(65536):
         response += chunk
     sock.close()
     head, _, payload = response.partition(b"\r\n\r\n")
-    return head.split(b"\r\n")[0], json.loads(payload)
+    return head.split(b"\r\n")[0], payload
+
+
+def read_answer(sock: socket.socket) -> tuple[bytes, dict]:  # type: ignore[type-arg]
+    """A finished request's status line and JSON answer."""
+    status, payload = read_raw_answer(sock)
+    return status, json.loads(payload)
 
 
 def pixels_body(pixels: np.ndarray) -> bytes:
@@ -322,3 +329,59 @@ def test_the_load_benchmark_reports_every_cell(tiny_artifact: Path, tmp_path: Pa
     assert report["offline"]["images_per_s"] > 0
     text = (out / "serving.md").read_text()
     assert "| BYTES | on | 2 |" in text and "6 of 6 photos" in text and (out / "serving.png").stat().st_size > 0
+
+
+def ray_serve_missing() -> str | None:
+    """Why Ray Serve cannot run here (found without importing Ray into the test process), or None."""
+    import importlib.util
+
+    missing = [m for m in ("ray", "fastapi", "grpc") if importlib.util.find_spec(m) is None]
+    return f"Ray Serve is not installed ({', '.join(missing)} missing): pip install -e '.[distributed]'" if missing else None
+
+
+def replica_pid(client: httpclient.InferenceServerClient) -> int:
+    return client.get_inference_statistics(NAME)["model_stats"][0]["process"]["pid"]
+
+
+@pytest.mark.skipif(ray_serve_missing() is not None, reason=str(ray_serve_missing()))
+def test_ray_serve_replica_answers_like_the_predictor_and_is_restarted(tiny_artifact: Path, tmp_path: Path) -> None:
+    """The same routes as Ray Serve replicas on a local Ray: the answers equal the backend's; a replica killed
+    with a request in flight answers it with an error, comes back, serves again; SIGTERM exits 143."""
+    with serving(tiny_artifact, "--address", "local", "--replicas", "1", "--max-batch-size", "4") as (proc, url):
+        client = httpclient.InferenceServerClient(url, network_timeout=120)
+        assert client.is_server_ready() and client.get_model_metadata(NAME)["parameters"]["backend"] == "ort-cpu"
+        files = [tmp_path / f"p{i}.png" for i in range(3)]
+        for i, f in enumerate(files):
+            f.write_bytes(photo_bytes(i))
+        items = [f.read_bytes() for f in files]
+        pixels = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
+        with create("ort-cpu", tiny_artifact, max_batch=4, threads=1) as backend:
+            expected = backend.infer(pixels)["logits"]
+            spec = Predictor(backend, 5).spec
+            expected_bytes = backend.infer(np.stack([load_and_preprocess(f, spec) for f in files]))["logits"]
+        np.testing.assert_allclose(client.infer(NAME, [pixels_input(pixels)]).as_numpy("logits"), expected, atol=1e-5)
+        np.testing.assert_allclose(client.infer(NAME, [images_input(items)]).as_numpy("logits"), expected_bytes, atol=1e-5)
+
+        pid = replica_pid(client)
+        body = pixels_body(pixels[:1])
+        held = raw_request_start(url, body)
+        wait_for(lambda: in_flight(client) == 1, "the replica holds the request")
+        os.kill(pid, signal.SIGKILL)
+        finish_request(held, body)
+        status, answer = read_raw_answer(held)  # Ray Serve's proxy answers, in plain text
+        assert status.split()[1] in (b"500", b"503") and answer and b"\n" not in answer.strip(), (status, answer)
+        wait_for(lambda: ready_again(client), "Ray Serve restarted the replica", limit_s=120)
+        assert replica_pid(client) != pid
+        np.testing.assert_allclose(client.infer(NAME, [pixels_input(pixels)]).as_numpy("logits"), expected, atol=1e-5)
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 143
+        assert proc.stderr is not None
+        assert "serve: terminated; the replicas answered the requests they held and stopped" in proc.stderr.read()
+
+
+def ready_again(client: httpclient.InferenceServerClient) -> bool:
+    try:
+        return client.is_server_ready()
+    except Exception:  # the proxy has no replica to ask yet
+        return False

@@ -1,0 +1,120 @@
+"""`python -m runtime.serve --address ...`: the same protocol server as Ray Serve replicas.
+
+Each replica is the one-process server's Starlette application (`runtime.serve.build_app`) over its own
+predictor and dynamic batcher; Ray Serve's HTTP proxy listens on --host/--port and spreads requests over
+the replicas. A replica whose process dies is restarted by Ray Serve; a request it held is answered with
+an error (Ray Serve's 500), never dropped without an answer. SIGTERM / Ctrl-C delete the application
+(replicas finish the requests they hold, up to 30 s) and the command exits 143 / 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from runtime.artifact import SYNTHETIC_WARNING
+from runtime.cli import open_predictor
+from runtime.errors import Interrupted, ModelError, Unavailable
+from runtime.serve import PROG, ModelServer, banner, bind, build_app, server_options
+
+APP = "deit-serve"
+GRACE_S = 30.0  # what the one-process server gives a drain (uvicorn's timeout_graceful_shutdown)
+
+
+def import_serve() -> Any:
+    try:
+        from ray import serve
+    except ImportError as err:
+        raise Unavailable(f"--address needs Ray Serve: pip install -e '.[distributed]' ({err})") from None
+    return serve
+
+
+class Replica:
+    """One Ray Serve replica: the model server of `runtime.serve`, built where Ray placed the replica."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.predictor = open_predictor(args, PROG)
+        self.backend = self.predictor.backend.__enter__()
+        self.model = ModelServer(self.predictor, server_options(args, self.predictor))
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_app(self.model)
+
+    def __del__(self) -> None:
+        self.model.close()
+        self.backend.__exit__(None, None, None)
+
+
+def deployment(args: argparse.Namespace) -> Any:
+    """The Ray Serve application: --replicas copies of `Replica`, each taking up to --max-queue-size requests
+    (beyond that the replica answers 503 itself, as the one-process server does)."""
+    serve = import_serve()
+    ingress = serve.deployment(name="oip", num_replicas=args.replicas, max_ongoing_requests=args.max_queue_size,
+                               ray_actor_options={"num_cpus": args.threads or 1}, max_constructor_retry_count=2,
+                               graceful_shutdown_timeout_s=GRACE_S)(serve.ingress()(Replica))
+    return ingress.bind(args)
+
+
+def free_port(host: str) -> int:
+    """A port free on this host now, for --port 0: Ray Serve's proxy cannot report the one it was given."""
+    with bind(host, 0) as sock:
+        return sock.getsockname()[1]
+
+
+def run_on_ray(args: argparse.Namespace) -> int:
+    """Start (or join) Ray, run the application behind Ray Serve's proxy, wait for SIGTERM / Ctrl-C."""
+    predictor = open_predictor(args, PROG)  # the flags and the artifact checked here, before Ray starts
+    if predictor.backend.meta.synthetic:
+        print(SYNTHETIC_WARNING, file=sys.stderr)
+    opts = server_options(args, predictor)
+    serve = import_serve()
+    from runtime.distributed.job import session
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines repeat what the banner says
+    address = None if args.address == "local" else args.address
+    stop = threading.Event()
+    signum: list[int] = []
+    stopped = False
+    with session(address) as started:
+        port = args.port or free_port(args.host)
+        serve.start(http_options={"host": args.host, "port": port})
+        try:
+            try:
+                serve.run(deployment(args), name=APP, route_prefix="/", blocking=False)
+            except RuntimeError as err:  # a replica could not start: its constructor's error is in the message
+                raise ModelError(f"the Ray Serve replicas did not start: {str(err).strip().splitlines()[-1]}") from None
+
+            def handler(sig: int, frame: object) -> None:
+                signum.append(sig)
+                stop.set()
+
+            previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+            where = (f", {args.replicas} Ray Serve replica{'s' if args.replicas > 1 else ''} "
+                     f"({'a local Ray' if started else 'Ray at ' + args.address})")
+            print(banner(opts, predictor, args.host, port, where), flush=True)
+            try:
+                while not stop.wait(1.0):
+                    pass
+            finally:
+                for s, h in previous.items():
+                    signal.signal(s, h)
+        finally:  # bounded: with the local Ray's own processes gone (a terminal's Ctrl-C reaches them too) these would hang
+            stopped = within(GRACE_S + 10, lambda: serve.delete(APP))
+            if stopped and (started or not serve.status().applications):
+                within(GRACE_S, serve.shutdown)
+    if not stopped:
+        raise Interrupted(signum[0] if signum else signal.SIGINT, "Ray did not confirm that the replicas stopped")
+    raise Interrupted(signum[0] if signum else signal.SIGINT, "the replicas answered the requests they held and stopped")
+
+
+def within(seconds: float, call: Callable[[], object]) -> bool:
+    """Run `call` in a daemon thread; False when it has not returned after `seconds` (it is then left behind)."""
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive()
