@@ -35,7 +35,7 @@ from runtime.console import progress_bar
 from runtime.cpuinfo import usable_cores
 from runtime.distributed.sources import Listing, decode_batch, is_uri, list_inputs
 from runtime.distributed.writer import MAX_LISTED_FAILURES, Output, Part, output_schema, write_part
-from runtime.errors import DeitError, Interrupted, Unavailable, UsageError
+from runtime.errors import DeitError, Interrupted, Unavailable, UsageError, signals_raise_interrupted
 from runtime.predictor import Prediction, Predictor
 from runtime.preprocess import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, Preprocessing
 
@@ -510,13 +510,17 @@ class Watchdog:
 
     @contextlib.contextmanager
     def running(self, bar: Any) -> Iterator[None]:
+        """Watch while the block runs. SIGINT raises in the main thread meanwhile, whatever its disposition
+        was (a process started with `cmd &` inherits SIGINT ignored, which would mute the watchdog)."""
+        main = threading.current_thread() is threading.main_thread()
         thread = threading.Thread(target=self._watch, args=(bar,), name="stall-watchdog", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            self._stop.set()
-            thread.join()
+        with signals_raise_interrupted() if main else contextlib.nullcontext():
+            thread.start()
+            try:
+                yield
+            finally:
+                self._stop.set()
+                thread.join()
 
     def _watch(self, bar: Any) -> None:
         seen, last, moved = 0, (0, 0), time.monotonic()
