@@ -55,8 +55,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--recursive", "-r", action="store_true", help="also look inside sub-folders (symlinks followed)")
     p.add_argument("--workers", type=int, default=default_workers(), help="decode threads (default: one per core)")
     p.add_argument("--decode-memory", type=int, default=default_decode_memory(),
-                   help="bytes of decoded pixels all decode threads may hold at once; a bigger picture is decoded alone "
-                        "(default: a quarter of the memory, 512 MiB to 8 GiB)")
+                   help="bytes of decoded pixels all decode threads may hold at once; a bigger picture is decoded alone, a "
+                        "bigger JPEG at reduced scale as --draft does (default: a quarter of the memory, 512 MiB to 8 GiB)")
     return p
 
 

@@ -179,13 +179,14 @@ def decoded_bytes(img: Image.Image) -> int:
 
 @contextmanager
 def opened_image(path: str | Path, draft_size: tuple[int, int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 budget: DecodeBudget | None = None) -> Iterator[Image.Image]:
+                 budget: DecodeBudget | None = None, over_budget: tuple[int, int] | None = None) -> Iterator[Image.Image]:
     """Any still or animated image as RGB, upright, first frame, transparency on white, valid inside the block.
 
     `max_pixels` is checked from the header, before any pixel is decoded. `draft_size` lets JPEG
     decode at 1/2, 1/4 or 1/8 scale while staying at least that large: much faster for big photos,
     at a small cost in exactness. A decoded picture that is already upright RGB is not copied (a
-    15,000 x 15,000 photo costs its pixels once, not three times), and `budget` accounts for it.
+    15,000 x 15,000 photo costs its pixels once, not three times), and `budget` accounts for it; a
+    JPEG that alone needs more than the whole budget is decoded as with `draft_size=over_budget`.
     """
     path = Path(path)
     try:
@@ -194,6 +195,8 @@ def opened_image(path: str | Path, draft_size: tuple[int, int] | None = None, ma
             if width * height > max_pixels:
                 raise ImageError(f"{path}: refused, {width} x {height} = {_pixels(width * height)} is over the "
                                  f"limit of {_pixels(max_pixels)} (--max-pixels)")
+            if img.format == "JPEG" and draft_size is None and budget is not None and decoded_bytes(img) > budget.total:
+                draft_size = over_budget  # more than all decode threads may hold: decode at a reduced scale instead
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB", draft_size)
             with budget.hold(decoded_bytes(img)) if budget is not None else nullcontext():
@@ -291,9 +294,10 @@ def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
 
 def load_and_preprocess(path: str | Path, spec: Preprocessing, draft: bool = False,
                         max_pixels: int = DEFAULT_MAX_PIXELS, budget: DecodeBudget | None = None) -> np.ndarray:
-    """Decode + preprocess one file; `draft` decodes JPEGs at reduced scale (>= 2x the resize target)."""
-    draft_size = (2 * spec.resize_width, 2 * spec.resize_height) if draft else None
-    with opened_image(path, draft_size, max_pixels, budget) as img:
+    """Decode + preprocess one file; `draft` decodes JPEGs at reduced scale (>= 2x the resize target), as does
+    a JPEG too big for the whole `budget`."""
+    reduced = (2 * spec.resize_width, 2 * spec.resize_height)
+    with opened_image(path, reduced if draft else None, max_pixels, budget, over_budget=reduced) as img:
         return preprocess(img, spec)
 
 

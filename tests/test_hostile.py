@@ -546,6 +546,11 @@ def test_huge_photos_are_decoded_once_and_share_one_memory_budget(tiny_artifact:
     one, two = peak["one"] - peak["tiny"], peak["two"] - peak["tiny"]
     assert one < 1.5 * pixels, f"one photo of {pixels / 2**20:.0f} MiB of pixels took {one / 2**20:.0f} MiB"
     assert two < 1.5 * one, f"two photos took {two / 2**20:.0f} MiB, one {one / 2**20:.0f} MiB: decoded at once"
+    # A JPEG that alone needs more than the whole budget is decoded at a reduced scale (as --draft does).
+    rc, _, peak_kib, err = run_measured([PY, "-m", "runtime.infer", str(folders["one"]), "--model", str(tiny_artifact),
+                                         "--backend", "ort-cpu", "--no-progress", "--decode-memory", str(pixels // 4)])
+    assert rc == 0, err
+    assert peak_kib * 1024 - peak["tiny"] < 0.25 * one, f"{(peak_kib * 1024 - peak['tiny']) / 2**20:.0f} MiB over budget"
 
 
 def test_huge_batch_size_is_refused_before_anything_is_allocated(tiny_artifact: Path, tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from runtime.console import progress_bar
 from runtime.cpuinfo import usable_cores
 from runtime.distributed.sources import Listing, decode_batch, is_uri, list_inputs
 from runtime.distributed.writer import MAX_LISTED_FAILURES, Output, Part, output_schema, write_part
-from runtime.errors import DeitError, Interrupted, Unavailable, UsageError
+from runtime.errors import DeitError, Interrupted, Unavailable, UsageError, signals_raise_interrupted
 from runtime.predictor import Prediction, Predictor
 from runtime.preprocess import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, Preprocessing
 
@@ -373,6 +373,7 @@ class Job:
         self.opts = opts
         self.model = os.path.abspath(model) if model and not is_uri(model) else model
         self.artifacts = os.path.abspath(artifacts)
+        self.input = input
         self.listing: Listing = list_inputs(input)
         self.output = Output(output, opts.fmt)
         self.settled: tuple[Plan, int, dict[str, Any]] | None = None
@@ -448,7 +449,7 @@ class Job:
         s = Summary(plan.backend, plan.resolved_precision, plan.artifact, plan.synthetic, workers=workers,
                     images=counts.done, more_failed=counts.done_failed, resumed=counts.done - counts.done_failed)
         if counts.todo + counts.done == 0:
-            raise UsageError("INPUT lists no images")
+            raise UsageError(f"no images found in {self.input}")
         if report and counts.done:
             print(f"distributed: resuming: {counts.done} inputs done earlier, {counts.todo} to go", file=sys.stderr)
         start = time.perf_counter()
@@ -509,13 +510,17 @@ class Watchdog:
 
     @contextlib.contextmanager
     def running(self, bar: Any) -> Iterator[None]:
+        """Watch while the block runs. SIGINT raises in the main thread meanwhile, whatever its disposition
+        was (a process started with `cmd &` inherits SIGINT ignored, which would mute the watchdog)."""
+        main = threading.current_thread() is threading.main_thread()
         thread = threading.Thread(target=self._watch, args=(bar,), name="stall-watchdog", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            self._stop.set()
-            thread.join()
+        with signals_raise_interrupted() if main else contextlib.nullcontext():
+            thread.start()
+            try:
+                yield
+            finally:
+                self._stop.set()
+                thread.join()
 
     def _watch(self, bar: Any) -> None:
         seen, last, moved = 0, (0, 0), time.monotonic()
