@@ -336,12 +336,17 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def build_parser() -> ArgumentParser:
-    p = doc_parser("python -m benchmarks.serve", __doc__)
+def add_server_arguments(p: ArgumentParser, backend_help: str) -> None:
+    """The flags that say what the served model is and where the photos are (this benchmark and benchmarks.serve_ray)."""
     p.add_argument("--model", help="artifact folder (default: the newest under artifacts/)")
     p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "imagenet-sample", help="folder of photos")
-    p.add_argument("--backend", default="ort-cpu", help="the backend of the server and of the offline run (default ort-cpu)")
+    p.add_argument("--backend", default="ort-cpu", help=f"{backend_help} (default ort-cpu)")
     p.add_argument("--threads", type=int, help="backend threads (default: one per core)")
+
+
+def build_parser() -> ArgumentParser:
+    p = doc_parser("python -m benchmarks.serve", __doc__)
+    add_server_arguments(p, "the backend of the server and of the offline run")
     p.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64], help="concurrent clients per cell (default 1,4,16,64)")
     p.add_argument("--seconds", type=float, default=10.0, help="length of each cell (default 10)")
     p.add_argument("--max-batch-size", type=int, default=8, help="the server's and the offline batch (default 8)")

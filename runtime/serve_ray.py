@@ -10,15 +10,17 @@ an error (Ray Serve's 500), never dropped without an answer. SIGTERM / Ctrl-C de
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from runtime.artifact import SYNTHETIC_WARNING
 from runtime.cli import open_predictor
+from runtime.cpuinfo import usable_cores
 from runtime.errors import Interrupted, ModelError, Unavailable
 from runtime.serve import PROG, ModelServer, banner, bind, build_app, server_options
 
@@ -46,18 +48,36 @@ class Replica:
         return build_app(self.model)
 
     def __del__(self) -> None:
-        self.model.close()
-        self.backend.__exit__(None, None, None)
+        if hasattr(self, "model"):  # not when the constructor failed
+            self.model.close()
+            self.backend.__exit__(None, None, None)
 
 
 def deployment(args: argparse.Namespace) -> Any:
-    """The Ray Serve application: --replicas copies of `Replica`, each taking up to --max-queue-size requests
-    (beyond that the replica answers 503 itself, as the one-process server does)."""
+    """The Ray Serve application: --replicas copies of `Replica`, each sent up to --max-queue-size requests at
+    once (what its batcher may hold); Ray Serve's proxy queues as many more, then answers 503 itself."""
     serve = import_serve()
     ingress = serve.deployment(name="oip", num_replicas=args.replicas, max_ongoing_requests=args.max_queue_size,
+                               max_queued_requests=args.max_queue_size,
                                ray_actor_options={"num_cpus": args.threads or 1}, max_constructor_retry_count=2,
                                graceful_shutdown_timeout_s=GRACE_S)(serve.ingress()(Replica))
     return ingress.bind(args)
+
+
+@contextlib.contextmanager
+def ray_session(address: str) -> Iterator[bool]:
+    """Join the cluster at `address`, or for 'local' start a Ray of our own (even beside a `ray start` cluster on
+    this host), stopped on the way out; yields whether this process started it."""
+    import ray
+
+    started = address == "local"
+    try:
+        options = {"num_cpus": usable_cores(), "include_dashboard": False, "object_store_memory": 512 << 20} if started else {}
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, **options)
+        yield started
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def free_port(host: str) -> int:
@@ -80,7 +100,7 @@ def run_on_ray(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signum: list[int] = []
     stopped = False
-    with session(address) as started:
+    with ray_session(args.address) as started:
         port = args.port or free_port(args.host)
         serve.start(http_options={"host": args.host, "port": port})
         try:
