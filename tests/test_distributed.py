@@ -302,6 +302,33 @@ def test_usage_errors_come_before_ray_starts(tmp_path: Path, capsys: pytest.Capt
     assert "holds other part files" in capsys.readouterr().err
 
 
+def test_a_second_job_on_the_same_output_is_refused_before_ray_starts(
+        tmp_path: Path, photos: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first job's lock (held here as a job holds it) makes the second say who holds it, exit 2, and
+    leave the output as it was: its `_tmp-` parts belong to the first job."""
+    pytest.importorskip("ray.data", reason="Ray Data is not installed")
+    import runtime.distributed.cli as cli
+    from runtime.distributed import main
+    from runtime.distributed.writer import LOCK
+    from runtime.paths import output_lock
+
+    def no_ray(address: str | None) -> None:
+        raise AssertionError("Ray started before the output was checked")
+
+    monkeypatch.setattr(cli, "session", no_ray)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_tmp-part-20260101T000000-abcdef-0.parquet").write_bytes(b"being written")
+    with output_lock(out / LOCK, "the first job"):
+        status = main([str(photos), "--output", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err == [f"distributed: error: --output {out}: another run (pid {os.getpid()}) is writing it; "
+                   "wait for it or choose another output"]
+    assert (out / "_tmp-part-20260101T000000-abcdef-0.parquet").exists()
+
+
 def test_a_missing_model_is_one_line_from_the_worker_that_looked(ray_session: Any, photos: Path, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     from runtime.distributed import main

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 import time
@@ -59,9 +60,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                       progress=args.progress,
                       stall_s=args.stall_timeout, command=f"`python -m runtime.distributed {shlex.join(argv)}`")
     ray = import_ray()
-    job = Job(args.input, args.output, args.model, opts, args.artifacts)  # inputs and output checked before Ray starts
+    # Inputs and output checked, and the output locked, before Ray starts; run() releases it, closing() if it never runs.
+    job = Job(args.input, args.output, args.model, opts, args.artifacts)
     t0 = time.perf_counter()
-    with session(args.address) as started, signals_raise_interrupted():  # ray.init replaced run_cli's SIGTERM handler
+    with contextlib.closing(job), session(args.address) as started, signals_raise_interrupted():  # ray.init replaced run_cli's SIGTERM handler
         res = ray.cluster_resources()
         where = "started a local Ray" if started else f"joined the Ray cluster at {args.address or 'this process'}"
         print(f"distributed: {where} ({res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs) in "

@@ -365,8 +365,9 @@ class Counts:
 
 
 class Job:
-    """One classification job: INPUT and the output checked when made (no Ray needed, so a bad argument
-    fails at once), then `plan()` and `run()` on the connected Ray."""
+    """One classification job: INPUT and the output checked when made, and the output locked (no Ray
+    needed, so a bad argument or a second job on the same output fails at once), then `plan()` and
+    `run()` on the connected Ray."""
 
     def __init__(self, input: str, output: str, model: str | None = None, opts: JobOptions = JobOptions(),
                  artifacts: str = "artifacts") -> None:
@@ -442,7 +443,21 @@ class Job:
     def run(self, report: bool = False, on_part: Callable[[Part], None] | None = None) -> Summary:
         """Classify what is left (with `report`, the resume count and each failed file on stderr). Parts are committed as they arrive and, if
         given, handed to `on_part`. Interrupted: keeps the committed parts, then raises `Interrupted`; stalled:
-        raises `Stalled`; failed: keeps the committed parts, then raises."""
+        raises `Stalled`; failed: keeps the committed parts, then raises. Either way the output's lock is
+        released at the end: a job runs once."""
+        finished = False
+        try:
+            summary = self._run(report, on_part)
+            finished = True
+            return summary
+        finally:
+            self.close(finished)
+
+    def close(self, finished: bool = False) -> None:
+        """Release the output (for a job made and not run: its lock is held from `Job(...)` on)."""
+        self.output.close(finished)
+
+    def _run(self, report: bool, on_part: Callable[[Part], None] | None) -> Summary:
         ray = import_ray()
         plan, workers, _ = self.plan()
         todo, counts = self.settle(ray)

@@ -13,6 +13,7 @@ with its run id. A run into an output made with other settings is refused before
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from runtime.distributed.sources import filesystem_of, is_uri, resolve
 from runtime.errors import UsageError, signals_deferred
-from runtime.paths import check_output_dir
+from runtime.paths import HeldLock, check_output_dir, output_lock
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -33,6 +34,7 @@ FORMATS = {"parquet": ".parquet", "jsonl": ".jsonl"}
 PART_PREFIX = "part-"
 TMP_PREFIX = "_tmp-"  # pyarrow and pandas skip names starting with "_" when they read a folder
 MANIFEST = "_manifest.json"
+LOCK = "_lock"  # a local output's lock file: the pid of the job writing it
 METADATA_KEY = b"deit"  # the Parquet file metadata entry of a part: its manifest settings and run id
 MAX_LISTED_FAILURES = 20  # failure messages a part reports to the driver (its rows hold them all)
 
@@ -102,7 +104,9 @@ def _put(fs: Any, path: str, data: bytes) -> None:
 class Output:
     """The driver's side of an output folder: what earlier runs committed, the manifest, and commits.
 
-    One job writes an output folder at a time (its stale `_tmp-` files are removed when it starts).
+    One job writes an output folder at a time: a local one is locked (`_lock`, runtime.paths' lock, held
+    until `close`) before its stale `_tmp-` files are removed, and a second job is refused, naming the
+    first one's pid. An object store has no lock: there one job per output is up to the user.
     """
 
     def __init__(self, output: str, fmt: str = "parquet") -> None:
@@ -121,14 +125,26 @@ class Output:
         self.run = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
         self.committed = 0  # rows this run has committed
         self.parts = 0
+        self.lock: HeldLock | None = None
+        self._held = contextlib.ExitStack()
+        if not is_uri(output):
+            self.lock = self._held.enter_context(output_lock(Path(self.root) / LOCK, f"--output {output}"))
+        try:
+            self._scan()
+        except BaseException:
+            self.close()
+            raise
+
+    def _scan(self) -> None:
+        """What earlier runs left: their committed parts are kept, their uncommitted `_tmp-` parts removed."""
         names = self._names()
         for name in names:
             if name.startswith(TMP_PREFIX + PART_PREFIX):
                 self.fs.delete_file(f"{self.root}/{name}")
         self.done_parts = [f"{self.root}/{n}" for n in names if n.startswith(PART_PREFIX)]
-        foreign = [n for n in names if n.startswith(PART_PREFIX) and not n.endswith(FORMATS[fmt])]
+        foreign = [n for n in names if n.startswith(PART_PREFIX) and not n.endswith(FORMATS[self.fmt])]
         if foreign:
-            raise UsageError(f"--output {output} holds other part files ({foreign[0]}); use the --format they "
+            raise UsageError(f"--output {self.output} holds other part files ({foreign[0]}); use the --format they "
                              "were written in, or another --output")
 
     def _names(self) -> list[str]:
@@ -178,6 +194,12 @@ class Output:
             self.fs.move(f"{self.root}/{part.tmp}", f"{self.root}/{name}")
             self.committed += part.rows
             self.parts += 1
+
+    def close(self, finished: bool = False) -> None:
+        """Let another job write the output (a `finished` one leaves no lock file behind)."""
+        if self.lock is not None:
+            self.lock.remove = finished
+        self._held.close()
 
     def remove_uncommitted(self) -> None:
         """`_tmp-` parts nobody committed (a task that ran twice, a run stopped mid-write)."""
