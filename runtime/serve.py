@@ -3,6 +3,7 @@
     python -m runtime.serve --model artifacts/deit-small-distilled-patch16-224
     python -m runtime.serve --model artifacts/deit-small-distilled-patch16-224 --host 0.0.0.0 --port 8000 \\
         --max-batch-size 8 --max-queue-delay-ms 5 --max-queue-size 64
+    python -m runtime.serve --model artifacts/deit-small-distilled-patch16-224 --address auto --replicas 2 --host 0.0.0.0
 
 The same protocol as NVIDIA Triton (KServe v2: health, metadata, config, statistics, infer with JSON
 or binary tensors, classification), so a `tritonclient` program works unchanged. Inputs: `images`
@@ -12,6 +13,7 @@ or binary tensors, classification), so a `tritonclient` program works unchanged.
 requests get 400, oversized ones 413, a full queue or a draining server 503, each with a one-line
 `error`. SIGTERM or Ctrl-C drains: requests already received are answered, new ones get 503, then
 the server exits 143 / 130. Exit status otherwise: see runtime/errors.py (2 usage, e.g. port in use).
+With --address the same application runs as Ray Serve replicas behind Ray Serve's proxy (runtime.serve_ray).
 """
 
 from __future__ import annotations

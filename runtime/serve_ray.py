@@ -80,28 +80,26 @@ def ray_session(address: str) -> Iterator[bool]:
             ray.shutdown()
 
 
-def free_port(host: str) -> int:
-    """A port free on this host now, for --port 0: Ray Serve's proxy cannot report the one it was given."""
-    with bind(host, 0) as sock:
+def proxy_port(host: str, port: int) -> int:
+    """--port checked free on this host (a taken one is a usage error now, not a proxy that never starts), or for
+    0 a port free now: Ray Serve's proxy cannot report the one it was given."""
+    with bind(host, port) as sock:
         return sock.getsockname()[1]
 
 
 def run_on_ray(args: argparse.Namespace) -> int:
     """Start (or join) Ray, run the application behind Ray Serve's proxy, wait for SIGTERM / Ctrl-C."""
+    port = args.port if args.address.startswith("ray://") else proxy_port(args.host, args.port)
     predictor = open_predictor(args, PROG)  # the flags and the artifact checked here, before Ray starts
     if predictor.backend.meta.synthetic:
         print(SYNTHETIC_WARNING, file=sys.stderr)
     opts = server_options(args, predictor)
     serve = import_serve()
-    from runtime.distributed.job import session
-
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines repeat what the banner says
-    address = None if args.address == "local" else args.address
     stop = threading.Event()
     signum: list[int] = []
     stopped = False
     with ray_session(args.address) as started:
-        port = args.port or free_port(args.host)
         serve.start(http_options={"host": args.host, "port": port})
         try:
             try:

@@ -282,12 +282,14 @@ def test_full_queue_gets_503_and_sigterm_drains(tiny_artifact: Path) -> None:
         assert "serve: terminated; drained: 1 requests answered" in proc.stderr.read()
 
 
-def test_port_in_use_is_a_one_line_usage_error(tiny_artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("where", [[], ["--address", "local"]], ids=["one process", "Ray Serve"])
+def test_port_in_use_is_a_one_line_usage_error(tiny_artifact: Path, where: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Found before the model loads (and before Ray starts: Ray Serve's proxy would never come up)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert main(["--model", str(tiny_artifact), "--port", str(port)]) == 2
+        assert main(["--model", str(tiny_artifact), "--port", str(port), *where]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"serve: error: 127.0.0.1:{port}: ") and "--port" in err and "\n" not in err
 
