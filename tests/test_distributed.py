@@ -245,6 +245,46 @@ def test_an_interrupted_run_keeps_whole_parts_and_resumes_to_the_same_rows(
     assert_same_answers(table, reference(tiny_artifact, files))
 
 
+@needs_sample()
+def test_two_shard_jobs_write_every_input_once_into_one_output(ray_session: Any, tiny_artifact: Path,
+                                                               tmp_path: Path) -> None:
+    """`--shard 0/2` and `1/2` (one by one here; each locks only its own shard, so the other shard's lock
+    held meanwhile does not stop it) write disjoint rows whose union is an unsharded run's rows; a
+    re-run of a shard resumes it."""
+    from runtime.distributed.job import job_shard
+    from runtime.distributed.writer import LOCK
+    from runtime.paths import output_lock
+
+    # The same shard on every machine and in every process (Python's own str hash is salted per process).
+    assert [job_shard(f"/photos/{i}.jpg", 4) for i in range(8)] == [2, 1, 2, 3, 3, 1, 0, 3]
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{f}\n" for f in images(SAMPLE_DIR)[:48]))
+    whole = tmp_path / "whole"
+    run_job(listing, whole, tiny_artifact)
+    out = tmp_path / "out"
+    counts = []
+    writing = out / "_tmp-part-s1of2-20260101T000000-abcdef-0123.parquet"  # shard 1's, mid-write
+    for i in range(2):
+        with output_lock(out / f"{LOCK}-s{1 - i}of2", "the other shard"):
+            if i == 0:
+                writing.write_bytes(b"shard 1 is writing this")
+            counts.append(run_job(listing, out, tiny_artifact, shard=(i, 2)).images)
+            assert writing.exists() == (i == 0)  # shard 0 leaves it; shard 1, starting again, removes it
+        assert len(rows(out)) == sum(counts)
+    table, expected = rows(out), rows(whole)
+    assert 0 < counts[0] < 48 and sum(counts) == 48
+    assert len(table) == table["path"].nunique() == 48
+    same = [t.sort_values("path").reset_index(drop=True)[["path", "indices", "probs", "error"]].to_json()
+            for t in (table, expected)]
+    assert same[0] == same[1]
+    assert sorted(p.name for p in out.glob("_manifest*")) == ["_manifest-s0of2.json", "_manifest-s1of2.json"]
+    names = sorted(p.name for p in out.glob("part-*"))
+    assert names and all(n.startswith(("part-s0of2-", "part-s1of2-")) for n in names)
+    again = run_job(listing, out, tiny_artifact, shard=(1, 2))
+    assert (again.resumed, again.images) == (counts[1], counts[1])
+    assert len(rows(out)) == 48
+
+
 def test_every_input_kind_lists_the_same_images(ray_session: Any, photos: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import pyarrow as pa
@@ -300,6 +340,11 @@ def test_usage_errors_come_before_ray_starts(tmp_path: Path, capsys: pytest.Capt
     (tmp_path / "in.jpg").write_bytes(b"")
     assert main([str(tmp_path / "in.jpg"), "--output", str(tmp_path / "out")]) == 2
     assert "holds other part files" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path / "in.jpg"), "--output", str(tmp_path / "out"), "--shard", "2/2"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == ("distributed: error: --shard 2/2: give I/N with 0 <= I < N, e.g. --shard 0/4 "
+                                       "(see --help)\n")
 
 
 def test_a_second_job_on_the_same_output_is_refused_before_ray_starts(

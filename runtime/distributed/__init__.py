@@ -16,8 +16,9 @@ part files on the workers, and the driver commits each by a rename. `_manifest.j
 model's sha256, backend, precision and top-k; a run with other settings into the same output is
 refused, and so is a second job while one holds the output's lock. Exactly once: a part counts only
 once committed, so a lost node or actor costs time, never a lost or doubled row; a re-run with the
-same --output resumes. Ctrl-C (or SIGTERM) keeps the
-committed parts and exits 130 (143); no progress for --stall-timeout exits 7 with the pending demand.
+same --output resumes. `--shard I/N` runs the inputs of shard I (a stable hash of each path) of N
+jobs, which run side by side into one output. Ctrl-C (or SIGTERM) keeps the committed parts and
+exits 130 (143); no progress for --stall-timeout exits 7 with the pending demand.
 Exit status as runtime.infer: 0 all predicted, 1 some files failed, 2 usage, 5 model, 6 unavailable
 (Ray missing too), 7 failed or stalled.
 

@@ -36,6 +36,9 @@ def build_parser() -> ArgumentParser:
                         "a CPU backend's --threads default to it)")
     p.add_argument("--rows-per-file", type=int, default=100_000,
                    help="rows per part file (default 100,000); a part is the unit a Ctrl-C keeps")
+    p.add_argument("--shard", metavar="I/N",
+                   help="run only shard I of N (0 <= I < N) of INPUT, by a stable hash of each input's path: N such "
+                        "jobs, at once or one by one, write every input once into the same --output")
     p.add_argument("--stall-timeout", type=float, default=600.0,
                    help="seconds without an input classified before the job ends with exit 7 (default 600)")
     return p
@@ -49,6 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value <= 0:
             p.error(f"--{name.replace('_', '-')} must be more than 0")
+    if args.shard is not None:
+        index, slash, count = args.shard.partition("/")
+        if not (slash and index.isdecimal() and count.isdecimal() and int(index) < int(count)):
+            p.error(f"--shard {args.shard}: give I/N with 0 <= I < N, e.g. --shard 0/4")
+        args.shard = (int(index), int(count))
     return args
 
 
@@ -57,7 +65,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                       threads=args.threads, num_workers=args.num_workers, num_gpus_per_worker=args.num_gpus_per_worker,
                       num_cpus_per_worker=args.num_cpus_per_worker, fmt=args.format, rows_per_file=args.rows_per_file,
                       max_pixels=args.max_pixels, max_file_bytes=args.max_file_bytes, draft=args.draft,
-                      progress=args.progress,
+                      progress=args.progress, shard=args.shard,
                       stall_s=args.stall_timeout, command=f"`python -m runtime.distributed {shlex.join(argv)}`")
     ray = import_ray()
     # Inputs and output checked, and the output locked, before Ray starts; run() releases it, closing() if it never runs.

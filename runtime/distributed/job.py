@@ -13,6 +13,7 @@ unmet) with the cluster's pending demand and the command that resumes it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -172,17 +173,37 @@ def _shard(keys: pa.Array, shards: int) -> pa.Array:
     return pa.array([zlib.crc32(k.encode("utf-8", "surrogatepass")) % shards for k in keys.to_pylist()], pa.int32())
 
 
-def tag_listed(batch: pa.Table, shards: int) -> pa.Table:
+def job_shard(key: str, count: int) -> int:
+    """Which of `count` shard jobs (`--shard i/count`) takes the input whose output `path` is `key`: a hash
+    that every process and machine computes alike (Python's `hash` of a str is salted per process), and
+    independent of the settle shards' crc32."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count
+
+
+def in_job_shard(batch: pa.Table, job: tuple[int, int] | None) -> pa.Table:
+    """The rows of `batch` (listed or done) whose key falls in shard `job` = (i, n); all of them without one."""
+    if job is None:
+        return batch
     import pyarrow as pa
 
+    index, count = job
+    return batch.filter(pa.array([job_shard(k, count) == index for k in batch["key"].to_pylist()], pa.bool_()))
+
+
+def tag_listed(batch: pa.Table, shards: int, job: tuple[int, int] | None = None) -> pa.Table:
+    import pyarrow as pa
+
+    batch = in_job_shard(batch, job)
     n = batch.num_rows
     return pa.table({"shard": _shard(batch["key"], shards), "key": batch["key"], "source": batch["source"],
                      "error": batch["error"], "state": pa.array([LISTED] * n, pa.int8())})
 
 
-def tag_done(batch: pa.Table, shards: int) -> pa.Table:
+def tag_done(batch: pa.Table, shards: int, job: tuple[int, int] | None = None) -> pa.Table:
     import pyarrow as pa
 
+    batch = in_job_shard(batch, job)
     failed = batch["error"].is_valid().to_pylist()
     return pa.table({"shard": _shard(batch["key"], shards), "key": batch["key"],
                      "source": pa.nulls(batch.num_rows, pa.binary()), "error": pa.nulls(batch.num_rows, pa.string()),
@@ -352,6 +373,7 @@ class JobOptions:
     draft: bool = False
     progress: bool = True
     stall_s: float = 600.0  # the watchdog: no input classified for this long ends the job
+    shard: tuple[int, int] | None = None  # (i, n): only the inputs `job_shard` puts in shard i of n
     command: str = "the same command"  # what resumes the job, for the messages that stop it
 
 
@@ -376,7 +398,7 @@ class Job:
         self.artifacts = os.path.abspath(artifacts)
         self.input = input
         self.listing: Listing = list_inputs(input)
-        self.output = Output(output, opts.fmt)
+        self.output = Output(output, opts.fmt, opts.shard)
         self.settled: tuple[Plan, int, dict[str, Any]] | None = None
 
     def plan(self) -> tuple[Plan, int, dict[str, Any]]:
@@ -402,9 +424,10 @@ class Job:
         done = self.output.done(ray)
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         shards = max(2 * cpus, (len(self.output.done_parts) * self.opts.rows_per_file) // SHARD_KEYS + 1)
-        tagged = listed.map_batches(tag_listed, batch_format="pyarrow", fn_kwargs={"shards": shards})
+        sharding = {"shards": shards, "job": self.opts.shard}
+        tagged = listed.map_batches(tag_listed, batch_format="pyarrow", fn_kwargs=sharding)
         if done is not None:
-            tagged = tagged.union(done.map_batches(tag_done, batch_format="pyarrow", fn_kwargs={"shards": shards}))
+            tagged = tagged.union(done.map_batches(tag_done, batch_format="pyarrow", fn_kwargs=sharding))
         settled = tagged.groupby("shard").map_groups(settle_shard, batch_format="pyarrow").materialize()
         counts = Counts()
         for row in settled.groupby("state").count().take_all():
@@ -463,7 +486,7 @@ class Job:
         todo, counts = self.settle(ray)
         s = Summary(plan.backend, plan.resolved_precision, plan.artifact, plan.synthetic, workers=workers,
                     images=counts.done, more_failed=counts.done_failed, resumed=counts.done - counts.done_failed)
-        if counts.todo + counts.done == 0:
+        if counts.todo + counts.done == 0 and self.opts.shard is None:  # a shard of a short list may hold none
             raise UsageError(f"no images found in {self.input}")
         if report and counts.done:
             print(f"distributed: resuming: {counts.done} inputs done earlier, {counts.todo} to go", file=sys.stderr)

@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 FORMATS = {"parquet": ".parquet", "jsonl": ".jsonl"}
 PART_PREFIX = "part-"
 TMP_PREFIX = "_tmp-"  # pyarrow and pandas skip names starting with "_" when they read a folder
-MANIFEST = "_manifest.json"
-LOCK = "_lock"  # a local output's lock file: the pid of the job writing it
+MANIFEST = "_manifest.json"  # a shard's is `_manifest-s<i>of<n>.json`
+LOCK = "_lock"  # a local output's lock file: the pid of the job writing it (a shard's: `_lock-s<i>of<n>`)
 METADATA_KEY = b"deit"  # the Parquet file metadata entry of a part: its manifest settings and run id
 MAX_LISTED_FAILURES = 20  # failure messages a part reports to the driver (its rows hold them all)
 
@@ -109,7 +109,9 @@ class Output:
     first one's pid. An object store has no lock: there one job per output is up to the user.
     """
 
-    def __init__(self, output: str, fmt: str = "parquet") -> None:
+    def __init__(self, output: str, fmt: str = "parquet", shard: tuple[int, int] | None = None) -> None:
+        """`shard` (i, n): this job is shard i of n writing into the output beside the others; its run ids,
+        so its part names, start with `s<i>of<n>-`, and its lock, manifest and `_tmp-` clean-up are its own."""
         import pyarrow.fs as pafs
 
         if fmt not in FORMATS:
@@ -122,13 +124,17 @@ class Output:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(output)
         self.root = self.root.rstrip("/")
         self.fs.create_dir(self.root, recursive=True)
-        self.run = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+        self.tag = f"s{shard[0]}of{shard[1]}-" if shard else ""
+        self.run = f"{self.tag}{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+        self.manifest = f"{MANIFEST.removesuffix('.json')}-{self.tag[:-1]}.json" if shard else MANIFEST
         self.committed = 0  # rows this run has committed
         self.parts = 0
         self.lock: HeldLock | None = None
         self._held = contextlib.ExitStack()
         if not is_uri(output):
-            self.lock = self._held.enter_context(output_lock(Path(self.root) / LOCK, f"--output {output}"))
+            lock, shown = (f"{LOCK}-{self.tag[:-1]}", f"--output {output} (shard {shard[0]}/{shard[1]})") if shard \
+                else (LOCK, f"--output {output}")
+            self.lock = self._held.enter_context(output_lock(Path(self.root) / lock, shown))
         try:
             self._scan()
         except BaseException:
@@ -138,9 +144,7 @@ class Output:
     def _scan(self) -> None:
         """What earlier runs left: their committed parts are kept, their uncommitted `_tmp-` parts removed."""
         names = self._names()
-        for name in names:
-            if name.startswith(TMP_PREFIX + PART_PREFIX):
-                self.fs.delete_file(f"{self.root}/{name}")
+        self.remove_uncommitted(names)
         self.done_parts = [f"{self.root}/{n}" for n in names if n.startswith(PART_PREFIX)]
         foreign = [n for n in names if n.startswith(PART_PREFIX) and not n.endswith(FORMATS[self.fmt])]
         if foreign:
@@ -165,27 +169,33 @@ class Output:
 
     def check_manifest(self, settings: dict[str, Any]) -> None:
         """Refuse (one line, before any work) to add rows made with other settings; record this run."""
-        path = f"{self.root}/{MANIFEST}"
-        manifest: dict[str, Any] = {"settings": settings, "runs": []}
-        try:
-            with self.fs.open_input_stream(path) as f:
-                manifest = json.loads(f.read())
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as err:
-            raise UsageError(f"{path}: unreadable manifest ({err}); use another --output") from None
-        theirs = manifest.get("settings", {})
-        differ = [k for k in settings if k != "model" and theirs.get(k) != settings[k]]
-        if differ and self.done_parts:
-            was = ", ".join(f"{k} {theirs.get(k)}" for k in differ)
-            now = ", ".join(f"{k} {settings[k]}" for k in differ)
-            raise UsageError(f"--output {self.output} holds rows made with {was}; this run would use {now}: "
-                             "resume with the same settings, or use another --output")
-        manifest["settings"] = settings
-        manifest["runs"] = [*manifest.get("runs", []), self.run]
-        tmp = f"{self.root}/{TMP_PREFIX}{MANIFEST.lstrip('_')}"
-        _put(self.fs, tmp, (json.dumps(manifest, indent=1) + "\n").encode())
-        self.fs.move(tmp, path)
+        stem = MANIFEST.removesuffix(".json")
+        own: dict[str, Any] = {"settings": settings, "runs": []}
+        for name in self._names():  # every shard's manifest: shards of one output make the same rows
+            if name != MANIFEST and not (name.startswith(stem + "-") and name.endswith(".json")):
+                continue
+            path = f"{self.root}/{name}"
+            try:
+                with self.fs.open_input_stream(path) as f:
+                    manifest = json.loads(f.read())
+            except FileNotFoundError:  # not there any more
+                continue
+            except (OSError, ValueError) as err:
+                raise UsageError(f"{path}: unreadable manifest ({err}); use another --output") from None
+            theirs = manifest.get("settings", {})
+            differ = [k for k in settings if k != "model" and theirs.get(k) != settings[k]]
+            if differ and self.done_parts:
+                was = ", ".join(f"{k} {theirs.get(k)}" for k in differ)
+                now = ", ".join(f"{k} {settings[k]}" for k in differ)
+                raise UsageError(f"--output {self.output} holds rows made with {was}; this run would use {now}: "
+                                 "resume with the same settings, or use another --output")
+            if name == self.manifest:
+                own = manifest
+        own["settings"] = settings
+        own["runs"] = [*own.get("runs", []), self.run]
+        tmp = f"{self.root}/{TMP_PREFIX}{self.manifest.lstrip('_')}"
+        _put(self.fs, tmp, (json.dumps(own, indent=1) + "\n").encode())
+        self.fs.move(tmp, f"{self.root}/{self.manifest}")
 
     def commit(self, part: Part) -> None:
         """Make a part that a task wrote visible under its final name (a rename: all or nothing)."""
@@ -201,10 +211,12 @@ class Output:
             self.lock.remove = finished
         self._held.close()
 
-    def remove_uncommitted(self) -> None:
-        """`_tmp-` parts nobody committed (a task that ran twice, a run stopped mid-write)."""
-        for name in self._names():
-            if name.startswith(TMP_PREFIX + PART_PREFIX):
+    def remove_uncommitted(self, names: list[str] | None = None) -> None:
+        """This shard's `_tmp-` parts nobody committed (a task that ran twice, a run stopped mid-write); other
+        shards' are theirs (a run id starts with a digit, or with the shard tag)."""
+        mine = TMP_PREFIX + PART_PREFIX + self.tag
+        for name in self._names() if names is None else names:
+            if name.startswith(mine) and name[len(mine):][:1].isdigit():
                 self.fs.delete_file(f"{self.root}/{name}")
 
 
