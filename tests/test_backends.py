@@ -181,3 +181,14 @@ def test_the_fp16_skip_layer_norm_row_asks_for_strict_mode(tiny_artifact: Path, 
     assert options["enable_skip_layer_norm_strict_mode"] == "1" and options["enable_cuda_graph"] == "1"
     assert "enable_skip_layer_norm_strict_mode" not in dict(create("ort-cuda", tiny_artifact).provider_list())[  # type: ignore[attr-defined]
         "CUDAExecutionProvider"]
+
+
+def test_ort_busy_waits_unless_its_cores_are_shared(tiny_artifact: Path) -> None:
+    """Spinning is ORT's fastest setting alone (10-30% on 2 cores); off only beside other work."""
+    with create("ort-cpu", tiny_artifact, threads=1) as alone:
+        with pytest.raises(RuntimeError, match="allow_spinning"):
+            alone.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    shared = create("ort-cpu", tiny_artifact, threads=1)
+    shared.shares_cores = True
+    with shared:
+        assert shared.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"

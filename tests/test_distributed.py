@@ -102,6 +102,31 @@ def images(folder: Path) -> list[Path]:
     return list_images([folder], recursive=True)
 
 
+def test_a_cpu_actor_threads_split_its_node_between_the_actors_that_fit() -> None:
+    from runtime.distributed.job import actor_threads
+
+    assert actor_threads(2, 1, cores=2) == 2  # one actor beside one decoder: the node's two cores, not the one reserved
+    assert actor_threads(8, 4, cores=8) == 8
+    assert actor_threads(8, 2, cores=8) == 2  # three actors of 2 CPUs fit beside a decoder
+    assert actor_threads(16, 4, cores=4) == 1  # Ray told 16 CPUs on 4 cores: three actors share the 4
+    assert actor_threads(1, 0.5, cores=1) == 1
+
+
+def test_a_cpu_actor_takes_its_nodes_cores_and_does_not_busy_wait(ray_session: Any, tiny_artifact: Path) -> None:
+    """Spinning ORT threads would take the cores the decode tasks need between operators."""
+    from runtime.cpuinfo import usable_cores
+    from runtime.distributed.job import Classifier, make_plan
+
+    def session_settings(plan: Any) -> tuple[int, str]:
+        classifier = Classifier(plan, 4, None, 5)  # held: dropping it closes the backend
+        options = classifier.predictor.backend.session.get_session_options()
+        return options.intra_op_num_threads, options.get_session_config_entry("session.intra_op.allow_spinning")
+
+    plan = make_plan("ort-cpu", str(tiny_artifact), "artifacts", None, 4, None, 5)
+    threads, spinning = ray_session.get(ray_session.remote(num_cpus=1)(session_settings).remote(plan))
+    assert (threads, spinning) == (min(2, usable_cores()), "0")  # the session's node has 2 CPUs; the actor reserves 1
+
+
 @needs_sample()
 def test_same_answers_as_runtime_infer_on_the_shared_photos(ray_session: Any, tiny_artifact: Path,
                                                             tmp_path: Path) -> None:

@@ -145,6 +145,9 @@ class BackendKind(ABC):
 
 class Backend(ABC):
     clock: str = "host"  # "cuda-events": the backend has time_runs(), timing device-resident runs on the GPU
+    # Other work (decode tasks) runs on this backend's cores: threads that busy-wait between operators,
+    # fastest alone, would take those cores from it. Set before activating; backends that spin heed it.
+    shares_cores: bool = False
 
     def __init__(self, source: ModelSource, kind: BackendKind, *, max_batch: int = 8, threads: int | None = None) -> None:
         self.kind = kind

@@ -120,6 +120,8 @@ class OrtBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = self.threads or 0
         opts.inter_op_num_threads = 1
+        if self.shares_cores:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3  # errors only: ORT's warnings about CPU fallbacks are checked below
         return opts
 

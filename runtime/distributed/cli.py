@@ -33,7 +33,7 @@ def build_parser() -> ArgumentParser:
                    help="GPUs per actor of a GPU backend (0.5: two per GPU)")
     p.add_argument("--num-cpus-per-worker", type=float,
                    help="CPUs Ray reserves per actor (default: 1 with a GPU, else half the smallest node's; "
-                        "a CPU backend's --threads default to it)")
+                        "a CPU actor's --threads default to its node's cores over the actors that fit there)")
     p.add_argument("--rows-per-file", type=int, default=100_000,
                    help="rows per part file (default 100,000); a part is the unit a Ctrl-C keeps")
     p.add_argument("--shard", metavar="I/N",
