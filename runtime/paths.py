@@ -83,22 +83,34 @@ class HeldLock:
 
 
 @contextmanager
-def output_lock(lock_file: Path, shown: str) -> Iterator[HeldLock]:
-    """Hold an exclusive lock on `lock_file` while a run writes `shown`, so two runs never write one output.
+def output_lock(lock_file: Path, shown: str, kind: str | None = None) -> Iterator[HeldLock]:
+    """Hold a lock on `lock_file` while a run writes `shown`, so two runs never write one output.
 
     The lock is the kernel's (flock): it goes with the process, so a killed run never leaves a stale
     lock behind. The file holds the owner's pid, which the refusal names, and a note of what the run
     is, which outlives the run (unless the holder sets `remove`) for a later --resume to compare.
+
+    Without `kind` the lock is exclusive. With one (e.g. "shard jobs of 4") it is shared with the runs
+    of the same kind only, which cooperate on the output, and refuses every other run: the first run
+    of a kind takes the lock exclusively, writes the kind as its note, then shares it; a later run
+    reads the note while it shares the lock. Its note is the kind (not for `note` to change).
     """
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                exclusive = True
+            except BlockingIOError:
+                if kind is None:
+                    raise
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # only holders of some kind let this through
+                exclusive = False
         except BlockingIOError:
-            owner = os.pread(fd, 32, 0).decode("ascii", "replace").partition("\n")[0].strip() or "unknown"
+            holder = _holder(fd)
             os.close(fd)
-            raise UsageError(f"{shown}: another run (pid {owner}) is writing it; wait for it or choose another output") from None
+            raise UsageError(f"{shown}: another run ({holder}) is writing it; wait for it or choose another output") from None
         try:  # a holder that finished removed the file after we opened it: lock the new one instead
             same = os.stat(lock_file).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -107,10 +119,36 @@ def output_lock(lock_file: Path, shown: str) -> Iterator[HeldLock]:
             break
         os.close(fd)
     try:
-        held = HeldLock(fd, os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", "replace").partition("\n")[2])
-        held.note(held.previous)  # our pid; the earlier run's note stays until this run says what it is
+        held = HeldLock(fd, _read(fd).partition("\n")[2])
+        if kind is not None and not exclusive and held.previous != kind:
+            raise UsageError(f"{shown}: another run ({_holder(fd)}) is writing it; wait for it or choose another output")
+        if exclusive:
+            held.note(kind if kind is not None else held.previous)  # our pid; for an exclusive lock, the earlier
+            # run's note stays until this run says what it is
+        if kind is not None and exclusive:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # now others of this kind may join
         yield held
+        if held.remove and kind is not None:
+            try:  # the last of its kind removes the file; others still hold it
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.remove = False
         if held.remove:
             lock_file.unlink(missing_ok=True)
     finally:
         os.close(fd)
+
+
+def _read(fd: int) -> str:
+    return os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", "replace")
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock on `fd`'s file, for a refusal: its pid, and its kind when it shares the lock."""
+    owner, _, note = _read(fd).partition("\n")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted: the holders share it, and the note is their kind
+    except BlockingIOError:
+        return f"pid {owner.strip() or 'unknown'}"
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return f"pid {owner.strip() or 'unknown'}, one of {note.strip() or 'unknown'}"

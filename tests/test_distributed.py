@@ -102,14 +102,14 @@ def images(folder: Path) -> list[Path]:
     return list_images([folder], recursive=True)
 
 
-def test_a_cpu_actor_threads_split_its_node_between_the_actors_that_fit() -> None:
+def test_a_cpu_actor_threads_split_its_node_between_the_jobs_actors_there() -> None:
     from runtime.distributed.job import actor_threads
 
-    assert actor_threads(2, 1, cores=2) == 2  # one actor beside one decoder: the node's two cores, not the one reserved
-    assert actor_threads(8, 4, cores=8) == 8
-    assert actor_threads(8, 2, cores=8) == 2  # three actors of 2 CPUs fit beside a decoder
-    assert actor_threads(16, 4, cores=4) == 1  # Ray told 16 CPUs on 4 cores: three actors share the 4
-    assert actor_threads(1, 0.5, cores=1) == 1
+    assert actor_threads(2, 1, cores=2) == 2  # one actor a node: the node's two cores, not what the actor reserved
+    assert actor_threads(8, 1, cores=8) == 8
+    assert actor_threads(8, 3, cores=8) == 2  # three of the job's actors on the node share it
+    assert actor_threads(16, 1, cores=4) == 4  # Ray told 16 CPUs on 4 cores
+    assert actor_threads(1, 1, cores=1) == 1
 
 
 def test_a_cpu_actor_takes_its_nodes_cores_and_does_not_busy_wait(ray_session: Any, tiny_artifact: Path) -> None:

@@ -109,19 +109,20 @@ class Classifier:
     """The inference stage: one backend per actor, loaded once, and the project's one Predictor.
 
     A CPU backend shares its node's cores with the decode tasks, so by default its threads take the
-    node's cores (split between the actors that fit there) and do not busy-wait between operators:
+    node's cores (split between the job's actors there: `per_node`) and do not busy-wait between operators:
     the cores the model leaves idle go to decoding, and neither half of the work is capped at half
     the node (see `actor_threads`).
     """
 
-    def __init__(self, plan: Plan, batch_size: int, threads: int | None, topk: int, counter: Any = None) -> None:
+    def __init__(self, plan: Plan, batch_size: int, threads: int | None, topk: int, counter: Any = None,
+                 per_node: int = 1) -> None:
         import ray
 
         self._context = contextlib.ExitStack()
         context = ray.get_runtime_context()
         if threads is None and plan.device == "cpu":
             node = next(n for n in ray.nodes() if n["NodeID"] == context.get_node_id())
-            threads = actor_threads(node["Resources"]["CPU"], context.get_assigned_resources().get("CPU", 1), usable_cores())
+            threads = actor_threads(node["Resources"]["CPU"], per_node, usable_cores())
         model_file = Path(plan.model_file) if plan.model_file else None
         backend = create(plan.backend, plan.artifact, precision=plan.precision, max_batch=batch_size,
                          threads=threads, model_file=model_file)
@@ -150,13 +151,12 @@ class Classifier:
         }, schema=output_schema())
 
 
-def actor_threads(node_cpus: float, reserved: float, cores: int) -> int:
-    """A CPU actor's default threads: its node's CPUs (at most the cores there are) over the actors that
-    fit beside one decode task. Not just what the actor reserved: with busy-waiting off, a model that
-    outweighs decoding (DeiT-S) would otherwise idle half the node, and one that does not (DeiT-Ti)
-    loses little, as the threads sleep while decoders run (docs/results/distributed.md)."""
-    actors = max(1, int((node_cpus - 1) // reserved)) if reserved > 0 else 1
-    return max(1, int(min(node_cpus, cores) // actors))
+def actor_threads(node_cpus: float, per_node: int, cores: int) -> int:
+    """A CPU actor's default threads: its node's CPUs (at most the cores there are) over the job's actors
+    a node holds. Not just what the actor reserved: with busy-waiting off, a model that outweighs
+    decoding (DeiT-S) would otherwise idle half the node, and one that does not (DeiT-Ti) loses little,
+    as the threads sleep while decoders run (docs/results/distributed.md)."""
+    return max(1, int(min(node_cpus, cores) // max(1, per_node)))
 
 
 def make_plan(backend: str, model: str | None, artifacts: str, precision: str | None, batch_size: int,
@@ -246,6 +246,17 @@ def only_todo(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.equal(batch["state"], TODO)).drop_columns(["state"])
 
 
+def state_counts(batch: pa.Table) -> pa.Table:
+    """One row of counts for a settled block: to do, done earlier, of those failed."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    states = pc.value_counts(batch["state"]).to_pylist()
+    n = {s["values"]: s["counts"] for s in states}
+    return pa.table({"todo": [n.get(TODO, 0)], "done": [n.get(DONE, 0) + n.get(DONE_FAILED, 0)],
+                     "done_failed": [n.get(DONE_FAILED, 0)]})
+
+
 # ---------------------------------------------------------------------------------------------- Ray
 
 def connect(address: str | None = None, num_cpus: int | None = None, object_store_bytes: int | None = None) -> bool:
@@ -326,7 +337,8 @@ def _cpu_nodes(ray: Any) -> list[float]:
 
 def _pool(ray: Any, plan: Plan, job: JobOptions) -> tuple[int, dict[str, Any]]:
     """The most actors and what each reserves: one per GPU share, or one per node for a CPU backend,
-    reserving half the smallest node's CPUs (its threads) and leaving the rest to decode tasks. Checked
+    reserving (the smallest node's CPUs - 1) / 2 and leaving the rest to decode tasks (its threads take
+    the node's cores all the same, see `actor_threads`). Checked
     per node: some node must hold an actor and a decode task (1 CPU) at once, or nothing would move."""
     nodes = _cpu_nodes(ray)
     if plan.device == "cuda":
@@ -336,10 +348,11 @@ def _pool(ray: Any, plan: Plan, job: JobOptions) -> tuple[int, dict[str, Any]]:
         cpus = job.num_cpus_per_worker or 1.0
         size = job.num_workers or max(1, int(gpus // job.num_gpus_per_worker))
         ask = {"num_cpus": cpus, "num_gpus": job.num_gpus_per_worker}
-    else:
-        cpus = job.num_cpus_per_worker or max(1.0, float(int(min(nodes, default=2) // 2)))
+    else:  # one actor a node, reserving so little that a lost node's actor, restarted on a survivor,
+        # still leaves a decode task room there (a 2-CPU node: 0.5, so one decoder as with 1; 1-CPU nodes: 0)
+        cpus = job.num_cpus_per_worker or max(0.0, (min(nodes, default=2) - 1) / 2)
         size = job.num_workers or max(1, sum(c >= cpus + 1 for c in nodes))
-        ask = {"num_cpus": cpus}
+        ask = {"num_cpus": cpus}  # Ray Data spreads actors over the nodes (its default scheduling strategy)
     if not any(c >= cpus + 1 for c in nodes) and sum(nodes) - cpus < 1:
         raise UsageError(f"no room for decoding: an actor takes {cpus:g} CPUs and a decode task 1, but the nodes "
                          f"have {', '.join(f'{c:g}' for c in nodes) or 'no'} CPUs; lower --num-cpus-per-worker")
@@ -426,13 +439,14 @@ class Job:
 
     def settings(self, plan: Plan) -> dict[str, Any]:
         """What decides the rows: the manifest's record, compared on resume (all but `model`, a path)."""
-        return {"model": plan.loaded, "model_sha256": plan.sha256, "backend": plan.backend,
+        return {"model": plan.loaded, "model_sha256": plan.sha256, "checkpoint": plan.checkpoint, "backend": plan.backend,
                 "precision": plan.resolved_precision, "topk": self.opts.topk, "format": self.opts.fmt,
                 "draft": self.opts.draft, "max_pixels": self.opts.max_pixels, "max_file_bytes": self.opts.max_file_bytes}
 
     def settle(self, ray: Any) -> tuple[ray.data.Dataset, Counts]:
-        """The inputs left to do, each key once, and the counts: a group-by over hash shards of the listing
-        and of what the output holds, on the workers, kept in the object store (spilled to disk when large)."""
+        """Each listed key once with its state (TODO, DONE...), and the counts: a group-by over hash shards of
+        the listing and of what the output holds, on the workers, kept in the object store (spilled to disk
+        when large). Only one small row a block comes back to the driver."""
         listed = self.listing(ray)
         done = self.output.done(ray)
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -443,15 +457,17 @@ class Job:
             tagged = tagged.union(done.map_batches(tag_done, batch_format="pyarrow", fn_kwargs=sharding))
         settled = tagged.groupby("shard").map_groups(settle_shard, batch_format="pyarrow").materialize()
         counts = Counts()
-        for row in settled.groupby("state").count().take_all():
-            n = row["count()"]
-            counts.todo += n if row["state"] == TODO else 0
-            counts.done += n if row["state"] in (DONE, DONE_FAILED) else 0
-            counts.done_failed += n if row["state"] == DONE_FAILED else 0
-        return settled.map_batches(only_todo, batch_format="pyarrow"), counts
+        for row in settled.map_batches(state_counts, batch_format="pyarrow", batch_size=None, num_cpus=0).iter_rows():
+            counts.todo += row["todo"]
+            counts.done += row["done"]
+            counts.done_failed += row["done_failed"]
+        return settled, counts
 
-    def pipeline(self, ray: Any, todo: ray.data.Dataset, counter: Any) -> ray.data.Dataset:
-        """Decode tasks (1 CPU each), the autoscaling actor pool, write tasks, streamed."""
+    def pipeline(self, ray: Any, settled: ray.data.Dataset, counter: Any) -> ray.data.Dataset:
+        """The settled keys left to do, cut into decode-sized blocks by tasks that hold no CPU (a settled
+        shard is one big block; a task cutting it waits on the stages after it, and holding a CPU meanwhile
+        it would starve the decoders), decode tasks (1 CPU each), the autoscaling actor pool, write tasks,
+        streamed."""
         plan, workers, resources = self.plan()
         opts = self.opts
         h, w = plan.spec.input_size
@@ -459,10 +475,12 @@ class Job:
         settings = {**self.settings(plan), "model": plan.loaded}
         # Fault tolerance is Ray Data's default, which exactly-once needs: a task lost with its node runs
         # again, a dead actor restarts (on another node) and its tasks run again, and a part counts only
-        # once the driver has it. The pool grows to `workers` and shrinks to one, so a restarted actor on a
-        # survivor does not keep the CPUs its decode tasks need. The decode tasks' memory reservation also
+        # once the driver has it. A CPU actor reserves little enough (`_pool`) that a survivor holds a restarted
+        # one beside a decode task, so a lost node slows the job and never stalls it. The decode tasks' memory reservation also
         # keeps Ray from fusing decoding into the actors (fused, the two would take turns instead of overlapping).
-        return (todo.repartition(target_num_rows_per_block=decode_rows)  # a settled shard is one big block
+        per_node = -(-workers // max(1, len(_cpu_nodes(ray))))
+        return (settled.map_batches(only_todo, batch_format="pyarrow", num_cpus=0)
+                .repartition(target_num_rows_per_block=decode_rows)  # fused into the task above: no CPU held
                 .map_batches(decode_batch, batch_size=decode_rows, batch_format="numpy", num_cpus=1,
                              memory=_decode_memory(ray, opts.max_pixels),
                              fn_kwargs={"spec": plan.spec, "draft": opts.draft, "max_pixels": opts.max_pixels,
@@ -470,7 +488,8 @@ class Job:
                 .map_batches(Classifier, batch_size=opts.batch_size, batch_format="numpy",
                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
                              fn_constructor_kwargs={"plan": plan, "batch_size": opts.batch_size,
-                                                    "threads": opts.threads, "topk": opts.topk, "counter": counter},
+                                                    "threads": opts.threads, "topk": opts.topk, "counter": counter,
+                                                    "per_node": per_node},
                              **resources)
                 .map_batches(write_part, batch_size=opts.rows_per_file, batch_format="pyarrow", num_cpus=0,
                              fn_kwargs={"output": self.output.output, "fmt": opts.fmt, "run": self.output.run,
@@ -496,7 +515,7 @@ class Job:
     def _run(self, report: bool, on_part: Callable[[Part], None] | None) -> Summary:
         ray = import_ray()
         plan, workers, _ = self.plan()
-        todo, counts = self.settle(ray)
+        settled, counts = self.settle(ray)
         s = Summary(plan.backend, plan.resolved_precision, plan.artifact, plan.synthetic, workers=workers,
                     images=counts.done, more_failed=counts.done_failed, resumed=counts.done - counts.done_failed)
         if counts.todo + counts.done == 0 and self.opts.shard is None:  # a shard of a short list may hold none
@@ -512,7 +531,7 @@ class Job:
         try:
             with progress_bar(total=counts.todo, unit="img", enabled=self.opts.progress) as bar, watch.running(bar):
                 if counts.todo:
-                    stream = iter(self.pipeline(ray, todo, counter).iter_batches(batch_format="pyarrow",
+                    stream = iter(self.pipeline(ray, settled, counter).iter_batches(batch_format="pyarrow",
                                                                                  batch_size=None))
                     with contextlib.closing(stream):  # pyright: ignore[reportArgumentType]
                         for table in stream:

@@ -34,7 +34,7 @@ FORMATS = {"parquet": ".parquet", "jsonl": ".jsonl"}
 PART_PREFIX = "part-"
 TMP_PREFIX = "_tmp-"  # pyarrow and pandas skip names starting with "_" when they read a folder
 MANIFEST = "_manifest.json"  # a shard's is `_manifest-s<i>of<n>.json`
-LOCK = "_lock"  # a local output's lock file: the pid of the job writing it (a shard's: `_lock-s<i>of<n>`)
+LOCK = "_lock"  # a local output's lock: one job's, or shared by shard jobs of one N (each also holds `_lock-s<i>of<n>`)
 METADATA_KEY = b"deit"  # the Parquet file metadata entry of a part: its manifest settings and run id
 MAX_LISTED_FAILURES = 20  # failure messages a part reports to the driver (its rows hold them all)
 
@@ -104,9 +104,11 @@ def _put(fs: Any, path: str, data: bytes) -> None:
 class Output:
     """The driver's side of an output folder: what earlier runs committed, the manifest, and commits.
 
-    One job writes an output folder at a time: a local one is locked (`_lock`, runtime.paths' lock, held
-    until `close`) before its stale `_tmp-` files are removed, and a second job is refused, naming the
-    first one's pid. An object store has no lock: there one job per output is up to the user.
+    One job writes an output folder at a time, or the N shard jobs of one `--shard I/N`: a local one is
+    locked (`_lock`, runtime.paths' lock, held until `close`; shared by shard jobs of one N, each of which
+    also holds its shard's `_lock-s<i>of<n>`) before its stale `_tmp-` files are removed, and any other job
+    is refused, naming the holder's pid. Rows already there must come from the same sharding (part names
+    carry it). An object store has no lock: there one job per output is up to the user.
     """
 
     def __init__(self, output: str, fmt: str = "parquet", shard: tuple[int, int] | None = None) -> None:
@@ -129,13 +131,16 @@ class Output:
         self.manifest = f"{MANIFEST.removesuffix('.json')}-{self.tag[:-1]}.json" if shard else MANIFEST
         self.committed = 0  # rows this run has committed
         self.parts = 0
-        self.lock: HeldLock | None = None
+        self.locks: list[HeldLock] = []
         self._held = contextlib.ExitStack()
-        if not is_uri(output):
-            lock, shown = (f"{LOCK}-{self.tag[:-1]}", f"--output {output} (shard {shard[0]}/{shard[1]})") if shard \
-                else (LOCK, f"--output {output}")
-            self.lock = self._held.enter_context(output_lock(Path(self.root) / lock, shown))
+        self.shards = shard[1] if shard else 1
         try:
+            if not is_uri(output):  # the output's lock, shared by the shard jobs of one N; then the shard's own
+                kind = f"shard jobs of {shard[1]}" if shard else None
+                self.locks.append(self._held.enter_context(output_lock(Path(self.root) / LOCK, f"--output {output}", kind)))
+                if shard:
+                    self.locks.append(self._held.enter_context(output_lock(Path(self.root) / f"{LOCK}-{self.tag[:-1]}",
+                                                         f"--output {output} (shard {shard[0]}/{shard[1]})")))
             self._scan()
         except BaseException:
             self.close()
@@ -150,6 +155,12 @@ class Output:
         if foreign:
             raise UsageError(f"--output {self.output} holds other part files ({foreign[0]}); use the --format they "
                              "were written in, or another --output")
+        other = next((n for n in names if n.startswith(PART_PREFIX) and part_shards(n) != self.shards), None)
+        if other:  # its inputs were split by another N: this job's shard would miss some and repeat others
+            theirs = part_shards(other)
+            raise UsageError(f"--output {self.output} holds rows of {'an unsharded job' if theirs == 1 else f'--shard I/{theirs}'} "
+                             f"({other}); resume it {'without --shard' if theirs == 1 else f'with --shard I/{theirs}'}, "
+                             "or use another --output")
 
     def _names(self) -> list[str]:
         import pyarrow.fs as pafs
@@ -183,7 +194,8 @@ class Output:
             except (OSError, ValueError) as err:
                 raise UsageError(f"{path}: unreadable manifest ({err}); use another --output") from None
             theirs = manifest.get("settings", {})
-            differ = [k for k in settings if k != "model" and theirs.get(k) != settings[k]]
+            differ = [k for k in settings if k != "model" and theirs.get(k, settings[k]) != settings[k]]  # an older
+            # manifest may lack a later key
             if differ and self.done_parts:
                 was = ", ".join(f"{k} {theirs.get(k)}" for k in differ)
                 now = ", ".join(f"{k} {settings[k]}" for k in differ)
@@ -207,8 +219,8 @@ class Output:
 
     def close(self, finished: bool = False) -> None:
         """Let another job write the output (a `finished` one leaves no lock file behind)."""
-        if self.lock is not None:
-            self.lock.remove = finished
+        for lock in self.locks:
+            lock.remove = finished
         self._held.close()
 
     def remove_uncommitted(self, names: list[str] | None = None) -> None:
@@ -218,6 +230,13 @@ class Output:
         for name in self._names() if names is None else names:
             if name.startswith(mine) and name[len(mine):][:1].isdigit():
                 self.fs.delete_file(f"{self.root}/{name}")
+
+
+def part_shards(name: str) -> int:
+    """The N of the shard jobs that wrote a part (its name starts `part-s<i>of<n>-`), 1 for an unsharded job."""
+    tag = name.removeprefix(PART_PREFIX).split("-", 1)[0]
+    index, of, count = tag[1:].partition("of")
+    return int(count) if tag.startswith("s") and of and index.isdecimal() and count.isdecimal() else 1
 
 
 def _done_batch(batch: pa.Table) -> pa.Table:
