@@ -223,6 +223,27 @@ def test_a_killed_actor_loses_and_duplicates_no_row(ray_session: Any, tiny_artif
     assert_same_answers(table, {str(f): answer for f in files})
 
 
+def test_a_large_list_starts_classifying_on_a_two_cpu_ray(ray_session: Any, tiny_artifact: Path, tmp_path: Path) -> None:
+    """100,000 listed inputs (missing files: rows with an error, so decoding is quick) on the module's 2-CPU
+    Ray: the first part is committed while the job's own stall watchdog (60 s without a row classified)
+    waits. Nothing that prepares the inputs may hold a CPU the decode tasks need."""
+    from runtime.distributed.writer import Part
+    from runtime.errors import Interrupted
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{tmp_path}/missing/{i // 1000:03d}/{i:06d}.jpg\n" for i in range(100_000)))
+    first: list[Part] = []
+
+    def stop_at_first_part(part: Part) -> None:
+        first.append(part)
+        raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted) as info:
+        run_job(listing, tmp_path / "out", tiny_artifact, rows_per_file=200, stall_s=60, on_part=stop_at_first_part)
+    assert [p.rows for p in first] == [200] and first[0].failed == 200
+    assert "200 rows of this run committed" in str(info.value.saved)
+
+
 def test_resume_skips_what_the_output_holds(ray_session: Any, tiny_artifact: Path, photos: Path,
                                             tmp_path: Path) -> None:
     files = images(photos)

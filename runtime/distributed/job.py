@@ -437,6 +437,11 @@ class Job:
             self.settled = (plan, *_pool(ray, plan, self.opts))
         return self.settled
 
+    def decode_rows(self) -> int:
+        """Inputs a decode batch holds: a few inference batches, at most a pixel block."""
+        h, w = self.plan()[0].spec.input_size
+        return max(1, min(self.opts.batch_size * 4, PIXEL_BLOCK_BYTES // (3 * h * w * 4)))
+
     def settings(self, plan: Plan) -> dict[str, Any]:
         """What decides the rows: the manifest's record, compared on resume (all but `model`, a path)."""
         return {"model": plan.loaded, "model_sha256": plan.sha256, "checkpoint": plan.checkpoint, "backend": plan.backend,
@@ -444,9 +449,9 @@ class Job:
                 "draft": self.opts.draft, "max_pixels": self.opts.max_pixels, "max_file_bytes": self.opts.max_file_bytes}
 
     def settle(self, ray: Any) -> tuple[ray.data.Dataset, Counts]:
-        """Each listed key once with its state (TODO, DONE...), and the counts: a group-by over hash shards of
-        the listing and of what the output holds, on the workers, kept in the object store (spilled to disk
-        when large). Only one small row a block comes back to the driver."""
+        """The inputs left to do, each key once, and the counts: a group-by over hash shards of the listing
+        and of what the output holds, on the workers, kept in the object store (spilled to disk when large).
+        Only one small row of counts a block comes back to the driver."""
         listed = self.listing(ray)
         done = self.output.done(ray)
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -461,17 +466,19 @@ class Job:
             counts.todo += row["todo"]
             counts.done += row["done"]
             counts.done_failed += row["done_failed"]
-        return settled, counts
+        # Cut into one decode task's blocks here, while nothing else runs: a task cutting in the pipeline
+        # would wait on the stages after it and hold its CPU meanwhile, starving the decoders (and a decode
+        # task's pixels reach the actors only when it ends, so a task is one batch).
+        todo = settled.map_batches(only_todo, batch_format="pyarrow").repartition(
+            target_num_rows_per_block=self.decode_rows()).materialize()
+        return todo, counts
 
-    def pipeline(self, ray: Any, settled: ray.data.Dataset, counter: Any) -> ray.data.Dataset:
-        """The settled keys left to do, cut into decode-sized blocks by tasks that hold no CPU (a settled
-        shard is one big block; a task cutting it waits on the stages after it, and holding a CPU meanwhile
-        it would starve the decoders), decode tasks (1 CPU each), the autoscaling actor pool, write tasks,
+    def pipeline(self, ray: Any, todo: ray.data.Dataset, counter: Any) -> ray.data.Dataset:
+        """Decode tasks (1 CPU each, a block of `settle`'s each), the autoscaling actor pool, write tasks,
         streamed."""
         plan, workers, resources = self.plan()
         opts = self.opts
-        h, w = plan.spec.input_size
-        decode_rows = max(1, min(opts.batch_size * 4, PIXEL_BLOCK_BYTES // (3 * h * w * 4)))
+        decode_rows = self.decode_rows()
         settings = {**self.settings(plan), "model": plan.loaded}
         # Fault tolerance is Ray Data's default, which exactly-once needs: a task lost with its node runs
         # again, a dead actor restarts (on another node) and its tasks run again, and a part counts only
@@ -479,9 +486,7 @@ class Job:
         # one beside a decode task, so a lost node slows the job and never stalls it. The decode tasks' memory reservation also
         # keeps Ray from fusing decoding into the actors (fused, the two would take turns instead of overlapping).
         per_node = -(-workers // max(1, len(_cpu_nodes(ray))))
-        return (settled.map_batches(only_todo, batch_format="pyarrow", num_cpus=0)
-                .repartition(target_num_rows_per_block=decode_rows)  # fused into the task above: no CPU held
-                .map_batches(decode_batch, batch_size=decode_rows, batch_format="numpy", num_cpus=1,
+        return (todo.map_batches(decode_batch, batch_size=decode_rows, batch_format="numpy", num_cpus=1,
                              memory=_decode_memory(ray, opts.max_pixels),
                              fn_kwargs={"spec": plan.spec, "draft": opts.draft, "max_pixels": opts.max_pixels,
                                         "max_file_bytes": opts.max_file_bytes})
@@ -515,7 +520,7 @@ class Job:
     def _run(self, report: bool, on_part: Callable[[Part], None] | None) -> Summary:
         ray = import_ray()
         plan, workers, _ = self.plan()
-        settled, counts = self.settle(ray)
+        todo, counts = self.settle(ray)
         s = Summary(plan.backend, plan.resolved_precision, plan.artifact, plan.synthetic, workers=workers,
                     images=counts.done, more_failed=counts.done_failed, resumed=counts.done - counts.done_failed)
         if counts.todo + counts.done == 0 and self.opts.shard is None:  # a shard of a short list may hold none
@@ -531,7 +536,7 @@ class Job:
         try:
             with progress_bar(total=counts.todo, unit="img", enabled=self.opts.progress) as bar, watch.running(bar):
                 if counts.todo:
-                    stream = iter(self.pipeline(ray, settled, counter).iter_batches(batch_format="pyarrow",
+                    stream = iter(self.pipeline(ray, todo, counter).iter_batches(batch_format="pyarrow",
                                                                                  batch_size=None))
                     with contextlib.closing(stream):  # pyright: ignore[reportArgumentType]
                         for table in stream:
