@@ -420,6 +420,47 @@ def test_a_second_job_on_the_same_output_is_refused_before_ray_starts(
     assert (out / "_tmp-part-20260101T000000-abcdef-0.parquet").exists()
 
 
+def test_one_lock_per_output_for_every_kind_of_job(tmp_path: Path, photos: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shard jobs of one N share an output; an unsharded job, or shards of another N, are refused before Ray
+    starts (exit 2, naming the holder), and so are rows of another sharding on resume."""
+    pytest.importorskip("ray.data", reason="Ray Data is not installed")
+    import runtime.distributed.cli as cli
+    from runtime.distributed import main
+    from runtime.distributed.writer import Output
+
+    def no_ray(address: str | None) -> None:
+        raise AssertionError("Ray started before the output was checked")
+
+    monkeypatch.setattr(cli, "session", no_ray)
+    out = tmp_path / "out"
+
+    def refusal(*extra: str) -> str:
+        assert main([str(photos), "--output", str(out), "--no-progress", *extra]) == 2
+        return capsys.readouterr().err.strip()
+
+    shard0 = Output(str(out), shard=(0, 2))
+    try:
+        Output(str(out), shard=(1, 2)).close()  # the same N shares the output
+        holder = f"another run (pid {os.getpid()}, one of shard jobs of 2) is writing it"
+        assert refusal() == f"distributed: error: --output {out}: {holder}; wait for it or choose another output"
+        assert holder in refusal("--shard", "0/3")
+        assert f"--output {out} (shard 0/2): another run (pid {os.getpid()})" in refusal("--shard", "0/2")
+    finally:
+        shard0.close()
+    whole = Output(str(out))
+    try:
+        assert f"another run (pid {os.getpid()}) is writing it" in refusal("--shard", "1/2")
+    finally:
+        whole.close()
+    (out / "part-s1of2-20260101T000000-abcdef-00000.parquet").write_bytes(b"rows of shard 1/2")
+    assert refusal() == (f"distributed: error: --output {out} holds rows of --shard I/2 "
+                         "(part-s1of2-20260101T000000-abcdef-00000.parquet); resume it with --shard I/2, "
+                         "or use another --output")
+    assert "holds rows of --shard I/2" in refusal("--shard", "0/4")
+    Output(str(out), shard=(0, 2)).close()
+
+
 def test_a_missing_model_is_one_line_from_the_worker_that_looked(ray_session: Any, photos: Path, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     from runtime.distributed import main
