@@ -18,7 +18,9 @@ refused, and so is a second job while one holds the output's lock. Exactly once:
 once committed, so a lost node or actor costs time, never a lost or doubled row; a re-run with the
 same --output resumes. `--shard I/N` runs the inputs of shard I (a stable hash of each path) of N
 jobs, which run side by side into one output. Ctrl-C (or SIGTERM) keeps the committed parts and
-exits 130 (143); no progress for --stall-timeout exits 7 with the pending demand.
+exits 130 (143). A lost node's tasks and actor move to the nodes left; a cluster where no node can
+run the job any more ends it within a minute, and no progress for --stall-timeout too: exit 7 with
+what is missing and the command that resumes.
 Exit status as runtime.infer: 0 all predicted, 1 some files failed, 2 usage, 5 model, 6 unavailable
 (Ray missing too), 7 failed or stalled.
 

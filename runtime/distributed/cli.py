@@ -26,7 +26,8 @@ def build_parser() -> ArgumentParser:
                    help="folder (local or URI) for the part files; a re-run with the same one resumes")
     p.add_argument("--format", choices=FORMATS, default="parquet", help="part files: parquet (default) or jsonl")
     add_classify_arguments(p, "; the same path must exist on every node")
-    p.add_argument("--address", help="join this Ray cluster (auto, ray://head:10001, head:6379); default: a local Ray")
+    p.add_argument("--address", help="join this Ray cluster (auto, head:6379, ray://head:10001); default: a local Ray. "
+                                      "With Ray's token authentication, the token in ~/.ray/auth_token or RAY_AUTH_TOKEN is used")
     p.add_argument("--num-workers", type=int,
                    help="inference actors at most (default: one per GPU share, or one per node)")
     p.add_argument("--num-gpus-per-worker", type=float, default=1.0,
@@ -39,8 +40,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--shard", metavar="I/N",
                    help="run only shard I of N (0 <= I < N) of INPUT, by a stable hash of each input's path: N such "
                         "jobs, at once or one by one, write every input once into the same --output")
-    p.add_argument("--stall-timeout", type=float, default=600.0,
-                   help="seconds without an input classified before the job ends with exit 7 (default 600)")
+    p.add_argument("--stall-timeout", type=float, default=300.0,
+                   help="seconds without an input classified before the job ends with exit 7 (default 300); a "
+                        "cluster left with no node that can run the job ends it within a minute")
     return p
 
 

@@ -272,6 +272,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, object_stor
     if ray.is_initialized():
         started = False
     elif address:
+        _token_auth_for(address)
         ray.init(address=address, **quiet)
         started = False
     else:
@@ -294,6 +295,19 @@ def connect(address: str | None = None, num_cpus: int | None = None, object_stor
     ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     return started
+
+
+def _token_auth_for(address: str) -> None:
+    """Use Ray's token authentication to join a cluster at host:port when a token is at hand (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) and RAY_AUTH_MODE says nothing: Ray itself does so only for
+    `auto`, so a head started with a token would refuse the same job given its address."""
+    if "RAY_AUTH_MODE" in os.environ or address == "auto" or address.startswith("ray://"):
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+        _enable_token_auth()  # RAY_AUTH_MODE=token, and Ray's cached config told so
 
 
 @contextlib.contextmanager
@@ -398,7 +412,7 @@ class JobOptions:
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     draft: bool = False
     progress: bool = True
-    stall_s: float = 600.0  # the watchdog: no input classified for this long ends the job
+    stall_s: float = 300.0  # the watchdog: no input classified for this long ends the job
     shard: tuple[int, int] | None = None  # (i, n): only the inputs `job_shard` puts in shard i of n
     command: str = "the same command"  # what resumes the job, for the messages that stop it
 
@@ -519,7 +533,7 @@ class Job:
 
     def _run(self, report: bool, on_part: Callable[[Part], None] | None) -> Summary:
         ray = import_ray()
-        plan, workers, _ = self.plan()
+        plan, workers, resources = self.plan()
         todo, counts = self.settle(ray)
         s = Summary(plan.backend, plan.resolved_precision, plan.artifact, plan.synthetic, workers=workers,
                     images=counts.done, more_failed=counts.done_failed, resumed=counts.done - counts.done_failed)
@@ -532,7 +546,7 @@ class Job:
 
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         counter = ray.remote(num_cpus=0)(Counter).options(scheduling_strategy=here).remote()
-        watch = Watchdog(ray, counter, self.opts.stall_s)
+        watch = Watchdog(ray, counter, self.opts.stall_s, need=Need(resources["num_cpus"], resources.get("num_gpus", 0.0)))
         try:
             with progress_bar(total=counts.todo, unit="img", enabled=self.opts.progress) as bar, watch.running(bar):
                 if counts.todo:
@@ -542,7 +556,10 @@ class Job:
                         for table in stream:
                             for row in table.to_pylist():
                                 part = Part(**row)
-                                self.output.commit(part)
+                                name = self.output.commit(part)
+                                if report:
+                                    bar.write(f"distributed: committed {name}: {part.rows} rows "
+                                              f"({self.output.committed} this run)", file=sys.stderr)
                                 watch.committed = self.output.committed
                                 if s.first_row_s is None:
                                     s.first_row_s = time.perf_counter() - start
@@ -574,11 +591,15 @@ class Job:
 
 
 class Watchdog:
-    """Moves the progress bar from the actors' counter and ends a job that makes no progress for `stall_s`
-    (it interrupts the main thread, which waits inside Ray; the job turns that into `Stalled`)."""
+    """Watches the job from a thread: moves the progress bar from the actors' counter, says when a node
+    leaves or joins, says where the job stands every `say_s` when no bar shows it, and ends the job (it
+    interrupts the main thread, which waits inside Ray; the job turns that into `Stalled`) when no node
+    can hold an actor and a decode task for `room_s`, or nothing is classified for `stall_s`."""
 
-    def __init__(self, ray: Any, counter: Any, stall_s: float, poll_s: float = 1.0) -> None:
-        self.ray, self.counter, self.stall_s, self.poll_s = ray, counter, stall_s, poll_s
+    def __init__(self, ray: Any, counter: Any, stall_s: float, poll_s: float = 1.0, need: Need | None = None,
+                 say_s: float = 30.0, room_s: float = 45.0) -> None:
+        self.ray, self.counter, self.stall_s, self.poll_s, self.need = ray, counter, stall_s, poll_s, need
+        self.say_s, self.room_s = say_s, room_s
         self.stalled: str | None = None
         self.committed = 0
         self._stop = threading.Event()
@@ -599,6 +620,7 @@ class Watchdog:
 
     def _watch(self, bar: Any) -> None:
         seen, last, moved = 0, (0, 0), time.monotonic()
+        said, room_since, nodes = time.monotonic(), None, self._nodes()
         while not self._stop.wait(self.poll_s):
             try:
                 rows = self.ray.get(self.counter.get.remote(), timeout=30)
@@ -606,10 +628,61 @@ class Watchdog:
                 rows = seen
             bar.update(max(0, rows - seen))
             seen = max(seen, rows)
+            now = time.monotonic()
             if (seen, self.committed) != last:
-                last, moved = (seen, self.committed), time.monotonic()
-            elif time.monotonic() - moved > self.stall_s:
-                self.stalled = (f"no input classified for {self.stall_s:g} s ({pending_demand(self.ray)}); "
-                                "a node was lost or the cluster cannot run a decode task and an actor")
-                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)  # wakes a blocked wait too
-                return
+                last, moved = (seen, self.committed), now
+            if self.need is not None:
+                alive = self._nodes()
+                for node in nodes.keys() - alive.keys():
+                    bar.write(f"distributed: lost node {node[:12]} ({_describe(nodes[node])}); its tasks and actor "
+                              f"move to the {len(alive)} nodes left", file=sys.stderr)
+                for node in alive.keys() - nodes.keys():
+                    bar.write(f"distributed: node {node[:12]} joined ({_describe(alive[node])})", file=sys.stderr)
+                nodes = alive
+                missing = self.need.missing(list(alive.values()))
+                room_since = None if missing is None else room_since or now
+                if missing is not None and now - room_since > self.room_s:
+                    return self._stall(f"no node can run this job any more ({missing}, for {self.room_s:g} s)")
+            if now - moved > self.stall_s:
+                return self._stall(f"no input classified for {self.stall_s:g} s ({pending_demand(self.ray)}); the "
+                                   "cluster cannot run a decode task and an actor (other jobs hold it?)")
+            if bar.disable and now - said >= self.say_s:
+                said = now
+                bar.write(f"distributed: {seen} inputs classified, {self.committed} rows committed"
+                          + ("" if now - moved < self.say_s else f"; waiting: {pending_demand(self.ray)}"),
+                          file=sys.stderr)
+
+    def _nodes(self) -> dict[str, dict[str, float]]:
+        """The alive nodes' resources, by node id (none when the job needs no watching of them)."""
+        if self.need is None:
+            return {}
+        try:
+            return {n["NodeID"]: n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")}
+        except Exception:  # the GCS is busy or restarting: try again at the next poll
+            return {}
+
+    def _stall(self, why: str) -> None:
+        self.stalled = why
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)  # wakes a blocked wait too
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{resources[k]:g} {k}s" for k in ("CPU", "GPU") if resources.get(k)) or "no CPUs"
+
+
+@dataclass(frozen=True)
+class Need:
+    """What the job needs of some node to move: an actor (`cpus`, `gpus`) and a decode task (1 CPU),
+    on one node or on two."""
+
+    cpus: float
+    gpus: float = 0.0
+
+    def missing(self, nodes: list[dict[str, float]]) -> str | None:
+        """None when the nodes can hold an actor and a decode task, else what they lack, in words."""
+        actor = [n for n in nodes if n.get("CPU", 0) >= self.cpus and n.get("GPU", 0) >= self.gpus]
+        if any(n.get("CPU", 0) >= self.cpus + 1 for n in actor) or (actor and sum(n.get("CPU", 0) for n in nodes) - self.cpus >= 1):
+            return None
+        gpus = f" and {self.gpus:g} GPUs" if self.gpus else ""
+        return (f"an actor needs {self.cpus:g} CPUs{gpus} and a decode task 1 CPU; the {len(nodes)} nodes alive have "
+                f"{'; '.join(_describe(n) for n in nodes) or 'nothing'}")

@@ -209,13 +209,14 @@ class Output:
         _put(self.fs, tmp, (json.dumps(own, indent=1) + "\n").encode())
         self.fs.move(tmp, f"{self.root}/{self.manifest}")
 
-    def commit(self, part: Part) -> None:
-        """Make a part that a task wrote visible under its final name (a rename: all or nothing)."""
+    def commit(self, part: Part) -> str:
+        """Make a part that a task wrote visible under its final name (a rename: all or nothing); that name."""
         with signals_deferred():  # Ctrl-C waits until the part is renamed and counted
             name = f"{PART_PREFIX}{self.run}-{self.parts:05d}{FORMATS[self.fmt]}"
             self.fs.move(f"{self.root}/{part.tmp}", f"{self.root}/{name}")
             self.committed += part.rows
             self.parts += 1
+        return name
 
     def close(self, finished: bool = False) -> None:
         """Let another job write the output (a `finished` one leaves no lock file behind)."""
