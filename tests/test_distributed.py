@@ -3,9 +3,7 @@ bad files as rows, a killed actor costing neither a lost nor a doubled row, resu
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -246,6 +244,35 @@ def test_a_large_list_starts_classifying_on_a_two_cpu_ray(ray_session: Any, tiny
     assert "200 rows of this run committed" in str(info.value.saved)
 
 
+def test_a_hung_decode_becomes_that_inputs_error_row(photos: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An input whose read never returns (a hung network mount, here a decoder that waits forever) is an
+    error row naming it after the deadline; the other inputs of its batch are decoded."""
+    import threading
+
+    import runtime.distributed.sources as sources
+    from runtime.preprocess import Preprocessing
+
+    real, never = sources.decode_source, threading.Event()
+    files = images(photos)[:3]
+    hung = os.fsencode(files[1])
+
+    def hangs_on_one(source: bytes, *args: Any) -> Any:
+        if source == hung:
+            never.wait()
+        return real(source, *args)
+
+    monkeypatch.setattr(sources, "decode_source", hangs_on_one)
+    batch = {"source": np.array([os.fsencode(f) for f in files], dtype=object),
+             "key": np.array([str(f) for f in files], dtype=object), "error": np.array([None] * 3, dtype=object)}
+    try:
+        spec = Preprocessing(224, 224, None, None, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        out = sources.decode_batch(batch, spec, draft=False, max_pixels=2**26, deadline_s=0.5)
+    finally:
+        never.set()  # the thread left behind ends with the test
+    assert list(out["error"]) == ["", f"{files[1]}: not read and decoded within 0.5 s (--decode-timeout); skipped", ""]
+    assert out["pixels"][0].any() and out["pixels"][2].any() and not out["pixels"][1].any()
+
+
 def test_resume_skips_what_the_output_holds(ray_session: Any, tiny_artifact: Path, photos: Path,
                                             tmp_path: Path) -> None:
     files = images(photos)
@@ -482,110 +509,11 @@ def test_without_ray_the_cli_says_how_to_install_it(tmp_path: Path) -> None:
     assert "pip install -e '.[distributed]'" in done.stderr
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RayStartCluster:
-    """The recipe of docs/distributed.md on this machine: a token, `ray start --head`, and a second node
-    joining it with `ray start --address`, each `--block`ed so that it is our child; every process they
-    start carries a marker in its environment, and `stop` kills those by pid (never a `ray stop`, which
-    would stop every Ray on the machine)."""
-
-    def __init__(self, tmp: Path) -> None:
-        import tempfile
-        import uuid
-
-        self.marker = uuid.uuid4().hex
-        self.home = tmp / "home"  # ~/.ray/auth_token goes here, not into the user's home
-        self.home.mkdir()
-        self.temp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # Ray's socket paths must stay short
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        self.env.update(HOME=str(self.home), DEIT_TEST_CLUSTER=self.marker, PYTHONPATH=str(Path(__file__).parents[1]))
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.nodes: list[subprocess.Popen[bytes]] = []
-        self.ray = str(Path(sys.executable).with_name("ray"))
-
-    def start(self, cpus: int = 2) -> None:
-        subprocess.run([self.ray, "get-auth-token", "--generate"], env=self.env, check=True, capture_output=True,
-                       timeout=60)
-        def common() -> list[str]:  # two nodes on one machine: each its own agent ports
-            return ["--block", "--num-cpus", str(cpus), "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
-                    "--object-store-memory", str(256 * 2**20), "--dashboard-agent-listen-port", str(_free_port()),
-                    "--metrics-export-port", str(_free_port())]
-
-        self._node(["--head", "--port", str(self.port), "--temp-dir", str(self.temp), "--include-dashboard", "false",
-                    "--ray-client-server-port", str(_free_port()), *common()], {})
-        self.wait_for_nodes(1)
-        self._node([f"--address={self.address}", *common()], {"RAY_AUTH_MODE": "token"})  # docs: step 2
-        self.wait_for_nodes(2)
-
-    def _node(self, args: list[str], env: dict[str, str]) -> None:
-        log = open(self.temp / f"node{len(self.nodes)}.log", "wb")  # noqa: SIM115 (the child holds it)
-        self.nodes.append(subprocess.Popen([self.ray, "start", *args], env={**self.env, **env}, stdout=log,
-                                           stderr=subprocess.STDOUT, start_new_session=True))
-
-    def wait_for_nodes(self, n: int, deadline_s: float = 120) -> None:
-        """Until `ray status` counts `n` active nodes (a sign of readiness, bounded)."""
-        import time
-
-        end = time.monotonic() + deadline_s
-        while time.monotonic() < end:
-            assert all(p.poll() is None for p in self.nodes), "\n".join(
-                (self.temp / f"node{i}.log").read_text()[-2000:] for i in range(len(self.nodes)))
-            done = subprocess.run([self.ray, "status", "--address", self.address], env={**self.env, "RAY_AUTH_MODE": "token"},
-                                  capture_output=True, text=True, timeout=60)
-            active = done.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
-            if done.returncode == 0 and active.count("node_") == n:
-                return
-        raise AssertionError(f"{n} nodes did not join within {deadline_s} s")
-
-    def pids(self) -> list[int]:
-        found = []
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                try:
-                    if self.marker.encode() in Path(f"/proc/{entry.name}/environ").read_bytes():
-                        found.append(int(entry.name))
-                except OSError:
-                    continue
-        return found
-
-    def raylet_of(self, node: int) -> int:
-        """The pid of node `node`'s raylet (a child of its `ray start`)."""
-        for pid in self.pids():
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-            except OSError:
-                continue
-            if int(stat[1]) == self.nodes[node].pid and cmd.endswith(b"/raylet"):
-                return pid
-        raise AssertionError(f"no raylet for node {node}")
-
-    def stop(self) -> None:
-        for p in self.nodes:
-            if p.poll() is None:
-                p.terminate()  # `ray start --block` stops what it started
-        for p in self.nodes:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for pid in self.pids():  # whatever outlived them (workers of a killed raylet)
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(self.temp, ignore_errors=True)
-
-
 @pytest.fixture
 def ray_start_cluster(tmp_path: Path) -> Any:
     pytest.importorskip("ray.data", reason="Ray Data is not installed")
+    from benchmarks.distributed_node_loss import RayStartCluster
+
     cluster = RayStartCluster(tmp_path)
     try:
         cluster.start()
@@ -595,7 +523,7 @@ def ray_start_cluster(tmp_path: Path) -> Any:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the raylet's process in /proc")
-def test_a_raylet_killed_mid_job_leaves_exactly_one_row_per_input(ray_start_cluster: RayStartCluster,
+def test_a_raylet_killed_mid_job_leaves_exactly_one_row_per_input(ray_start_cluster: Any,
                                                                    tiny_artifact: Path, big_photos: Path,
                                                                    tmp_path: Path) -> None:
     """The documented two-node recipe with Ray's token authentication, the job given `--address host:port`;

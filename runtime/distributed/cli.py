@@ -43,6 +43,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--stall-timeout", type=float, default=300.0,
                    help="seconds without an input classified before the job ends with exit 7 (default 300); a "
                         "cluster left with no node that can run the job ends it within a minute")
+    p.add_argument("--decode-timeout", type=float, default=120.0,
+                   help="seconds to read and decode one input before it becomes a row with an error (default 120)")
     return p
 
 
@@ -50,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     check_classify_arguments(p, args, "num_workers", "rows_per_file")
-    for name in ("num_gpus_per_worker", "num_cpus_per_worker", "stall_timeout"):
+    for name in ("num_gpus_per_worker", "num_cpus_per_worker", "stall_timeout", "decode_timeout"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             p.error(f"--{name.replace('_', '-')} must be more than 0")
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                       num_cpus_per_worker=args.num_cpus_per_worker, fmt=args.format, rows_per_file=args.rows_per_file,
                       max_pixels=args.max_pixels, max_file_bytes=args.max_file_bytes, draft=args.draft,
                       progress=args.progress, shard=args.shard,
-                      stall_s=args.stall_timeout, command=f"`python -m runtime.distributed {shlex.join(argv)}`")
+                      stall_s=args.stall_timeout, decode_timeout_s=args.decode_timeout,
+                      command=f"`python -m runtime.distributed {shlex.join(argv)}`")
     ray = import_ray()
     # Inputs and output checked, and the output locked, before Ray starts; run() releases it, closing() if it never runs.
     job = Job(args.input, args.output, args.model, opts, args.artifacts)

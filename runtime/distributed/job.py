@@ -413,6 +413,7 @@ class JobOptions:
     draft: bool = False
     progress: bool = True
     stall_s: float = 300.0  # the watchdog: no input classified for this long ends the job
+    decode_timeout_s: float | None = 120.0  # an input not read and decoded in this time becomes its error row
     shard: tuple[int, int] | None = None  # (i, n): only the inputs `job_shard` puts in shard i of n
     command: str = "the same command"  # what resumes the job, for the messages that stop it
 
@@ -503,7 +504,7 @@ class Job:
         return (todo.map_batches(decode_batch, batch_size=decode_rows, batch_format="numpy", num_cpus=1,
                              memory=_decode_memory(ray, opts.max_pixels),
                              fn_kwargs={"spec": plan.spec, "draft": opts.draft, "max_pixels": opts.max_pixels,
-                                        "max_file_bytes": opts.max_file_bytes})
+                                        "max_file_bytes": opts.max_file_bytes, "deadline_s": opts.decode_timeout_s})
                 .map_batches(Classifier, batch_size=opts.batch_size, batch_format="numpy",
                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
                              fn_constructor_kwargs={"plan": plan, "batch_size": opts.batch_size,

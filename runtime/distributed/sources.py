@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import threading
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -281,9 +282,32 @@ def decode_source(source: bytes, spec: Preprocessing, draft: bool, max_pixels: i
     return decode_bytes(data, name, spec, draft, max_pixels, max_file_bytes)
 
 
+def within(seconds: float | None, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)`, or None when it has not returned after `seconds`. It runs in a thread of its own, which
+    is left behind if it hangs (Python cannot stop a thread blocked in a read): the batch goes on."""
+    if seconds is None:
+        return fn(*args)
+    box: list[Any] = []
+    failed: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            box.append(fn(*args))
+        except BaseException as err:  # handed to the caller's thread
+            failed.append(err)
+
+    thread = threading.Thread(target=call, name="decode", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if failed:
+        raise failed[0]
+    return box[0] if box else None
+
+
 def decode_batch(batch: dict[str, np.ndarray], spec: Preprocessing, draft: bool, max_pixels: int,
-                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> dict[str, np.ndarray]:
-    """The CPU stage: (source, key, error) -> (path, pixels, error); a failed input keeps zero pixels and its message."""
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, deadline_s: float | None = None) -> dict[str, np.ndarray]:
+    """The CPU stage: (source, key, error) -> (path, pixels, error); a failed input keeps zero pixels and its
+    message, and so does one whose reading and decoding outlast `deadline_s` (a hung network mount)."""
     h, w = spec.input_size
     n = len(batch["key"])
     pixels = np.zeros((n, 3, h, w), dtype=np.float32)
@@ -291,7 +315,10 @@ def decode_batch(batch: dict[str, np.ndarray], spec: Preprocessing, draft: bool,
     for i, source in enumerate(batch["source"]):
         if errors[i]:
             continue
-        result = decode_source(bytes(source), spec, draft, max_pixels, max_file_bytes)
+        result = within(deadline_s, decode_source, bytes(source), spec, draft, max_pixels, max_file_bytes)
+        if result is None:
+            result = (f"{key_of(bytes(source))}: not read and decoded within {deadline_s:g} s (--decode-timeout); "
+                      "skipped")
         if isinstance(result, str):
             errors[i] = result
         else:
