@@ -30,7 +30,7 @@ from runtime.artifact import ORT_FUSED_FILES, ArtifactError, ArtifactMeta, find_
 from runtime.backends.trt import ENGINE_FILES, read_sidecar
 from runtime.errors import ArgumentParser, UsageError, doc_parser, run_cli
 from runtime.labels import resolve_labels
-from runtime.oip import io_config
+from runtime.serve.protocol import io_config
 from runtime.paths import check_output_dir
 
 PROG = "triton"

@@ -30,7 +30,7 @@ CLIS = {
     "calibration": "calibration.__main__",
     "runtime.infer": "runtime.infer",
     "runtime.distributed": "runtime.distributed.cli",
-    "runtime.serve": "runtime.serve",
+    "runtime.serve": "runtime.serve.cli",
     "benchmarks": "benchmarks.__main__",
     "benchmarks.gpu_check": "benchmarks.gpu_check",
     "benchmarks.pipeline_throughput": "benchmarks.pipeline_throughput",

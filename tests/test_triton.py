@@ -68,12 +68,13 @@ def test_the_names_are_runtime_serves(tiny_artifact: Path, tmp_path: Path) -> No
 
     from runtime.backends import create
     from runtime.predictor import Predictor
-    from runtime.serve import ModelServer, ServeOptions
+    from runtime.serve.dataplane import DataPlane
+    from runtime.serve.options import ServeOptions
 
     assert schema is not None and main(["--model", str(tiny_artifact), "--out", str(tmp_path / "repo")]) == 0
     config = text_format.Parse((tmp_path / "repo" / "tiny-deit-ort-fp32" / "config.pbtxt").read_text(), schema.ModelConfig())
     with create("ort-cpu", tiny_artifact, max_batch=2, threads=1) as backend:
-        server = ModelServer(Predictor(backend), ServeOptions("tiny-deit", max_batch=2))
+        server = DataPlane(Predictor(backend), ServeOptions("tiny-deit", max_batch=2))
         try:
             served = server.config()
         finally:

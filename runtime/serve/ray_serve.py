@@ -1,6 +1,6 @@
 """`python -m runtime.serve --address ...`: the same protocol server as Ray Serve replicas.
 
-Each replica is the one-process server's Starlette application (`runtime.serve.build_app`) over its own
+Each replica is the one-process server's Starlette application (`runtime.serve.rest.build_app`) over its own
 predictor and dynamic batcher; Ray Serve's HTTP proxy listens on --host/--port and spreads requests over
 the replicas. A replica whose process dies is restarted by Ray Serve; a request it held is answered with
 an error (Ray Serve's 500), never dropped without an answer. SIGTERM / Ctrl-C delete the application
@@ -22,7 +22,10 @@ from runtime.artifact import SYNTHETIC_WARNING
 from runtime.cli import open_predictor
 from runtime.cpuinfo import usable_cores
 from runtime.errors import Interrupted, ModelError, Unavailable
-from runtime.serve import PROG, ModelServer, banner, bind, build_app, server_options
+from runtime.serve.dataplane import DataPlane
+from runtime.serve.options import PROG, banner, server_options
+from runtime.serve.rest import build_app
+from runtime.serve.server import bind
 
 APP = "deit-serve"
 GRACE_S = 30.0  # what the one-process server gives a drain (uvicorn's timeout_graceful_shutdown)
@@ -37,19 +40,19 @@ def import_serve() -> Any:
 
 
 class Replica:
-    """One Ray Serve replica: the model server of `runtime.serve`, built where Ray placed the replica."""
+    """One Ray Serve replica: the data plane of `runtime.serve`, built where Ray placed the replica."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.predictor = open_predictor(args, PROG)
         self.backend = self.predictor.backend.__enter__()
-        self.model = ModelServer(self.predictor, server_options(args, self.predictor))
+        self.plane = DataPlane(self.predictor, server_options(args, self.predictor))
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_app(self.model)
+        return build_app(self.plane)
 
     def __del__(self) -> None:
-        if hasattr(self, "model"):  # not when the constructor failed
-            self.model.close()
+        if hasattr(self, "plane"):  # not when the constructor failed
+            self.plane.close()
             self.backend.__exit__(None, None, None)
 
 

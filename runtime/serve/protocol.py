@@ -3,8 +3,8 @@
 Only the wire format lives here: JSON tensors, the binary-tensor extension (a JSON header of
 `Inference-Header-Content-Length` bytes followed by raw tensor bytes, BYTES elements as a 4-byte
 little-endian length and the bytes) and Triton's model-configuration fields. What a model accepts
-(names, shapes, limits) is `runtime.serve`'s business; a malformed request is a `ProtocolError`,
-one line naming the input, which the server answers with 400.
+(names, shapes, limits) is the data plane's business; a malformed request is a `BadRequest`,
+one line naming the input, which the endpoints answer with 400 (HTTP) or their protocol's equivalent.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from runtime.artifact import ArtifactMeta
+from runtime.serve.failures import BadRequest
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Protocol datatype -> numpy dtype (BYTES elements are Python bytes).
@@ -28,10 +29,6 @@ DTYPES: dict[str, Any] = {
     "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
     "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
 }
-
-
-class ProtocolError(ValueError):
-    """A request that is not valid protocol or that the model cannot take: one line naming the input."""
 
 
 @dataclass
@@ -66,11 +63,11 @@ def deserialize_bytes(buf: bytes | memoryview, name: str) -> list[bytes]:
     items, at = [], 0
     while at < len(buf):
         if at + 4 > len(buf):
-            raise ProtocolError(f"input {name!r}: BYTES data ends inside an element's 4-byte length")
+            raise BadRequest(f"input {name!r}: BYTES data ends inside an element's 4-byte length")
         (size,) = struct.unpack_from("<I", buf, at)
         at += 4
         if at + size > len(buf):
-            raise ProtocolError(f"input {name!r}: BYTES element {len(items)} claims {size} bytes, "
+            raise BadRequest(f"input {name!r}: BYTES element {len(items)} claims {size} bytes, "
                                 f"only {len(buf) - at} remain")
         items.append(bytes(buf[at : at + size]))
         at += size
@@ -79,29 +76,29 @@ def deserialize_bytes(buf: bytes | memoryview, name: str) -> list[bytes]:
 
 def _shape(raw: Any, name: str) -> tuple[int, ...]:
     if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
-        raise ProtocolError(f"input {name!r}: shape must be a list of non-negative integers, got {raw!r}")
+        raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers, got {raw!r}")
     return tuple(raw)
 
 
 def _json_data(raw: Any, datatype: str, count: int, name: str, parameters: dict[str, Any]) -> np.ndarray | list[bytes]:
     if not isinstance(raw, list):
-        raise ProtocolError(f"input {name!r}: 'data' must be a list")
+        raise BadRequest(f"input {name!r}: 'data' must be a list")
     if datatype == "BYTES":
         flat = list(_flatten(raw))
         if not all(isinstance(x, str) for x in flat):
-            raise ProtocolError(f"input {name!r}: BYTES elements in JSON must be strings")
+            raise BadRequest(f"input {name!r}: BYTES elements in JSON must be strings")
         if parameters.get("content_type") == "base64":  # MLServer's convention, for clients such as curl
             try:
                 return [base64.b64decode(x, validate=True) for x in flat]
             except (binascii.Error, ValueError):
-                raise ProtocolError(f"input {name!r}: an element is not valid base64") from None
+                raise BadRequest(f"input {name!r}: an element is not valid base64") from None
         return [x.encode("utf-8", "surrogateescape") for x in flat]
     try:
         data = np.asarray(raw, dtype=DTYPES[datatype]).reshape(-1)
     except (ValueError, TypeError, OverflowError) as err:
-        raise ProtocolError(f"input {name!r}: data is not a list of {datatype} numbers ({err})") from None
+        raise BadRequest(f"input {name!r}: data is not a list of {datatype} numbers ({err})") from None
     if data.size != count:
-        raise ProtocolError(f"input {name!r}: {data.size} values for shape of {count} elements")
+        raise BadRequest(f"input {name!r}: {data.size} values for shape of {count} elements")
     return data
 
 
@@ -123,34 +120,34 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         except ValueError:
             n = -1
         if not 0 <= n <= len(body):
-            raise ProtocolError(f"{HEADER_LENGTH} {header_length!r} is not a length within the {len(body)}-byte body")
+            raise BadRequest(f"{HEADER_LENGTH} {header_length!r} is not a length within the {len(body)}-byte body")
         head, binary = body[:n], memoryview(body)[n:]
     try:
         req = json.loads(head)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ProtocolError(f"the request is not valid JSON ({err})") from None
+        raise BadRequest(f"the request is not valid JSON ({err})") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
-        raise ProtocolError("the request needs a non-empty 'inputs' list")
+        raise BadRequest("the request needs a non-empty 'inputs' list")
     params = req.get("parameters") or {}
     if not isinstance(params, dict):
-        raise ProtocolError("'parameters' must be an object")
+        raise BadRequest("'parameters' must be an object")
     inputs: dict[str, Tensor] = {}
     at = 0
     for raw in req["inputs"]:
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-            raise ProtocolError("every input needs a 'name'")
+            raise BadRequest("every input needs a 'name'")
         name, datatype = raw["name"], raw.get("datatype")
         if name in inputs:
-            raise ProtocolError(f"input {name!r} appears twice")
+            raise BadRequest(f"input {name!r} appears twice")
         if datatype not in DTYPES:
-            raise ProtocolError(f"input {name!r}: unknown datatype {datatype!r}")
+            raise BadRequest(f"input {name!r}: unknown datatype {datatype!r}")
         shape = _shape(raw.get("shape"), name)
         count = math.prod(shape)
         in_params = raw.get("parameters") or {}
         size = in_params.get("binary_data_size") if isinstance(in_params, dict) else None
         if size is not None:
             if not isinstance(size, int) or size < 0 or at + size > len(binary):
-                raise ProtocolError(f"input {name!r}: binary_data_size {size!r} runs past the request's binary part")
+                raise BadRequest(f"input {name!r}: binary_data_size {size!r} runs past the request's binary part")
             chunk = binary[at : at + size]
             at += size
             if datatype == "BYTES":
@@ -158,18 +155,18 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             else:
                 itemsize = np.dtype(DTYPES[datatype]).itemsize
                 if size != count * itemsize:
-                    raise ProtocolError(f"input {name!r}: {size} bytes for shape {list(shape)} of {datatype} "
+                    raise BadRequest(f"input {name!r}: {size} bytes for shape {list(shape)} of {datatype} "
                                         f"({count * itemsize} expected)")
                 data = np.frombuffer(chunk, dtype=DTYPES[datatype])
         elif "data" in raw:
             data = _json_data(raw["data"], datatype, count, name, in_params)
         else:
-            raise ProtocolError(f"input {name!r} has neither 'data' nor binary_data_size")
+            raise BadRequest(f"input {name!r} has neither 'data' nor binary_data_size")
         if datatype == "BYTES" and len(data) != count:
-            raise ProtocolError(f"input {name!r}: {len(data)} elements for shape {list(shape)}")
+            raise BadRequest(f"input {name!r}: {len(data)} elements for shape {list(shape)}")
         inputs[name] = Tensor(name, datatype, shape, data)
     if at != len(binary):
-        raise ProtocolError(f"{len(binary) - at} bytes of binary data belong to no input")
+        raise BadRequest(f"{len(binary) - at} bytes of binary data belong to no input")
     return InferRequest(_request_id(req), inputs, _outputs(req, params), bool(params.get("binary_data_output", False)), params)
 
 
@@ -183,16 +180,16 @@ def _outputs(req: dict[str, Any], params: dict[str, Any]) -> list[RequestedOutpu
     if raw is None:
         return None
     if not isinstance(raw, list):
-        raise ProtocolError("'outputs' must be a list")
+        raise BadRequest("'outputs' must be a list")
     default = bool(params.get("binary_data_output", False))
     outs = []
     for o in raw:
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-            raise ProtocolError("every requested output needs a 'name'")
+            raise BadRequest("every requested output needs a 'name'")
         p = o.get("parameters") or {}
         k = p.get("classification", 0)
         if not isinstance(k, int) or k < 0:
-            raise ProtocolError(f"output {o['name']!r}: classification must be a non-negative integer")
+            raise BadRequest(f"output {o['name']!r}: classification must be a non-negative integer")
         outs.append(RequestedOutput(o["name"], bool(p.get("binary_data", default)), k))
     return outs
 

@@ -1,0 +1,101 @@
+"""`python -m runtime.serve`: an exported DeiT behind an endpoint speaking the Open Inference Protocol.
+
+    python -m runtime.serve --model artifacts/deit-small-distilled-patch16-224
+    python -m runtime.serve --model artifacts/deit-small-distilled-patch16-224 --host 0.0.0.0 --port 8000 \\
+        --max-batch-size 8 --max-queue-delay-ms 5 --max-queue-size 64
+    python -m runtime.serve --model artifacts/deit-small-distilled-patch16-224 --address auto --replicas 2 --host 0.0.0.0
+
+The same protocol as NVIDIA Triton (KServe v2: health, metadata, config, statistics, infer with JSON
+or binary tensors, classification), so a `tritonclient` program works unchanged. Inputs: `images`
+(BYTES [N], encoded JPEG/PNG/WebP files, decoded like runtime.infer) or `pixel_values` (FP32
+[N,3,H,W], preprocessed). Outputs: `logits` (or its k best, Triton's `class_count`), `topk_indices`,
+`topk_labels`, `topk_probs`. Concurrent requests are batched dynamically (runtime.serve.batching). Bad
+requests get 400, oversized ones 413, a full queue or a draining server 503, each with a one-line
+`error`. SIGTERM or Ctrl-C drains: requests already received are answered, new ones get 503, then
+the server exits 143 / 130. Exit status otherwise: see runtime/errors.py (2 usage, e.g. port in use).
+With --address the same application runs as Ray Serve replicas behind Ray Serve's proxy (runtime.serve.ray_serve).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from runtime.artifact import SYNTHETIC_WARNING
+from runtime.cli import add_classify_arguments, check_classify_arguments, open_predictor
+from runtime.errors import ArgumentParser, Interrupted, Unavailable, doc_parser, run_cli
+from runtime.serve.dataplane import DataPlane
+from runtime.serve.options import PROG, banner, server_options
+
+
+def build_parser() -> ArgumentParser:
+    p = doc_parser("python -m runtime.serve", __doc__)
+    add_classify_arguments(p, "", batch_flag="--max-batch-size")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the URL printed says which)")
+    p.add_argument("--name", help="the model's name on the wire (default: the artifact folder's name)")
+    p.add_argument("--max-queue-delay-ms", type=float, default=5.0,
+                   help="how long the oldest queued request may wait for others to fill a batch (default 5)")
+    p.add_argument("--no-batching", dest="batching", action="store_false", help="run every request alone")
+    p.add_argument("--max-queue-size", type=int, default=64, help="requests held at once; more get 503 (default 64)")
+    p.add_argument("--max-request-bytes", type=int, default=64 << 20, help="larger request bodies get 413 (default 64 MiB)")
+    p.add_argument("--address", help="serve as Ray Serve replicas instead of in this process: 'local' (a Ray started "
+                   "here), 'auto' (the cluster of `ray start`) or ray://HOST:PORT; Ray Serve's proxy listens on --host/--port")
+    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each with its own model and batcher "
+                   "(with --address; default 1)")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_classify_arguments(p, args, "max_queue_size", "max_request_bytes")
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port {args.port}: must be between 0 and 65535")
+    if args.max_queue_delay_ms < 0:
+        p.error("--max-queue-delay-ms must be at least 0")
+    if args.replicas < 1:
+        p.error(f"--replicas {args.replicas}: must be at least 1")
+    if args.replicas != 1 and not args.address:
+        p.error("--replicas needs --address (replicas run on Ray Serve)")
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.address:
+        from runtime.serve.ray_serve import run_on_ray
+
+        return run_on_ray(args)
+    try:
+        import uvicorn
+
+        from runtime.serve.rest import build_app
+        from runtime.serve.server import DrainingServer, bind
+    except ImportError as err:
+        raise Unavailable(f"runtime.serve needs the serve extra: pip install -e '.[serve]' ({err})") from None
+    sock = bind(args.host, args.port)
+    predictor = open_predictor(args, PROG)
+    backend = predictor.backend
+    if backend.meta.synthetic:
+        print(SYNTHETIC_WARNING, file=sys.stderr)
+    opts = server_options(args, predictor)
+    host, port = sock.getsockname()[:2]
+    with backend:
+        plane = DataPlane(predictor, opts)
+        config = uvicorn.Config(build_app(plane), log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=30)
+        server = DrainingServer(config, plane, banner(opts, predictor, host, port))
+        try:
+            asyncio.run(server.serve(sockets=[sock]))
+        finally:
+            plane.close()
+            sock.close()
+    if server.signum is not None:
+        raise Interrupted(server.signum, f"drained: {plane.answered} requests answered, none dropped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli(PROG, lambda: run(args))
