@@ -86,11 +86,11 @@ def _as_file(data: bytes) -> Iterator[Path]:
 
 
 def decode_bytes(data: bytes, name: str, spec: Preprocessing, draft: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> np.ndarray | str:
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, budget: DecodeBudget | None = None) -> np.ndarray | str:
     """Encoded image bytes (a URI's content, a request item) -> pixels or "<name>: <reason>", through
     the same loader as a file, so the answer is the one runtime.infer gives for that file."""
     with _as_file(data) as local:
-        result = decode_file(local, spec, draft, max_pixels, max_file_bytes)
+        result = decode_file(local, spec, draft, max_pixels, max_file_bytes, budget)
     return result.replace(display_path(local), name, 1) if isinstance(result, str) else result
 
 

@@ -226,8 +226,13 @@ def pixels_body(pixels: np.ndarray) -> bytes:
                                    "data": pixels.reshape(-1).tolist()}], "outputs": [{"name": "logits"}]}).encode()
 
 
-def in_flight(client: httpclient.InferenceServerClient) -> int:
-    return client.get_inference_statistics(NAME)["model_stats"][0]["queue_now"]["in_flight"]
+def queue_now(client: httpclient.InferenceServerClient) -> dict[str, int]:
+    return client.get_inference_statistics(NAME)["model_stats"][0]["queue_now"]
+
+
+def receiving(client: httpclient.InferenceServerClient) -> int:
+    """Requests whose body is still arriving (they hold no --max-queue-size slot yet)."""
+    return queue_now(client)["receiving"]
 
 
 def test_requests_on_their_way_share_a_backend_batch(tiny_artifact: Path) -> None:
@@ -238,7 +243,7 @@ def test_requests_on_their_way_share_a_backend_batch(tiny_artifact: Path) -> Non
         pixels = np.random.default_rng(1).standard_normal((4, 1, 3, 32, 32)).astype(np.float32)
         bodies = [pixels_body(p) for p in pixels]
         held = [raw_request_start(url, b) for b in bodies]
-        wait_for(lambda: in_flight(client) == 4, "the server holds the four requests")
+        wait_for(lambda: receiving(client) == 4, "the server receives the four requests")
         for sock, b in zip(held, bodies):
             finish_request(sock, b)
         answers = [read_answer(sock) for sock in held]
@@ -256,30 +261,38 @@ def test_requests_on_their_way_share_a_backend_batch(tiny_artifact: Path) -> Non
 
 
 def test_full_queue_gets_503_and_sigterm_drains(tiny_artifact: Path) -> None:
+    """A request that has arrived takes the one queue slot (it waits for a batch while another is still arriving);
+    a third gets 503. SIGTERM: new requests get 503, the queued one is answered at once, the arriving one when
+    its body is complete, then the server exits 143."""
     with serving(tiny_artifact, "--max-queue-size", "1", "--max-queue-delay-ms", "600000") as (proc, url):
         client = httpclient.InferenceServerClient(url)
-        pixels = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
-        body = pixels_body(pixels)
-        held = raw_request_start(url, body)
-        wait_for(lambda: in_flight(client) == 1, "the server holds the first request")
-        status, message = refused(client, [pixels_input(pixels)])
+        pixels = np.random.default_rng(0).standard_normal((2, 1, 3, 32, 32)).astype(np.float32)
+        bodies = [pixels_body(p) for p in pixels]
+        arriving = raw_request_start(url, bodies[1])
+        wait_for(lambda: receiving(client) == 1, "the server receives the first request")
+        queued = raw_request_start(url, bodies[0])
+        finish_request(queued, bodies[0])
+        wait_for(lambda: queue_now(client)["in_flight"] == 1, "the second request is queued")
+        status, message = refused(client, [pixels_input(pixels[0])])
         assert status == "503" and "--max-queue-size" in message
 
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: not client.is_server_ready(), "the server reports it is draining")
-        status, message = refused(client, [pixels_input(pixels)])
+        status, message = refused(client, [pixels_input(pixels[0])])
         assert status == "503" and "shutting down" in message
-        assert proc.poll() is None  # it waits for the request it holds
+        status, answer = read_answer(queued)
+        assert status.endswith(b"200 OK"), answer
+        assert proc.poll() is None  # it waits for the request still arriving
 
-        finish_request(held, body)
-        status, answer = read_answer(held)
+        finish_request(arriving, bodies[1])
+        status, answer = read_answer(arriving)
         assert status.endswith(b"200 OK"), answer
         (out,) = answer["outputs"]
         with create("ort-cpu", tiny_artifact, max_batch=1, threads=1) as backend:
-            np.testing.assert_allclose(np.array(out["data"]).reshape(1, 10), backend.infer(pixels)["logits"], atol=1e-5)
+            np.testing.assert_allclose(np.array(out["data"]).reshape(1, 10), backend.infer(pixels[1])["logits"], atol=1e-5)
         assert proc.wait(timeout=60) == 143
         assert proc.stderr is not None
-        assert "serve: terminated; drained: 1 requests answered" in proc.stderr.read()
+        assert "serve: terminated; drained: 2 requests answered, none cut" in proc.stderr.read()
 
 
 @pytest.mark.parametrize("where", [[], ["--address", "local"]], ids=["one process", "Ray Serve"])
@@ -367,7 +380,7 @@ def test_ray_serve_replica_answers_like_the_predictor_and_is_restarted(tiny_arti
         pid = replica_pid(client)
         body = pixels_body(pixels[:1])
         held = raw_request_start(url, body)
-        wait_for(lambda: in_flight(client) == 1, "the replica holds the request")
+        wait_for(lambda: receiving(client) == 1, "the replica receives the request")
         os.kill(pid, signal.SIGKILL)
         finish_request(held, body)
         status, answer = read_raw_answer(held)  # Ray Serve's proxy answers, in plain text

@@ -9,10 +9,15 @@ live here, so an endpoint only translates its protocol: it gets the same limits,
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import os
 import socket
-from collections.abc import Awaitable, Callable
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -20,11 +25,14 @@ import numpy as np
 from runtime import __version__
 from runtime.cpuinfo import usable_cores
 from runtime.predictor import Predictor, Top, decode_bytes
-from runtime.serve.batching import DynamicBatcher
+from runtime.preprocess import DecodeBudget
+from runtime.serve.batching import Duration, DynamicBatcher
 from runtime.serve.failures import (HTTP_STATUS, BadRequest, InferenceFailed, NotFound, Overloaded, RequestFailure,
-                                    ShuttingDown, status_of)
+                                    ShuttingDown, TooLarge, status_of)
+from runtime.serve.metrics import Counts, registry_for
 from runtime.serve.options import ServeOptions
-from runtime.serve.protocol import InferRequest, RequestedOutput, encode_response, io_config, parse_request
+from runtime.serve.protocol import (InferRequest, RequestedOutput, encode_response, io_config, load_json, parse_request,
+                                    split_body)
 
 VERSION = "1"  # the one model version the server holds
 OUTPUTS = {"logits": "FP32", "topk_indices": "INT64", "topk_labels": "BYTES", "topk_probs": "FP32"}
@@ -32,6 +40,40 @@ TYPE_NAMES = {"FP32": "TYPE_FP32", "INT64": "TYPE_INT64", "BYTES": "TYPE_STRING"
 EXTENSIONS = ["binary_tensor_data", "classification", "statistics", "model_configuration"]
 Row = tuple[np.ndarray, "Top | str"]  # one image's logits and its top-k (or why there is none)
 BodyReader = Callable[[int], Awaitable[bytes]]  # the endpoint's body, read up to a byte limit
+JSON_COST = 16  # bytes of memory a parsed JSON request holds per byte of its text (measured: about 13)
+TRIM_ABOVE = 64 << 20  # a hold this large is handed back to the operating system when it ends
+
+
+class TrimmingBudget(DecodeBudget):
+    """The decode budget, shared by every request's image decoding and JSON parsing; after a large hold, the
+    freed memory goes back to the operating system (glibc keeps freed heap pages otherwise, so one huge
+    picture would leave the server's RSS at its peak)."""
+
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        with super().hold(nbytes):
+            yield
+        if nbytes >= TRIM_ABOVE and hasattr(self._libc, "malloc_trim"):
+            self._libc.malloc_trim(0)
+
+
+class BodyBytes:
+    """Bytes of request bodies still arriving, all requests together: past `total` a request gets 503, so slow
+    uploads cost memory in proportion to what they sent, never to what they declared."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.held = total, 0
+
+    def take(self, n: int) -> None:
+        if self.held + n > self.total:
+            raise Overloaded(f"the server is already receiving {self.held} bytes of request bodies "
+                             "(--max-queue-size x --max-request-bytes); retry later")
+        self.held += n
+
+    def give(self, n: int) -> None:
+        self.held -= n
 
 
 class DataPlane:
@@ -44,21 +86,32 @@ class DataPlane:
         self.classes = self.meta.num_labels
         _, _, self.height, self.width = backend.input_shape(1)
         self.pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="decode")
-        self.arriving = 0  # requests received but not yet queued for a batch (being read, parsed, decoded)
+        self.budget = TrimmingBudget(opts.decode_memory)
+        self.body_bytes = BodyBytes(opts.max_queue * opts.max_request_bytes)
+        self.receiving = 0  # requests whose body is arriving: no queue slot yet, so a stalled upload holds none
+        self.decoding = 0  # requests admitted, being parsed and decoded
         self.batcher: DynamicBatcher[Row] = DynamicBatcher(self._run, opts.max_batch, opts.max_delay_s, opts.batching,
-                                                           lambda: self.arriving)
-        self.in_flight = 0
+                                                           lambda: self.receiving + self.decoding)
+        self.in_flight = 0  # requests admitted (--max-queue-size): decoding, queued or running
         self.draining = False
-        self.answered = 0
-        self.rejected: dict[int, int] = {}  # HTTP status -> count
+        self.success, self.fail = Duration(), Duration()
+        self.images = 0  # of requests answered with success: Triton's inference_count
+        self.failures: Counter[type[RequestFailure]] = Counter()
+        self.registry = registry_for(self.counts)
+
+    @property
+    def answered(self) -> int:
+        return self.success.count
 
     def _run(self, pixels: np.ndarray) -> list[Row]:
         logits, tops = self.predictor.run(pixels)
         return list(zip(logits, tops))
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the batcher (what is queued runs first) and the decode threads; `wait=False` leaves a decode still
+        running behind (a second signal: the process ends without it)."""
         self.batcher.close()
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown(wait=wait, cancel_futures=not wait)
 
     # --- health, metadata, configuration, statistics ---------------------------------------------
 
@@ -82,7 +135,7 @@ class DataPlane:
         return {
             "name": self.opts.name, "versions": [VERSION], "platform": f"deit-deploy_{b.name}",
             "inputs": [{"name": "pixel_values", "datatype": "FP32", "shape": [-1, 3, self.height, self.width]},
-                       {"name": "images", "datatype": "BYTES", "shape": [-1]}],
+                       {"name": "images", "datatype": "BYTES", "shape": [-1, 1]}],
             "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, c]},
                         *({"name": n, "datatype": OUTPUTS[n], "shape": [-1, k]} for n in ("topk_indices", "topk_labels", "topk_probs"))],
             "parameters": {"checkpoint": self.meta.checkpoint, "weights": self.meta.weights, "backend": b.name,
@@ -108,31 +161,60 @@ class DataPlane:
         return cfg
 
     def statistics(self) -> dict[str, Any]:
-        """Triton's statistics extension (per model, per batch size), plus what is queued and refused now."""
+        """Triton's statistics extension (per model, per batch size), plus what is held and refused now.
+        A request counts as a success only once it is answered; every refusal counts as a failure."""
         b = self.batcher
+        zero = {"count": 0, "ns": 0}
         with b.stats_lock:
             s = b.stats
-            zero = {"count": 0, "ns": 0}
             stats = {
                 "name": self.opts.name, "version": VERSION, "last_inference": s.last_ms,
-                "inference_count": s.images, "execution_count": s.executions,
-                "inference_stats": {"success": s.success.to_dict(), "fail": s.fail.to_dict(), "queue": s.queue.to_dict(),
-                                    "compute_input": zero, "compute_infer": s.compute.to_dict(), "compute_output": zero},
+                "inference_count": self.images, "execution_count": s.executions,
+                "inference_stats": {"success": self.success.to_dict(), "fail": self.fail.to_dict(),
+                                    "queue": s.queue.to_dict(), "compute_input": zero, "compute_infer": s.compute.to_dict(),
+                                    "compute_output": zero, "cache_hit": zero, "cache_miss": zero},
                 "batch_stats": [{"batch_size": size, "compute_input": {"count": d.count, "ns": 0},
                                  "compute_infer": d.to_dict(), "compute_output": {"count": d.count, "ns": 0}}
                                 for size, d in sorted(s.batches.items())],
             }
         queued, images = b.queued()
-        stats["queue_now"] = {"requests": queued, "images": images, "in_flight": self.in_flight}
-        stats["rejected"] = {str(k): v for k, v in sorted(self.rejected.items())}
+        stats["queue_now"] = {"requests": queued, "images": images, "in_flight": self.in_flight, "receiving": self.receiving}
+        stats["rejected"] = {str(k): v for k, v in sorted(self._rejected_by_status().items())}
+        stats["rejected_by_reason"] = {kind.reason: n for kind, n in sorted(self.failures.items(), key=lambda x: x[0].reason)}
         stats["process"] = {"pid": os.getpid(), "host": socket.gethostname()}  # which replica answered, behind Ray Serve
         return {"model_stats": [stats]}
+
+    def _rejected_by_status(self) -> Counter[int]:
+        by_status: Counter[int] = Counter()
+        for kind, n in self.failures.items():
+            by_status[status_of(kind, HTTP_STATUS)] += n
+        return by_status
+
+    def counts(self) -> Counts:
+        """What the Prometheus metrics report, read from the same counts as the statistics."""
+        with self.batcher.stats_lock:
+            s = self.batcher.stats
+            executions, queue_ns, compute_ns = s.executions, s.queue.ns, s.compute.ns
+        failures = {(kind.triton_reason, kind.reason): n for kind, n in self.failures.items()}
+        return Counts(self.opts.name, VERSION, self.success.count, self.images, executions, self.success.ns // 1000,
+                      queue_ns // 1000, compute_ns // 1000, self.in_flight, self.receiving, failures)
+
+    def count_failure(self, failure: RequestFailure, seconds: float = 0.0) -> None:
+        """A request answered with `failure` (also one an endpoint refused before the data plane saw it)."""
+        self.failures[type(failure)] += 1
+        self.fail.add(seconds)
 
     # --- infer ------------------------------------------------------------------------------------
 
     def prepare(self, body: bytes, header_length: str | None) -> tuple[InferRequest, str, np.ndarray, int]:
-        """Parse and check a request, decode its images: (request, input name, pixels, k). Runs in a decode thread."""
-        req = parse_request(body, header_length)
+        """Parse and check a request, decode its images: (request, input name, pixels, k). Runs in a decode thread;
+        parsing holds its JSON's cost from the decode budget, as decoding holds each picture's."""
+        head, binary = split_body(body, header_length)
+        if len(head) > self.opts.max_json_bytes:
+            raise TooLarge(f"the request's JSON is {len(head)} bytes, over --max-json-bytes {self.opts.max_json_bytes}; "
+                           "send tensors with the binary-tensor extension")
+        with self.budget.hold(JSON_COST * len(head)):
+            req = parse_request(load_json(head), binary)
         names = set(req.inputs)
         unknown = names - {"pixel_values", "images"}
         if unknown or len(names) != 1:
@@ -145,11 +227,10 @@ class DataPlane:
         if not 1 <= n <= self.opts.max_batch:
             raise BadRequest(f"input {name!r}: {n} images in one request; this server takes 1 to "
                              f"{self.opts.max_batch} (--max-batch-size)")
+        k = self._topk(req)
         if name == "pixel_values":
-            pixels = self._pixel_values(t.datatype, t.shape, t.data)
-        else:
-            pixels = self._images(t.datatype, t.shape, t.data)
-        return req, name, pixels, self._topk(req)
+            return req, name, self._pixel_values(t.datatype, t.shape, t.data), k
+        return req, name, self._images(t.datatype, t.shape, t.data), k
 
     def _pixel_values(self, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
         want = (3, self.height, self.width)
@@ -168,8 +249,8 @@ class DataPlane:
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
             raise BadRequest(f"input 'images': shape {list(shape)}, expected [N] or [N, 1]")
         spec = self.predictor.spec
-        decoded = [decode_bytes(item, f"images[{i}]", spec, self.opts.draft, self.opts.max_pixels, self.opts.max_file_bytes)
-                   for i, item in enumerate(data)]
+        decoded = [decode_bytes(item, f"images[{i}]", spec, self.opts.draft, self.opts.max_pixels, self.opts.max_file_bytes,
+                                self.budget) for i, item in enumerate(data)]
         errors = [d for d in decoded if isinstance(d, str)]
         if errors:
             raise BadRequest(f"input {'; '.join(errors)}")
@@ -211,39 +292,44 @@ class DataPlane:
         return encode_response(self.opts.name, req.id, outputs)
 
     async def infer(self, body: BodyReader, header_length: str | None) -> tuple[bytes, dict[str, str]]:
-        """One request, from admission to response; a `RequestFailure` for every answer but success,
-        counted in the statistics."""
+        """One request, from its body to its answer; a `RequestFailure` for every answer but success.
+        Either way it is counted in the statistics and metrics."""
+        start = time.monotonic()
         try:
-            return await self._infer(body, header_length)
+            answer, images = await self._infer(body, header_length)
         except RequestFailure as failure:
-            status = status_of(failure, HTTP_STATUS)
-            self.rejected[status] = self.rejected.get(status, 0) + 1
+            self.count_failure(failure, time.monotonic() - start)
             raise
+        self.success.add(time.monotonic() - start)
+        self.images += images
+        return answer
 
-    async def _infer(self, body: BodyReader, header_length: str | None) -> tuple[bytes, dict[str, str]]:
+    async def _infer(self, body: BodyReader, header_length: str | None) -> tuple[tuple[bytes, dict[str, str]], int]:
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another replica")
+        self.receiving += 1
+        try:
+            data = await body(self.opts.max_request_bytes)
+        finally:  # received or refused: no longer on its way, which the batcher must see
+            self.receiving -= 1
+            self.batcher.poke()
         if self.in_flight >= self.opts.max_queue:
             raise Overloaded(f"the server already holds {self.in_flight} requests (--max-queue-size); retry later")
         self.in_flight += 1
-        self.arriving += 1
+        self.decoding += 1
         try:
             try:
-                data = await body(self.opts.max_request_bytes)
                 req, name, pixels, k = await asyncio.get_running_loop().run_in_executor(
                     self.pool, self.prepare, data, header_length)
                 queued = self.batcher.submit(pixels)
-            finally:  # queued or refused: no longer on its way, which the batcher must see
-                self.arriving -= 1
+            finally:
+                self.decoding -= 1
                 self.batcher.poke()
             try:
                 rows = await queued
             except Exception as err:  # the backend failed on this batch: a server fault, the server serves on
                 raise InferenceFailed(f"inference failed: {type(err).__name__}: "
                                       f"{str(err).splitlines()[0] if str(err) else ''}") from None
-            answer = self.respond(req, name, rows, k)
-            self.answered += 1
-            return answer
+            return self.respond(req, name, rows, k), len(pixels)
         finally:
             self.in_flight -= 1
-

@@ -16,6 +16,7 @@ class RequestFailure(Exception):
     `reason` labels it in the statistics and metrics (rejections by reason)."""
 
     reason: ClassVar[str] = "error"
+    triton_reason: ClassVar[str] = "OTHER"  # the `reason` label of Triton's nv_inference_request_failure
 
 
 class BadRequest(RequestFailure):
@@ -36,6 +37,18 @@ class Unsupported(RequestFailure):
     reason = "unsupported"
 
 
+class BodyTimeout(RequestFailure):
+    """The body did not fully arrive within --body-timeout: the request is answered and its connection closed."""
+
+    reason = "body_timeout"
+
+
+class HeadersTooLarge(RequestFailure):
+    """More header bytes or fields than the server reads."""
+
+    reason = "headers_too_large"
+
+
 class TooLarge(RequestFailure):
     """A body over --max-request-bytes (declared, received or decompressed) or JSON over --max-json-bytes."""
 
@@ -43,38 +56,51 @@ class TooLarge(RequestFailure):
 
 
 class Overloaded(RequestFailure):
-    """--max-queue-size requests already held: refused at once rather than queued without bound."""
+    """--max-queue-size requests already held, too many bytes of bodies arriving, or as many connections as the
+    open-file limit allows: refused at once rather than queued without bound."""
 
     reason = "queue_full"
+    triton_reason = "REJECTED"
 
 
 class ShuttingDown(RequestFailure):
     """The server drains: it answers what it holds, takes nothing new."""
 
     reason = "shutting_down"
+    triton_reason = "REJECTED"
 
 
 class InferenceFailed(RequestFailure):
     """The backend failed on the batch that held this request: a server fault; the server serves on."""
 
     reason = "inference_failed"
+    triton_reason = "BACKEND"
+
+
+class Internal(RequestFailure):
+    """A fault of this server's own (a bug): answered in the protocol's form, the server serves on."""
+
+    reason = "internal"
 
 
 # Failure type -> HTTP status. The one table: an endpoint for another protocol keeps its codes beside it.
 HTTP_STATUS: dict[type[RequestFailure], int] = {
     BadRequest: 400,
     NotFound: 404,
-    Unsupported: 400,
+    Unsupported: 501,
+    BodyTimeout: 408,
     TooLarge: 413,
+    HeadersTooLarge: 431,
     Overloaded: 503,
     ShuttingDown: 503,
     InferenceFailed: 500,
+    Internal: 500,
 }
 
 
-def status_of(failure: RequestFailure, table: dict[type[RequestFailure], int]) -> int:
-    """The code `table` gives `failure`'s class (or its nearest listed base)."""
-    for kind in type(failure).__mro__:
+def status_of(failure: type[RequestFailure], table: dict[type[RequestFailure], int]) -> int:
+    """The code `table` gives the failure class (or its nearest listed base)."""
+    for kind in failure.__mro__:
         if kind in table:
             return table[kind]
-    raise KeyError(f"{type(failure).__name__} has no entry in the failure table")
+    raise KeyError(f"{failure.__name__} has no entry in the failure table")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from runtime.artifact import ArtifactMeta
-from runtime.serve.failures import BadRequest
+from runtime.serve.failures import BadRequest, Unsupported
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Protocol datatype -> numpy dtype (BYTES elements are Python bytes).
@@ -92,7 +92,7 @@ def _json_data(raw: Any, datatype: str, count: int, name: str, parameters: dict[
                 return [base64.b64decode(x, validate=True) for x in flat]
             except (binascii.Error, ValueError):
                 raise BadRequest(f"input {name!r}: an element is not valid base64") from None
-        return [x.encode("utf-8", "surrogateescape") for x in flat]
+        return [_utf8(x, name, i) for i, x in enumerate(flat)]
     try:
         data = np.asarray(raw, dtype=DTYPES[datatype]).reshape(-1)
     except (ValueError, TypeError, OverflowError) as err:
@@ -100,6 +100,13 @@ def _json_data(raw: Any, datatype: str, count: int, name: str, parameters: dict[
     if data.size != count:
         raise BadRequest(f"input {name!r}: {data.size} values for shape of {count} elements")
     return data
+
+
+def _utf8(text: str, name: str, index: int) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # JSON may escape a lone surrogate ("\ud800"), which no UTF-8 text holds
+        raise BadRequest(f"input {name!r}: element {index} is not valid Unicode (a lone surrogate)") from None
 
 
 def _flatten(x: Any) -> Any:
@@ -110,87 +117,127 @@ def _flatten(x: Any) -> Any:
             yield item
 
 
-def parse_request(body: bytes, header_length: str | None) -> InferRequest:
-    """An `infer` request body (JSON, or JSON header + binary tensors) -> its inputs, checked for consistency."""
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """An `infer` body -> (its JSON part, its binary part), per the binary-tensor extension's header."""
     if header_length is None:
-        head, binary = body, memoryview(b"")
-    else:
-        try:
-            n = int(header_length)
-        except ValueError:
-            n = -1
-        if not 0 <= n <= len(body):
-            raise BadRequest(f"{HEADER_LENGTH} {header_length!r} is not a length within the {len(body)}-byte body")
-        head, binary = body[:n], memoryview(body)[n:]
+        return body, memoryview(b"")
+    n = int(header_length) if header_length.isdigit() else -1
+    if not 0 <= n <= len(body):
+        raise BadRequest(f"{HEADER_LENGTH} {header_length!r} is not a length within the {len(body)}-byte body")
+    return body[:n], memoryview(body)[n:]
+
+
+def load_json(head: bytes) -> dict[str, Any]:
+    """The request's JSON object; malformed, non-UTF-8 or too deeply nested JSON is a `BadRequest`."""
     try:
         req = json.loads(head)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadRequest(f"the request is not valid JSON ({err})") from None
-    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
+    except RecursionError:
+        raise BadRequest("the request's JSON is nested too deeply") from None
+    if not isinstance(req, dict):
+        raise BadRequest("the request must be a JSON object")
+    return req
+
+
+def parse_request(req: dict[str, Any], binary: memoryview) -> InferRequest:
+    """A request's JSON object and binary part -> its inputs and outputs, each field checked as Triton checks it."""
+    if not isinstance(req.get("inputs"), list) or not req["inputs"]:
         raise BadRequest("the request needs a non-empty 'inputs' list")
-    params = req.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise BadRequest("'parameters' must be an object")
+    params = _parameters(req, "the request")
+    binary_output = _flag(params, "binary_data_output", False, "the request")
+    rid = req.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise BadRequest(f"'id' must be a string, not {type(rid).__name__}")
     inputs: dict[str, Tensor] = {}
     at = 0
-    for raw in req["inputs"]:
-        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-            raise BadRequest("every input needs a 'name'")
-        name, datatype = raw["name"], raw.get("datatype")
-        if name in inputs:
-            raise BadRequest(f"input {name!r} appears twice")
-        if datatype not in DTYPES:
-            raise BadRequest(f"input {name!r}: unknown datatype {datatype!r}")
-        shape = _shape(raw.get("shape"), name)
-        count = math.prod(shape)
-        in_params = raw.get("parameters") or {}
-        size = in_params.get("binary_data_size") if isinstance(in_params, dict) else None
-        if size is not None:
-            if not isinstance(size, int) or size < 0 or at + size > len(binary):
-                raise BadRequest(f"input {name!r}: binary_data_size {size!r} runs past the request's binary part")
-            chunk = binary[at : at + size]
-            at += size
-            if datatype == "BYTES":
-                data: np.ndarray | list[bytes] = deserialize_bytes(chunk, name)
-            else:
-                itemsize = np.dtype(DTYPES[datatype]).itemsize
-                if size != count * itemsize:
-                    raise BadRequest(f"input {name!r}: {size} bytes for shape {list(shape)} of {datatype} "
-                                        f"({count * itemsize} expected)")
-                data = np.frombuffer(chunk, dtype=DTYPES[datatype])
-        elif "data" in raw:
-            data = _json_data(raw["data"], datatype, count, name, in_params)
-        else:
-            raise BadRequest(f"input {name!r} has neither 'data' nor binary_data_size")
-        if datatype == "BYTES" and len(data) != count:
-            raise BadRequest(f"input {name!r}: {len(data)} elements for shape {list(shape)}")
-        inputs[name] = Tensor(name, datatype, shape, data)
+    try:
+        for raw in req["inputs"]:
+            tensor, at = _input(raw, binary, at)
+            if tensor.name in inputs:
+                raise BadRequest(f"input {tensor.name!r} appears twice")
+            inputs[tensor.name] = tensor
+    except RecursionError:  # `data` nested deeper than Python recurses
+        raise BadRequest("an input's 'data' is nested too deeply") from None
     if at != len(binary):
         raise BadRequest(f"{len(binary) - at} bytes of binary data belong to no input")
-    return InferRequest(_request_id(req), inputs, _outputs(req, params), bool(params.get("binary_data_output", False)), params)
+    return InferRequest(rid, inputs, _outputs(req, binary_output), binary_output, params)
 
 
-def _request_id(req: dict[str, Any]) -> str | None:
-    rid = req.get("id")
-    return rid if isinstance(rid, str) else None
+def _parameters(holder: dict[str, Any], what: str) -> dict[str, Any]:
+    params = holder.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise BadRequest(f"{what}: 'parameters' must be an object")
+    if "shared_memory_region" in params:
+        raise Unsupported(f"{what}: shared memory is not supported; send the tensor in the body")
+    return params
 
 
-def _outputs(req: dict[str, Any], params: dict[str, Any]) -> list[RequestedOutput] | None:
+def _flag(params: dict[str, Any], key: str, default: bool, what: str) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise BadRequest(f"{what}: parameter {key} must be true or false, not {value!r}")
+    return value
+
+
+def _input(raw: Any, binary: memoryview, at: int) -> tuple[Tensor, int]:
+    """One entry of `inputs` -> its tensor, and where the next input's binary data starts."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        raise BadRequest("every input needs a 'name'")
+    name, datatype = raw["name"], raw.get("datatype")
+    if datatype not in DTYPES:
+        raise BadRequest(f"input {name!r}: unknown datatype {datatype!r}")
+    shape = _shape(raw.get("shape"), name)
+    count = math.prod(shape)
+    params = _parameters(raw, f"input {name!r}")
+    size = params.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or at + size > len(binary):
+            raise BadRequest(f"input {name!r}: binary_data_size {size!r} runs past the request's binary part")
+        if "data" in raw:
+            raise BadRequest(f"input {name!r} has both 'data' and binary_data_size")
+        data = _binary_data(binary[at : at + size], datatype, shape, name)
+        at += size
+    elif "data" in raw:
+        data = _json_data(raw["data"], datatype, count, name, params)
+    else:
+        raise BadRequest(f"input {name!r} has neither 'data' nor binary_data_size")
+    if datatype == "BYTES" and len(data) != count:
+        raise BadRequest(f"input {name!r}: {len(data)} elements for shape {list(shape)}")
+    return Tensor(name, datatype, shape, data), at
+
+
+def _binary_data(chunk: memoryview, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray | list[bytes]:
+    if datatype == "BYTES":
+        return deserialize_bytes(chunk, name)
+    itemsize = np.dtype(DTYPES[datatype]).itemsize
+    count = math.prod(shape)
+    if len(chunk) != count * itemsize:
+        raise BadRequest(f"input {name!r}: {len(chunk)} bytes for shape {list(shape)} of {datatype} "
+                         f"({count * itemsize} expected)")
+    return np.frombuffer(chunk, dtype=DTYPES[datatype])
+
+
+def _outputs(req: dict[str, Any], default_binary: bool) -> list[RequestedOutput] | None:
     raw = req.get("outputs")
     if raw is None:
         return None
     if not isinstance(raw, list):
         raise BadRequest("'outputs' must be a list")
-    default = bool(params.get("binary_data_output", False))
-    outs = []
+    outs: list[RequestedOutput] = []
     for o in raw:
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise BadRequest("every requested output needs a 'name'")
-        p = o.get("parameters") or {}
+        what = f"output {o['name']!r}"
+        if any(out.name == o["name"] for out in outs):
+            raise BadRequest(f"{what} is requested twice")
+        p = _parameters(o, what)
         k = p.get("classification", 0)
-        if not isinstance(k, int) or k < 0:
-            raise BadRequest(f"output {o['name']!r}: classification must be a non-negative integer")
-        outs.append(RequestedOutput(o["name"], bool(p.get("binary_data", default)), k))
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise BadRequest(f"{what}: classification must be a non-negative integer")
+        outs.append(RequestedOutput(o["name"], _flag(p, "binary_data", default_binary, what), k))
     return outs
 
 

@@ -1,49 +1,106 @@
 """The HTTP endpoint: the Open Inference Protocol's REST routes (as Triton serves them) over one data plane.
 
 Each route only translates: the path's model and version, the body, the data plane's answer or its
-`RequestFailure`, whose HTTP status comes from `runtime.serve.failures.HTTP_STATUS`.
+`RequestFailure`, whose HTTP status comes from `runtime.serve.failures.HTTP_STATUS`. Every answer is the
+protocol's: an unknown route, a method a route does not take, an extension this server does not have and
+a fault of its own are all `{"error": "<one line>"}`, never a plain-text page or a traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import zlib
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from runtime.serve.dataplane import DataPlane
-from runtime.serve.failures import HTTP_STATUS, BadRequest, RequestFailure, TooLarge, status_of
+from runtime.serve.dataplane import BodyBytes, DataPlane
+from runtime.serve.failures import (HTTP_STATUS, BadRequest, BodyTimeout, Internal, NotFound, RequestFailure, TooLarge,
+                                    Unsupported, status_of)
+from runtime.serve.metrics import exposition
 from runtime.serve.protocol import HEADER_LENGTH
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+# Triton's routes for extensions this server does not have -> what the answer says
+UNSUPPORTED = {
+    "/v2/repository": "model repository control is not supported: this server holds the one model given by --model",
+    "/v2/systemsharedmemory": "shared memory is not supported; send the tensor in the body",
+    "/v2/cudasharedmemory": "shared memory is not supported; send the tensor in the body",
+    "/v2/trace": "trace settings are not supported",
+    "/v2/logging": "log settings are not supported",
+}
+CLOSES = (BodyTimeout, TooLarge)  # answered before the whole body was read: the connection cannot carry another request
 
 
 def error_response(failure: RequestFailure) -> Response:
     """The protocol's error answer: `{"error": "<one line>"}` with the failure's HTTP status."""
-    return JSONResponse({"error": str(failure)}, status_code=status_of(failure, HTTP_STATUS))
+    headers = {"Connection": "close"} if isinstance(failure, CLOSES) else None
+    return JSONResponse({"error": str(failure)}, status_code=status_of(type(failure), HTTP_STATUS), headers=headers)
+
+
+def answering(endpoint: Endpoint) -> Endpoint:
+    """`endpoint` with its failures answered in the protocol's form, a fault of the server's own included."""
+
+    async def guarded(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except RequestFailure as failure:
+            return error_response(failure)
+        except Exception as err:  # a bug: one line in the log and in the answer, and the server serves on
+            line = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            print(f"serve: internal error on {request.method} {request.url.path}: {line}", file=sys.stderr, flush=True)
+            return error_response(Internal(f"internal error: {line}"))
+
+    return guarded
 
 
 def build_app(plane: DataPlane) -> Starlette:
     """The Starlette application: the protocol's routes over one `DataPlane`."""
 
-    def model_route(answer: Callable[[Request], Response]) -> Endpoint:
+    def model_route(answer: Callable[[], Response]) -> Endpoint:
         """A route under /v2/models/<model>[/versions/<version>]: 404 unless it names the model served."""
 
         async def endpoint(request: Request) -> Response:
-            try:
-                plane.check_model(request.path_params.get("model"), request.path_params.get("version"))
-            except RequestFailure as failure:
-                return error_response(failure)
-            return answer(request)
+            plane.check_model(request.path_params.get("model"), request.path_params.get("version"))
+            return answer()
 
         return endpoint
 
-    def readiness(body: dict[str, Any]) -> Response:
+    def readiness(body: dict[str, object]) -> Response:
         return JSONResponse({**body, "ready": plane.ready()}, status_code=200 if plane.ready() else 503)
+
+    async def infer(request: Request) -> Response:
+        plane.check_model(request.path_params.get("model"), request.path_params.get("version"))
+        deadline = asyncio.get_running_loop().time() + plane.opts.body_timeout_s
+        header_bytes = len(request.url.path) + sum(len(k) + len(v) + 4 for k, v in request.headers.raw)
+        content, headers = await plane.infer(
+            lambda limit: read_body(request, limit - header_bytes, deadline, plane.body_bytes), request.headers.get(HEADER_LENGTH))
+        return Response(content, headers=headers)
+
+    async def metrics(request: Request) -> Response:
+        content, kind = exposition(plane.registry)
+        return Response(content, media_type=kind)
+
+    def unsupported(message: str) -> Endpoint:
+        async def endpoint(request: Request) -> Response:
+            raise Unsupported(message)
+
+        return endpoint
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, HTTPException) and exc.status_code == 405:
+            return JSONResponse({"error": f"{request.method} is not allowed on {request.url.path}"}, status_code=405)
+        return error_response(NotFound(f"no route {request.method} {request.url.path}; this server has Triton's /v2 "
+                                       "routes for one model, and /metrics"))
+
+    def both(path: str, endpoint: Endpoint, methods: list[str] | None = None) -> list[Route]:
+        return [Route(f"/v2/models/{{model}}{path}", answering(endpoint), methods=methods),
+                Route(f"/v2/models/{{model}}/versions/{{version}}{path}", answering(endpoint), methods=methods)]
 
     async def live(request: Request) -> Response:
         return JSONResponse({"live": True})
@@ -57,42 +114,43 @@ def build_app(plane: DataPlane) -> Starlette:
     async def all_stats(request: Request) -> Response:
         return JSONResponse(plane.statistics())
 
-    async def infer(request: Request) -> Response:
-        try:
-            plane.check_model(request.path_params.get("model"), request.path_params.get("version"))
-            content, headers = await plane.infer(lambda limit: read_body(request, limit), request.headers.get(HEADER_LENGTH))
-        except RequestFailure as failure:
-            return error_response(failure)
-        return Response(content, headers=headers)
-
-    def both(path: str, endpoint: Endpoint, methods: list[str] | None = None) -> list[Route]:
-        return [Route(f"/v2/models/{{model}}{path}", endpoint, methods=methods),
-                Route(f"/v2/models/{{model}}/versions/{{version}}{path}", endpoint, methods=methods)]
-
-    routes = [Route("/v2/health/live", live), Route("/v2/health/ready", server_ready), Route("/v2", server_metadata),
-              Route("/v2/models/stats", all_stats),
-              *both("", model_route(lambda r: JSONResponse(plane.metadata()))),
-              *both("/ready", model_route(lambda r: readiness({"name": plane.opts.name}))),
-              *both("/config", model_route(lambda r: JSONResponse(plane.config()))),
-              *both("/stats", model_route(lambda r: JSONResponse(plane.statistics()))),
+    extensions = [Route(f"{prefix}{tail}", answering(unsupported(message)), methods=["GET", "POST"])
+                  for prefix, message in UNSUPPORTED.items() for tail in ("", "/{rest:path}")]
+    routes = [Route("/v2/health/live", answering(live)), Route("/v2/health/ready", answering(server_ready)),
+              Route("/v2", answering(server_metadata)), Route("/v2/models/stats", answering(all_stats)),
+              Route("/metrics", answering(metrics)), *extensions,
+              *both("", model_route(lambda: JSONResponse(plane.metadata()))),
+              *both("/ready", model_route(lambda: readiness({"name": plane.opts.name}))),
+              *both("/config", model_route(lambda: JSONResponse(plane.config()))),
+              *both("/stats", model_route(lambda: JSONResponse(plane.statistics()))),
+              *both("/trace/setting", unsupported(UNSUPPORTED["/v2/trace"]), ["GET", "POST"]),
               *both("/infer", infer, ["POST"])]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused as soon as it passes `limit` bytes (declared, received or decompressed)."""
+async def read_body(request: Request, limit: int, deadline: float, arriving: BodyBytes) -> bytes:
+    """The request body, refused as soon as it passes `limit` bytes (declared, received or decompressed) or
+    `deadline` (the loop's clock) passes before it has all arrived; what arrived is held against `arriving`."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"the request is larger than --max-request-bytes {limit} ({declared} bytes)")
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise TooLarge(f"the request is larger than --max-request-bytes {limit} (more than {limit} bytes received)")
-            chunks.append(chunk)
+        async with asyncio.timeout_at(deadline):
+            async for chunk in request.stream():
+                arriving.take(len(chunk))
+                size += len(chunk)
+                if size > limit:
+                    raise TooLarge(f"the request is larger than --max-request-bytes {limit} (more than {limit} bytes received)")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within --body-timeout ({size} of "
+                          f"{declared or 'unknown'} bytes received)") from None
     except ClientDisconnect:
         raise BadRequest("the client closed the connection before the whole body arrived") from None
+    finally:
+        arriving.give(size)
     return inflate(b"".join(chunks), request.headers.get("content-encoding", "identity").lower(), limit)
 
 

@@ -1,18 +1,39 @@
-"""The server process: the listening socket and uvicorn, whose SIGTERM / SIGINT drain the data plane."""
+"""The server process: the listening socket, uvicorn with deadlines and limits on every connection, and a
+SIGTERM / SIGINT drain that always ends.
+
+uvicorn's keep-alive timer runs only between requests and restarts on every byte, and its parser takes
+headers of any size and number, so `GuardedProtocol` adds what a hostile client needs: a deadline for a
+request's headers from the moment the connection opens or the last answer went out, limits on header bytes
+and fields, and a refusal (503, at once) past the connections the open-file limit allows. The body's
+deadline is the HTTP endpoint's (`--body-timeout`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import json
+import os
+import resource
 import signal
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from runtime.errors import UsageError
 from runtime.serve.dataplane import DataPlane
+from runtime.serve.failures import HTTP_STATUS, BadRequest, HeadersTooLarge, Overloaded, RequestFailure, status_of
+
+MAX_HEADER_BYTES = 32 << 10  # request line and header fields, as nginx's default large_client_header_buffers
+MAX_HEADER_FIELDS = 100  # as Apache's LimitRequestFields
+REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -34,13 +55,147 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose SIGTERM/SIGINT drain instead of closing connections, and which says when it listens."""
+def connection_limit(reserve: int = 64) -> int:
+    """Connections this process may hold: the open-file limit, raised to its hard maximum, less the files open now
+    and `reserve` for what serving opens besides (model files, decode buffers, pipes). Past it a connection gets
+    503 at once, instead of waiting in the listen queue for an accept() that fails with EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # a container may refuse: serve within the soft limit
+            pass
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_now = 64
+    return max(1, soft - open_now - reserve)
 
-    def __init__(self, config: uvicorn.Config, plane: DataPlane, banner: str) -> None:
+
+@dataclass
+class Guard:
+    """What every connection is held to, and where its refusals are counted."""
+
+    header_timeout_s: float
+    max_connections: int
+    count: Callable[[RequestFailure], None]
+
+
+class ServeConfig(uvicorn.Config):
+    """uvicorn's configuration with the connections' `Guard`, which `GuardedProtocol` reads."""
+
+    def __init__(self, app: Any, guard: Guard, **kwargs: Any) -> None:
+        super().__init__(app, http=GuardedProtocol, **kwargs)
+        self.guard = guard
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a header deadline, header limits and a connection limit (module docstring)."""
+
+    def __init__(self, config: ServeConfig, server_state: Any, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.guard = config.guard
+        self.header_timer: asyncio.TimerHandle | None = None
+        self.awaiting_headers, self.header_bytes, self.message_done = True, 0, False
+        self.refusal: RequestFailure | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.guard.max_connections:
+            self.transport = transport  # answered at once, closed once the client has sent its request (or in 1 s)
+            self.refuse(Overloaded(f"the server holds {len(self.connections)} connections, as many as its open-file "
+                                   "limit allows; retry later"), close=False)
+            self.header_timer = self.loop.call_later(1.0, transport.close)
+            return
+        super().connection_made(transport)
+        self.await_headers()
+
+    def data_received(self, data: bytes) -> None:
+        if self.flow is None:  # a refused connection: its request has arrived, the answer went out before it
+            self.transport.close()
+            return
+        if self.awaiting_headers:
+            self.header_bytes += len(data)
+        super().data_received(data)
+        if self.awaiting_headers and self.header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+            self.refuse(HeadersTooLarge(f"the request's headers are over {MAX_HEADER_BYTES} bytes"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self.headers) >= MAX_HEADER_FIELDS:
+            self.refusal = HeadersTooLarge(f"the request has more than {MAX_HEADER_FIELDS} header fields")
+            raise self.refusal  # the parser stops; uvicorn answers through send_400_response
+        super().on_header(name, value)
+
+    def on_message_begin(self) -> None:
+        self.message_done = False
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self.awaiting_headers = False
+        self.cancel_header_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self.message_done = True
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        pipelined = bool(self.pipeline)
+        super().on_response_complete()
+        if self.transport.is_closing():
+            return
+        if not self.message_done:  # answered before its body ended (408, 413, 503): the rest is not read
+            self.transport.close()
+        elif not pipelined:
+            self.await_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.cancel_header_timer()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        self.refuse(self.refusal or BadRequest(f"not a valid HTTP request ({msg.rstrip('.')})"))
+
+    def await_headers(self) -> None:
+        self.awaiting_headers, self.header_bytes = True, 0
+        self.cancel_header_timer()
+        self.header_timer = self.loop.call_later(self.guard.header_timeout_s, self.headers_late)
+
+    def headers_late(self) -> None:
+        self.header_timer = None
+        if self.awaiting_headers and not self.transport.is_closing():
+            self.transport.close()  # an idle or trickling client: its connection goes, nothing was asked
+
+    def cancel_header_timer(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def refuse(self, failure: RequestFailure, close: bool = True) -> None:
+        """Answer `failure` in the protocol's form straight on the connection (no request reached the app)."""
+        self.guard.count(failure)
+        status = status_of(type(failure), HTTP_STATUS)
+        body = json.dumps({"error": str(failure)}).encode()
+        head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+        self.transport.write(head.encode() + body)
+        if close:
+            self.transport.close()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose SIGTERM/SIGINT drain for at most `drain_timeout_s`, whose second signal ends at
+    once, and which says when it listens."""
+
+    def __init__(self, config: uvicorn.Config, plane: DataPlane, banner: str, drain_timeout_s: float) -> None:
         super().__init__(config)
-        self.plane, self.banner = plane, banner
-        self.signum: int | None = None
+        self.plane, self.banner, self.drain_timeout_s = plane, banner, drain_timeout_s
+        self.signum: int | None = None  # the signal that started the drain
+        self.second: int | None = None  # a signal that ended it at once
+        self.deadline = float("inf")
+        self.cut = 0  # requests held when the drain ended
 
     @contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -52,18 +207,37 @@ class DrainingServer(uvicorn.Server):
                 signal.signal(s, h)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.signum is not None and sig == signal.SIGINT:
-            self.force_exit = True  # a second Ctrl-C stops waiting for the drain
-        self.signum = self.signum or sig
-        self.plane.draining = True
+        if self.signum is None:
+            self.signum, self.plane.draining = sig, True
+            self.deadline = time.monotonic() + self.drain_timeout_s
+        else:
+            self.second, self.should_exit, self.force_exit = sig, True, True
 
     async def on_tick(self, counter: int) -> bool:
         if self.plane.draining:
             self.plane.batcher.flush()
-            self.should_exit = self.should_exit or self.plane.in_flight == 0
+            done = self.plane.in_flight + self.plane.receiving == 0
+            self.should_exit = self.should_exit or done or time.monotonic() >= self.deadline
         return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Requests still held now are cut: their connections are closed, so nothing waits for their clients."""
+        self.cut = self.plane.in_flight + self.plane.receiving
+        if self.cut or self.force_exit:
+            for connection in list(self.server_state.connections):
+                connection.transport.abort()  # type: ignore[attr-defined]
+        self.config.timeout_graceful_shutdown = 1  # the aborted requests' tasks end at once; then they are cancelled
+        await super().shutdown(sockets)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if not self.should_exit:
             print(self.banner, flush=True)
+
+    def outcome(self) -> str:
+        """How the drain ended, for the exit message."""
+        answered = f"drained: {self.plane.answered} requests answered"
+        if not self.cut:
+            return f"{answered}, none cut"
+        why = "by a second signal" if self.second else f"at --drain-timeout {self.drain_timeout_s:g} s"
+        return f"{answered}, {self.cut} cut {why}"
