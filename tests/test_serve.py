@@ -400,3 +400,159 @@ def ready_again(client: httpclient.InferenceServerClient) -> bool:
         return client.is_server_ready()
     except Exception:  # the proxy has no replica to ask yet
         return False
+
+
+def raw_exchange(url: str, request: bytes) -> tuple[int, dict]:  # type: ignore[type-arg]
+    """Send one raw HTTP request (Connection: close) and return its status and JSON answer."""
+    host, port = url.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(request)
+        status, payload = read_raw_answer(sock)
+    return int(status.split()[1]), json.loads(payload)
+
+
+def post(url: str, body: bytes, path: str = f"/v2/models/{NAME}/infer") -> tuple[int, dict]:  # type: ignore[type-arg]
+    return raw_exchange(url, f"POST {path} HTTP/1.1\r\nHost: {url}\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+
+
+def images_json(items: list[str], **extra: object) -> bytes:
+    return json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [len(items)], "data": items}],
+                       **extra}).encode()
+
+
+def test_malformed_bodies_get_400_in_the_protocols_form_without_a_traceback(tiny_artifact: Path) -> None:
+    """Deep JSON, a lone surrogate and fields Triton refuses are 400 (shared memory: not supported), each a
+    one-line JSON error; the server logs no traceback and serves on."""
+    good = [{"name": "pixel_values", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}]
+    cases = {
+        b"[" * 100_000 + b"]" * 100_000: (400, "nested too deeply"),
+        b'{"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ' + b"[" * 5000 + b'"x"' + b"]" * 5000
+        + b"}]}": (400, "nested too deeply"),
+        images_json(["\ud800"]): (400, "lone surrogate"),
+        json.dumps({"id": 7, "inputs": good}).encode(): (400, "'id' must be a string"),
+        json.dumps({"inputs": good, "parameters": {"binary_data_output": "false"}}).encode(): (400, "true or false"),
+        json.dumps({"inputs": good, "outputs": [{"name": "logits"}, {"name": "logits"}]}).encode(): (400, "twice"),
+        json.dumps({"inputs": [{**good[0], "parameters": {"shared_memory_region": "r0"}}]}).encode():
+            (501, "shared memory is not supported; send the tensor in the body"),
+        b"\xff\xfe not utf-8": (400, "not valid JSON"),
+    }
+    with serving(tiny_artifact, "--max-json-bytes", "200000") as (proc, url):
+        for body, (status, needle) in cases.items():
+            got, answer = post(url, body)
+            assert (got, needle in answer["error"], "\n" in answer["error"]) == (status, True, False), (body[:80], answer)
+        big = {"name": "pixel_values", "datatype": "FP32", "shape": [8, 3, 32, 32], "data": [0.123456789] * 8 * 3072}
+        got, answer = post(url, json.dumps({"inputs": [big]}).encode())
+        assert got == 413 and "--max-json-bytes" in answer["error"]
+        client = httpclient.InferenceServerClient(url)
+        pixels = np.full((8, 3, 32, 32), 0.123456789, np.float32)  # as binary tensors the same request is not limited by it
+        assert client.infer(NAME, [pixels_input(pixels)]).as_numpy("logits").shape == (8, 10)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+        assert proc.stderr is not None
+        assert "Traceback" not in proc.stderr.read()
+
+
+def test_unknown_routes_and_missing_extensions_answer_json_errors(client: httpclient.InferenceServerClient, server: str) -> None:
+    """tritonclient shows the server's reason instead of a parse error; each answer says what is not supported."""
+    for call, needle in [(client.get_system_shared_memory_status, "shared memory is not supported"),
+                         (client.get_cuda_shared_memory_status, "shared memory is not supported"),
+                         (client.get_model_repository_index, "repository control is not supported"),
+                         (lambda: client.load_model(NAME), "repository control is not supported"),
+                         (client.get_trace_settings, "trace settings are not supported"),
+                         (client.get_log_settings, "log settings are not supported")]:
+        with pytest.raises(InferenceServerException) as info:
+            call()
+        assert needle in info.value.message() and str(info.value.status()) == "501", info.value.message()
+    status, answer = raw_exchange(server, f"GET /v2/nothing HTTP/1.1\r\nHost: {server}\r\nConnection: close\r\n\r\n".encode())
+    assert status == 404 and "no route GET /v2/nothing" in answer["error"]
+    status, answer = raw_exchange(server, f"GET /v2/models/{NAME}/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert status == 405 and "GET" in answer["error"]
+
+
+def model_stats(client: httpclient.InferenceServerClient) -> dict:  # type: ignore[type-arg]
+    return client.get_inference_statistics(NAME)["model_stats"][0]
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics, parsed by prometheus_client's own parser: (sample name, labels) -> value."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://{url}/metrics", timeout=60) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_have_tritons_names_and_count_what_was_sent(tiny_artifact: Path) -> None:
+    """Successes, failures (by Triton's reason and by ours), images, executions and durations, as the statistics say."""
+    with serving(tiny_artifact, "--max-batch-size", "4") as (_, url):
+        client = httpclient.InferenceServerClient(url)
+        for n in (1, 3, 2):
+            client.infer(NAME, [images_input([photo_bytes(i) for i in range(n)])])
+        for _ in range(2):
+            refused(client, [pixels_input(np.full((1, 3, 32, 32), np.nan, np.float32))])
+        metrics = scrape(url)
+        stats = model_stats(client)
+    labels = (("model", NAME), ("version", "1"))
+    assert metrics[("nv_inference_request_success", labels)] == 3 == stats["inference_stats"]["success"]["count"]
+    assert metrics[("nv_inference_count", labels)] == 6 == stats["inference_count"]
+    assert metrics[("nv_inference_exec_count", labels)] == stats["execution_count"] >= 3
+    failure = {reason: metrics[("nv_inference_request_failure", (*labels[:1], ("reason", reason), labels[1]))]
+               for reason in ("REJECTED", "CANCELED", "BACKEND", "OTHER")}
+    assert failure == {"REJECTED": 0, "CANCELED": 0, "BACKEND": 0, "OTHER": 2}
+    assert metrics[("deit_serve_rejected_requests_total", (*labels[:1], ("reason", "bad_request"), labels[1]))] == 2
+    assert stats["inference_stats"]["fail"]["count"] == 2 and stats["rejected"] == {"400": 2}
+    for name in ("nv_inference_request_duration_us", "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us"):
+        assert metrics[(name, labels)] > 0, name
+    assert metrics[("nv_inference_pending_request_count", labels)] == 0
+
+
+def test_metadata_and_config_agree(client: httpclient.InferenceServerClient) -> None:
+    """Triton's rule: with max_batch_size set, a tensor's metadata shape is [-1] followed by its config dims."""
+    meta, config = client.get_model_metadata(NAME), client.get_model_config(NAME)
+    for kind, section in (("inputs", "input"), ("outputs", "output")):
+        shapes = {t["name"]: t["shape"] for t in meta[kind]}
+        dims = {t["name"]: [-1, *t["dims"]] for t in config[section]}
+        assert shapes == dims, kind
+    assert model_stats(client)["inference_stats"]["cache_hit"] == {"count": 0, "ns": 0}
+
+
+def test_a_host_reachable_from_other_machines_is_warned_about(capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.serve.cli import warn_if_exposed
+
+    for host in ("127.0.0.1", "localhost", "::1"):
+        warn_if_exposed(host)
+    assert capsys.readouterr().err == ""
+    warn_if_exposed("0.0.0.0")
+    err = capsys.readouterr().err
+    assert err.startswith("serve: warning: --host 0.0.0.0: the endpoint is reachable from other hosts") and err.count("\n") == 1
+
+
+def test_the_serve_package_keeps_its_shape() -> None:
+    """Layers that import only downwards (no cycle), no file over 400 lines, no function over 60."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "runtime" / "serve"
+    imports: dict[str, set[str]] = {}
+    for path in sorted(package.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        assert len(path.read_text().splitlines()) <= 400, path.name
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno is not None and node.end_lineno - node.lineno + 1 <= 60, f"{path.name}: {node.name}"
+        imports[path.stem] = {n.module.rsplit(".", 1)[1] for n in ast.walk(tree)
+                              if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("runtime.serve.")}
+    assert {"protocol", "dataplane", "rest", "server", "cli", "ray_serve", "failures"} <= set(imports)
+
+    def reaches(start: str, seen: set[str]) -> set[str]:
+        for nxt in imports.get(start, set()) - seen:
+            seen.add(nxt)
+            reaches(nxt, seen)
+        return seen
+
+    for module in imports:
+        if module not in ("__init__", "__main__"):
+            assert module not in reaches(module, set()), f"import cycle through {module}"

@@ -59,73 +59,98 @@ def answering(endpoint: Endpoint) -> Endpoint:
     return guarded
 
 
-def build_app(plane: DataPlane) -> Starlette:
-    """The Starlette application: the protocol's routes over one `DataPlane`."""
+class Endpoints:
+    """The routes' handlers over one data plane; each translates HTTP to a data-plane call and back."""
 
-    def model_route(answer: Callable[[], Response]) -> Endpoint:
-        """A route under /v2/models/<model>[/versions/<version>]: 404 unless it names the model served."""
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
 
-        async def endpoint(request: Request) -> Response:
-            plane.check_model(request.path_params.get("model"), request.path_params.get("version"))
-            return answer()
+    def _check(self, request: Request) -> None:
+        self.plane.check_model(request.path_params.get("model"), request.path_params.get("version"))
 
-        return endpoint
+    def _readiness(self, body: dict[str, object]) -> Response:
+        ready = self.plane.ready()
+        return JSONResponse({**body, "ready": ready}, status_code=200 if ready else 503)
 
-    def readiness(body: dict[str, object]) -> Response:
-        return JSONResponse({**body, "ready": plane.ready()}, status_code=200 if plane.ready() else 503)
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
 
-    async def infer(request: Request) -> Response:
-        plane.check_model(request.path_params.get("model"), request.path_params.get("version"))
-        deadline = asyncio.get_running_loop().time() + plane.opts.body_timeout_s
-        header_bytes = len(request.url.path) + sum(len(k) + len(v) + 4 for k, v in request.headers.raw)
-        content, headers = await plane.infer(
-            lambda limit: read_body(request, limit - header_bytes, deadline, plane.body_bytes), request.headers.get(HEADER_LENGTH))
-        return Response(content, headers=headers)
+    async def server_ready(self, request: Request) -> Response:
+        return self._readiness({})
 
-    async def metrics(request: Request) -> Response:
-        content, kind = exposition(plane.registry)
+    async def server_metadata(self, request: Request) -> Response:
+        return JSONResponse(self.plane.server_metadata())
+
+    async def all_stats(self, request: Request) -> Response:
+        return JSONResponse(self.plane.statistics())
+
+    async def metrics(self, request: Request) -> Response:
+        content, kind = exposition(self.plane.registry)
         return Response(content, media_type=kind)
 
+    async def model_metadata(self, request: Request) -> Response:
+        self._check(request)
+        return JSONResponse(self.plane.metadata())
+
+    async def model_ready(self, request: Request) -> Response:
+        self._check(request)
+        return self._readiness({"name": self.plane.opts.name})
+
+    async def model_config(self, request: Request) -> Response:
+        self._check(request)
+        return JSONResponse(self.plane.config())
+
+    async def model_stats(self, request: Request) -> Response:
+        self._check(request)
+        return JSONResponse(self.plane.statistics())
+
+    async def infer(self, request: Request) -> Response:
+        """The body is read under --body-timeout, and its header fields count in --max-request-bytes."""
+        self._check(request)
+        deadline = asyncio.get_running_loop().time() + self.plane.opts.body_timeout_s
+        header_bytes = len(request.url.path) + sum(len(k) + len(v) + 4 for k, v in request.headers.raw)
+
+        async def body(limit: int) -> bytes:
+            return await read_body(request, limit - header_bytes, deadline, self.plane.body_bytes)
+
+        content, headers = await self.plane.infer(body, request.headers.get(HEADER_LENGTH))
+        return Response(content, headers=headers)
+
+    @staticmethod
     def unsupported(message: str) -> Endpoint:
         async def endpoint(request: Request) -> Response:
             raise Unsupported(message)
 
         return endpoint
 
-    async def not_found(request: Request, exc: Exception) -> Response:
+    @staticmethod
+    async def no_route(request: Request, exc: Exception) -> Response:
         if isinstance(exc, HTTPException) and exc.status_code == 405:
             return JSONResponse({"error": f"{request.method} is not allowed on {request.url.path}"}, status_code=405)
         return error_response(NotFound(f"no route {request.method} {request.url.path}; this server has Triton's /v2 "
                                        "routes for one model, and /metrics"))
 
-    def both(path: str, endpoint: Endpoint, methods: list[str] | None = None) -> list[Route]:
-        return [Route(f"/v2/models/{{model}}{path}", answering(endpoint), methods=methods),
-                Route(f"/v2/models/{{model}}/versions/{{version}}{path}", answering(endpoint), methods=methods)]
 
-    async def live(request: Request) -> Response:
-        return JSONResponse({"live": True})
+def build_app(plane: DataPlane) -> Starlette:
+    """The Starlette application: the protocol's routes over one `DataPlane`."""
+    e = Endpoints(plane)
 
-    async def server_ready(request: Request) -> Response:
-        return readiness({})
+    def route(path: str, endpoint: Endpoint, methods: list[str] | None = None) -> Route:
+        return Route(path, answering(endpoint), methods=methods)
 
-    async def server_metadata(request: Request) -> Response:
-        return JSONResponse(plane.server_metadata())
+    def model(path: str, endpoint: Endpoint, methods: list[str] | None = None) -> list[Route]:
+        return [route(f"/v2/models/{{model}}{path}", endpoint, methods),
+                route(f"/v2/models/{{model}}/versions/{{version}}{path}", endpoint, methods)]
 
-    async def all_stats(request: Request) -> Response:
-        return JSONResponse(plane.statistics())
-
-    extensions = [Route(f"{prefix}{tail}", answering(unsupported(message)), methods=["GET", "POST"])
+    both = ["GET", "POST"]
+    extensions = [route(f"{prefix}{tail}", e.unsupported(message), both)
                   for prefix, message in UNSUPPORTED.items() for tail in ("", "/{rest:path}")]
-    routes = [Route("/v2/health/live", answering(live)), Route("/v2/health/ready", answering(server_ready)),
-              Route("/v2", answering(server_metadata)), Route("/v2/models/stats", answering(all_stats)),
-              Route("/metrics", answering(metrics)), *extensions,
-              *both("", model_route(lambda: JSONResponse(plane.metadata()))),
-              *both("/ready", model_route(lambda: readiness({"name": plane.opts.name}))),
-              *both("/config", model_route(lambda: JSONResponse(plane.config()))),
-              *both("/stats", model_route(lambda: JSONResponse(plane.statistics()))),
-              *both("/trace/setting", unsupported(UNSUPPORTED["/v2/trace"]), ["GET", "POST"]),
-              *both("/infer", infer, ["POST"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    routes = [route("/v2/health/live", e.live), route("/v2/health/ready", e.server_ready), route("/v2", e.server_metadata),
+              route("/v2/models/stats", e.all_stats), route("/metrics", e.metrics), *extensions,
+              *model("", e.model_metadata), *model("/ready", e.model_ready), *model("/config", e.model_config),
+              *model("/stats", e.model_stats), *model("/trace/setting", e.unsupported(UNSUPPORTED["/v2/trace"]), both),
+              *model("/infer", e.infer, ["POST"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: e.no_route})
 
 
 async def read_body(request: Request, limit: int, deadline: float, arriving: BodyBytes) -> bytes:

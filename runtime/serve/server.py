@@ -101,25 +101,24 @@ class GuardedProtocol(HttpToolsProtocol):
         self.header_timer: asyncio.TimerHandle | None = None
         self.awaiting_headers, self.header_bytes, self.message_done = True, 0, False
         self.refusal: RequestFailure | None = None
+        self.discarding = False  # refused: what the client still sends is read and dropped until it closes
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.guard.max_connections:
-            self.transport = transport  # answered at once, closed once the client has sent its request (or in 1 s)
+            self.transport = transport  # answered and closed at once: its file descriptor is what is short
             self.refuse(Overloaded(f"the server holds {len(self.connections)} connections, as many as its open-file "
-                                   "limit allows; retry later"), close=False)
-            self.header_timer = self.loop.call_later(1.0, transport.close)
+                                   "limit allows; retry later"), linger=False)
             return
         super().connection_made(transport)
         self.await_headers()
 
     def data_received(self, data: bytes) -> None:
-        if self.flow is None:  # a refused connection: its request has arrived, the answer went out before it
-            self.transport.close()
+        if self.discarding:
             return
         if self.awaiting_headers:
             self.header_bytes += len(data)
         super().data_received(data)
-        if self.awaiting_headers and self.header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+        if self.awaiting_headers and self.header_bytes > MAX_HEADER_BYTES and not (self.discarding or self.transport.is_closing()):
             self.refuse(HeadersTooLarge(f"the request's headers are over {MAX_HEADER_BYTES} bytes"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -173,16 +172,24 @@ class GuardedProtocol(HttpToolsProtocol):
             self.header_timer.cancel()
             self.header_timer = None
 
-    def refuse(self, failure: RequestFailure, close: bool = True) -> None:
-        """Answer `failure` in the protocol's form straight on the connection (no request reached the app)."""
+    def refuse(self, failure: RequestFailure, linger: bool = True) -> None:
+        """Answer `failure` in the protocol's form straight on the connection (no request reached the app), and
+        close it; `linger` first reads and drops what the client still sends (at most --header-timeout), so it
+        reads the answer instead of a reset."""
         self.guard.count(failure)
         status = status_of(type(failure), HTTP_STATUS)
         body = json.dumps({"error": str(failure)}).encode()
         head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
         self.transport.write(head.encode() + body)
-        if close:
+        if not linger:
             self.transport.close()
+        else:
+            self.discarding = True
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.cancel_header_timer()
+            self.header_timer = self.loop.call_later(self.guard.header_timeout_s, self.transport.close)
 
 
 class DrainingServer(uvicorn.Server):
