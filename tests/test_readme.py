@@ -40,6 +40,7 @@ CLIS = {
     "benchmarks.distributed_listing": "benchmarks.distributed_listing",
     "benchmarks.serve": "benchmarks.serve",
     "benchmarks.serve_ray": "benchmarks.serve_ray",
+    "benchmarks.serve_stalled": "benchmarks.serve_stalled",
 }
 FOREIGN_MODULES = {"pytest"}  # shown as commands, not ours to check
 FOREIGN_FLAGS = {"--no-deps"}  # pip's, named where the docs explain an install step
