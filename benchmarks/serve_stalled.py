@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.metadata
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,26 +75,39 @@ async def attacked(url: str, model: str, requests: list[list[Any]], args: argpar
     try:
         before = await _drive(url, model, requests, args.concurrency, args.body_timeout)
         load.start()
+        cpu = cpu_s(load.server_pid)
         after = await _drive(url, model, requests, args.concurrency, args.seconds)
+        cpu = cpu_s(load.server_pid) - cpu
     finally:
         stop.set()
         await asyncio.gather(*attackers)
-    return {"before_timeout": summary(before), "after_timeout": summary(after, load), "stalled_answers": answers}
+    return {"before_timeout": summary(before), "after_timeout": summary(after, load, cpu), "stalled_answers": answers}
 
 
-def summary(run: tuple[list[float], int, int, float, dict[int, int]], load: NeighbourLoad | None = None) -> dict[str, Any]:
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) that process `pid` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def summary(run: tuple[list[float], int, int, float, dict[int, int]], load: NeighbourLoad | None = None,
+            server_cpu_s: float | None = None) -> dict[str, Any]:
+    """One phase's figures; the server's CPU time per answered image shows its own cost whatever the neighbours do."""
     latencies, refused, errors, seconds, _ = run
     ordered = sorted(latencies)
     return {"answered": len(latencies), "refused_503": refused, "errors": errors, "seconds": round(seconds, 2),
             "images_per_s": round(len(latencies) / seconds, 2),
             "p50_ms": round(ordered[len(ordered) // 2], 1) if ordered else None,
-            "other_load_cores": load.stop(seconds) if load else None}
+            "other_load_cores": load.stop(seconds) if load else None,
+            "server_cpu_ms_per_image": round(1000 * server_cpu_s / len(latencies), 1)
+            if server_cpu_s is not None and latencies else None}
 
 
 def measure_round(url: str, model: str, requests: list[list[Any]], args: argparse.Namespace, pid: int) -> dict[str, Any]:
     load = NeighbourLoad(pid)
     load.start()
-    unloaded = summary(asyncio.run(_drive(url, model, requests, args.concurrency, args.seconds)), load)
+    cpu = cpu_s(pid)
+    unloaded = summary(asyncio.run(_drive(url, model, requests, args.concurrency, args.seconds)), load, cpu_s(pid) - cpu)
     under_attack = asyncio.run(attacked(url, model, requests, args, load))
     print(f"serve-stalled: unloaded {unloaded}; attacked {under_attack}", file=sys.stderr)
     return {"unloaded": unloaded, **under_attack}
@@ -143,15 +157,16 @@ def markdown(r: dict[str, Any]) -> str:
         f"{s['concurrency']} clients send one photo per request (BYTES); {s['stalled']} other connections each declare a "
         "60 MB body, send 1 KiB and stall, and open again as soon as the server answers them. Phases alternate; "
         "\"other load\" is the cores that processes other than the benchmark and the server kept busy meanwhile.", "",
-        "| round | phase | images/s | p50 ms | answered | 503 | other errors | other load (cores) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| round | phase | images/s | p50 ms | answered | 503 | other errors | other load (cores) | server CPU ms per image |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for i, round_ in enumerate(r["rounds"], 1):
         for key, name in phases:
             row = round_[key]
             load = row["other_load_cores"] if row["other_load_cores"] is not None else "-"
+            cpu = row["server_cpu_ms_per_image"] if row["server_cpu_ms_per_image"] is not None else "-"
             lines.append(f"| {i} | {name} | {row['images_per_s']} | {row['p50_ms']} | {row['answered']} | "
-                         f"{row['refused_503']} | {row['errors']} | {load} |")
+                         f"{row['refused_503']} | {row['errors']} | {load} | {cpu} |")
     answers: dict[str, int] = {}
     for round_ in r["rounds"]:
         for k, v in round_["stalled_answers"].items():

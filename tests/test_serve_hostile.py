@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_serve import NAME, httpclient, pixels_input, queue_now, read_raw_answer, receiving, serving, wait_for
+from test_serve import NAME, httpclient, images_input, pixels_input, queue_now, read_raw_answer, receiving, serving, wait_for
 
 STALLED_DECLARED = 60 << 20
 
@@ -151,3 +151,37 @@ def test_a_second_signal_ends_the_drain_at_once(tiny_artifact: Path, second: int
         assert "1 cut by a second signal" in proc.stderr.read()
         sock.close()
 
+
+
+def vm_kib(pid: int, field: str) -> int:
+    """VmHWM (peak) or VmRSS of a process, in KiB, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def test_huge_pictures_in_concurrent_requests_share_one_decode_budget(tiny_artifact: Path, tmp_path: Path) -> None:
+    """Peaks relative to a server that decoded a tiny photo: two requests holding a 6000 x 6000 picture each, under a
+    --decode-memory that fits one, cost about what one request does; and the memory goes back afterwards."""
+    from PIL import Image
+
+    side = 6000
+    pixels = 4 * side * side
+    buf = tmp_path / "big.jpg"
+    Image.new("RGB", (side, side), (120, 30, 200)).save(buf)
+    big = buf.read_bytes()
+    Image.new("RGB", (64, 48), (120, 30, 200)).save(tmp_path / "tiny.jpg")
+    tiny = (tmp_path / "tiny.jpg").read_bytes()
+    peak, rss = {}, {}
+    for name, photos in (("tiny", [tiny]), ("one", [big]), ("two", [big, big])):
+        with serving(tiny_artifact, "--decode-memory", str(int(1.2 * 2 * pixels))) as (proc, url):
+            client = httpclient.InferenceServerClient(url, concurrency=2, network_timeout=300)
+            pending = [client.async_infer(NAME, [images_input([photo])]) for photo in photos]
+            assert all(p.get_result().as_numpy("logits").shape == (1, 10) for p in pending)
+            peak[name], rss[name] = vm_kib(proc.pid, "VmHWM") * 1024, vm_kib(proc.pid, "VmRSS") * 1024
+    one, two = peak["one"] - peak["tiny"], peak["two"] - peak["tiny"]
+    assert one > pixels / 2, f"one picture of {pixels / 2**20:.0f} MiB of pixels took only {one / 2**20:.0f} MiB"
+    assert two < 1.5 * one, f"two requests took {two / 2**20:.0f} MiB, one {one / 2**20:.0f} MiB: decoded at once"
+    kept = rss["two"] - rss["tiny"]
+    assert kept < 0.5 * one, f"{kept / 2**20:.0f} MiB still held after the answers (the peak was {two / 2**20:.0f} MiB)"

@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import os
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -45,18 +46,29 @@ TRIM_ABOVE = 64 << 20  # a hold this large is handed back to the operating syste
 
 
 class TrimmingBudget(DecodeBudget):
-    """The decode budget, shared by every request's image decoding and JSON parsing; after a large hold, the
-    freed memory goes back to the operating system (glibc keeps freed heap pages otherwise, so one huge
-    picture would leave the server's RSS at its peak)."""
+    """The decode budget, shared by every request's image decoding and JSON parsing. A decode thread that held a
+    large share hands the freed memory back to the operating system once its request is decoded
+    (`give_back`): glibc keeps freed heap pages otherwise, so one huge picture would leave the RSS at its peak."""
 
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
 
+    def __init__(self, total: int) -> None:
+        super().__init__(total)
+        self._large = threading.local()  # per decode thread: whether its request held a large share
+
     @contextmanager
     def hold(self, nbytes: int) -> Iterator[None]:
+        if nbytes >= TRIM_ABOVE:
+            self._large.held = True
         with super().hold(nbytes):
             yield
-        if nbytes >= TRIM_ABOVE and hasattr(self._libc, "malloc_trim"):
-            self._libc.malloc_trim(0)
+
+    def give_back(self) -> None:
+        """After a request's decoding, once its pictures and JSON are freed: return the memory if it held much."""
+        if getattr(self._large, "held", False):
+            self._large.held = False
+            if hasattr(self._libc, "malloc_trim"):
+                self._libc.malloc_trim(0)
 
 
 class BodyBytes:
@@ -209,6 +221,12 @@ class DataPlane:
     def prepare(self, body: bytes, header_length: str | None) -> tuple[InferRequest, str, np.ndarray, int]:
         """Parse and check a request, decode its images: (request, input name, pixels, k). Runs in a decode thread;
         parsing holds its JSON's cost from the decode budget, as decoding holds each picture's."""
+        try:
+            return self._prepare(body, header_length)
+        finally:
+            self.budget.give_back()
+
+    def _prepare(self, body: bytes, header_length: str | None) -> tuple[InferRequest, str, np.ndarray, int]:
         head, binary = split_body(body, header_length)
         if len(head) > self.opts.max_json_bytes:
             raise TooLarge(f"the request's JSON is {len(head)} bytes, over --max-json-bytes {self.opts.max_json_bytes}; "
