@@ -111,7 +111,7 @@ def _agreement(artifact: Path, backend: str, precision: str, images: Path | None
 
 
 def _attention(artifact: Path, precision: str) -> str:
-    att = read_sidecar(engine_path(artifact, precision))["attention"]
+    att = read_sidecar(engine_path(artifact, precision)).attention
     text = f"{att['fused_attention_layers']} fused attention layers ({att['expected_layers']} encoder layers)"
     if att["fused_attention_layers"] == 0:
         raise StepFailed(f"{precision}: {text}; layer types {att['layer_types']}")
@@ -231,7 +231,7 @@ def run_gpu_check(out: Path, model: str = DEFAULT_MODEL, images: Path | None = N
         from export.engines import EngineOptions, build_engines
 
         report = build_engines(artifact, precisions, EngineOptions(progress=False))
-        return ", ".join(f"{p} built in {s['build_time_s']:.0f} s" for p, s in report["engines"].items())
+        return ", ".join(f"{p} built in {s.build_time_s:.0f} s" for p, s in report["engines"].items())
 
     steps.append(_timed("engines", engines))
     built = steps[-1].status == "PASS"
