@@ -12,6 +12,8 @@ what comes out (outputs, timings), not on which calls were made:
   stream, which waits for it, but not by work on a non-blocking stream.
 - `fake_onnxruntime` is ONNX Runtime's CUDA provider on that GPU: a session whose kernels run on the
   `user_compute_stream` it is given and compute `FakeEngine.reference`.
+- `fake_engine` is what `make engines` leaves on a GPU machine: a plan (arbitrary bytes here) and its sidecar,
+  written by the same writer.
 - `fake_tensorrt` is the `tensorrt` module: an engine whose "network" is `logits = first columns of the input +
   offset`, and whose execution context, like TensorRT's, does shape-dependent setup on the first enqueue after
   a shape change and keeps it in context state that the enqueued (and captured) kernels read when they run.
@@ -22,13 +24,41 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 
+from runtime.artifact import model_path, read_onnx_meta
 from runtime.backends import cudart
+from runtime.backends.trt import EngineTensor, engine_path, make_sidecar, write_sidecar
+
+H100 = cudart.GpuInfo("NVIDIA H100 80GB HBM3", "9.0", 80 * 2**30)
+TRT_VERSION = "10.14.1.48"
+
+
+def onnx_io(onnx_path: Path) -> tuple[EngineTensor, ...]:
+    """The I/O tensors TensorRT reports for an engine built from `onnx_path`: the graph's, dynamic axes as -1."""
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return tuple(EngineTensor(v.name, mode, "float32", tuple(d.dim_value if d.HasField("dim_value") else -1
+                                                               for d in v.type.tensor_type.shape.dim))
+                 for mode, values in (("input", graph.input), ("output", graph.output)) for v in values)
+
+
+def fake_engine(artifact: Path, precision: str = "fp16", payload: bytes = b"\x00plan" * 100,
+                gpu: cudart.GpuInfo = H100, trt_version: str = TRT_VERSION, max_batch: int = 8) -> Path:
+    """A plan file of arbitrary bytes with the sidecar export/engines.py writes for it (same writer)."""
+    plan = engine_path(artifact, precision)
+    plan.write_bytes(payload)
+    onnx_path = model_path(artifact, precision)
+    h, w = read_onnx_meta(onnx_path).preprocessing.input_size
+    profile = {"input": "pixel_values", "min": [1, 3, h, w], "opt": [max_batch, 3, h, w], "max": [max_batch, 3, h, w]}
+    write_sidecar(plan, make_sidecar(plan, onnx_path, precision, tensorrt_version=trt_version, gpu=gpu, profile=profile,
+                                     io=onnx_io(onnx_path), meta=read_onnx_meta(onnx_path)))
+    return plan
 
 
 @dataclass

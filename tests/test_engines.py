@@ -39,34 +39,11 @@ from runtime.backends.trt import (
     write_sidecar,
 )
 from runtime.errors import MODEL, UsageError, exit_code
-from gpu_fakes import FakeEngine, FakeGpu, fake_onnxruntime, fake_tensorrt
+from gpu_fakes import H100, TRT_VERSION, FakeEngine, FakeGpu, fake_engine, fake_onnxruntime, fake_tensorrt, onnx_io
 
 ROOT = Path(__file__).resolve().parents[1]
-H100 = cudart.GpuInfo("NVIDIA H100 80GB HBM3", "9.0", 80 * 2**30)
-TRT_VERSION = "10.14.1.48"
 GPU_REASON = tensorrt_unavailable_reason() or cudart.gpu_unavailable_reason()
 needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"needs TensorRT and an NVIDIA GPU: {GPU_REASON}")
-
-
-def onnx_io(onnx_path: Path) -> tuple[EngineTensor, ...]:
-    """The I/O tensors TensorRT reports for an engine built from `onnx_path`: the graph's, dynamic axes as -1."""
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    return tuple(EngineTensor(v.name, mode, "float32", tuple(d.dim_value if d.HasField("dim_value") else -1
-                                                               for d in v.type.tensor_type.shape.dim))
-                 for mode, values in (("input", graph.input), ("output", graph.output)) for v in values)
-
-
-def fake_engine(artifact: Path, precision: str = "fp16", payload: bytes = b"\x00plan" * 100,
-                gpu: cudart.GpuInfo = H100, trt_version: str = TRT_VERSION) -> Path:
-    """A plan file of arbitrary bytes with the sidecar export/engines.py writes for it (same writer)."""
-    plan = engine_path(artifact, precision)
-    plan.write_bytes(payload)
-    onnx_path = model_path(artifact, precision)
-    h, w = read_onnx_meta(onnx_path).preprocessing.input_size
-    profile = {"input": "pixel_values", "min": [1, 3, h, w], "opt": [8, 3, h, w], "max": [8, 3, h, w]}
-    write_sidecar(plan, make_sidecar(plan, onnx_path, precision, tensorrt_version=trt_version, gpu=gpu, profile=profile,
-                                     io=onnx_io(onnx_path), meta=read_onnx_meta(onnx_path)))
-    return plan
 
 
 @pytest.fixture
