@@ -287,6 +287,40 @@ def test_ort_trt_says_what_is_missing() -> None:
     assert reason is not None and "TensorrtExecutionProvider" in reason and "make install-gpu" in reason
 
 
+@pytest.mark.parametrize(("precision", "fp16", "int8", "kernels"),
+                         [("fp32", False, False, "fp32"), ("fp16", True, False, "fp16"), ("int8", True, True, "int8 Q/DQ layers + fp16")])
+def test_ort_trt_asks_tensorrt_for_the_precision_it_names(tiny_int8_artifact: Path, tmp_path: Path, precision: str,
+                                                         fp16: bool, int8: bool, kernels: str) -> None:
+    """ORT's TensorRT provider builds weakly typed networks: without its flags an "fp16" row runs fp32 kernels."""
+    import shutil
+
+    artifact = shutil.copytree(tiny_int8_artifact, tmp_path / "tiny-deit")  # the engine cache goes inside
+    backend = create("ort-trt", artifact, precision=precision)
+    options = dict(backend.provider_list())["TensorrtExecutionProvider"]  # type: ignore[attr-defined]
+    assert (options["trt_fp16_enable"], options["trt_int8_enable"]) == (fp16, int8)
+    described = backend.describe()["tensorrt"]
+    assert described["kernels_allowed"] == kernels and "weakly typed" in described["network"]  # type: ignore[index]
+
+
+def test_ort_trt_names_the_tensorrt_its_provider_links(tmp_path: Path) -> None:
+    """onnxruntime-gpu's TensorRT provider links one TensorRT major by soname; without it, ORT would fail (or fall
+    back) with a loader message: the backend says which TensorRT to install instead."""
+    from runtime.backends.onnxruntime import preload_tensorrt_libraries, tensorrt_provider_major, tensorrt_provider_unavailable
+
+    capi = tmp_path / "capi"
+    capi.mkdir()
+    assert tensorrt_provider_major(capi) is None and "no TensorRT provider" in (tensorrt_provider_unavailable(capi) or "")
+    (capi / "libonnxruntime_providers_tensorrt.so").write_bytes(
+        b"\x7fELF\x02\x01" + b"\x00" * 64 + b"libnvinfer.so.10\x00libnvonnxparser.so.10\x00libcudart.so.13\x00")
+    assert tensorrt_provider_major(capi) == 10
+    reason = tensorrt_provider_unavailable(capi, dirs=[tmp_path])
+    assert reason is not None and "libnvinfer.so.10" in reason and "'tensorrt-cu13>=10,<11'" in reason
+    assert "https://pypi.nvidia.com" in reason
+    with pytest.raises(BackendUnavailable, match="links libnvinfer.so.10, which cannot be loaded") as err:
+        preload_tensorrt_libraries(10, dirs=[tmp_path])
+    assert exit_code(err.value) == 6
+
+
 def test_an_int8_only_build_does_not_demand_the_fp16_file(artifact: Path) -> None:
     (artifact / "model.fp16.onnx").rename(artifact / "model.int8.onnx")  # any file named like the Q/DQ model
     assert not [m for m in missing_prerequisites(artifact, ("int8",)) if "run `make export`" in m]
