@@ -18,10 +18,10 @@ import numpy as np
 INSTALL_HINT = "run `make install-gpu` (onnxruntime-gpu, cuda-python and Polygraphy from PyPI, then TensorRT)"
 NVIDIA_INDEX = "https://pypi.nvidia.com"
 # TensorRT 10: the major that onnxruntime-gpu's TensorRT provider links (libnvinfer.so.10), so `trt` and `ort-trt`
-# share one install; 10.14 is the first that parses the ONNX Attention op.
+# share one install; 10.14 is the first that parses the ONNX Attention op. The Makefile's TENSORRT is the same.
 TENSORRT_REQUIREMENT = "tensorrt-cu13>=10.14,<11"
-TENSORRT_HINT = (f"TensorRT's libraries come only from NVIDIA's package index, not PyPI: `make install-gpu` installs "
-                 f"them where {NVIDIA_INDEX} answers (alone: `pip install --extra-index-url {NVIDIA_INDEX} "
+TENSORRT_HINT = (f"TensorRT's libraries come only from NVIDIA's package index ({NVIDIA_INDEX}), not PyPI: "
+                 f"`make install-tensorrt` where that index answers (`pip install --extra-index-url {NVIDIA_INDEX} "
                  f"'{TENSORRT_REQUIREMENT}'`)")
 # cudaGetDeviceCount statuses that mean "this machine has no usable NVIDIA GPU" rather than a bug.
 NO_GPU_STATUSES = ("cudaErrorInsufficientDriver", "cudaErrorNoDevice", "cudaErrorCompatNotSupportedOnDevice")
