@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm  # the type of the bar the progress monitor drives
 
-from runtime.artifact import ArtifactMeta, atomic_path, model_path, read_onnx_meta
+from runtime.artifact import ArtifactMeta, atomic_path, read_onnx_meta
 from runtime.backends import cudart
 from runtime.backends.base import BackendUnavailable
 from runtime.backends.trt import (
@@ -31,6 +31,7 @@ from runtime.backends.trt import (
     EngineSidecar,
     EngineTensor,
     engine_path,
+    engine_source,
     make_sidecar,
     require_tensorrt,
     version_tuple,
@@ -69,8 +70,8 @@ def missing_prerequisites(artifact_dir: Path | None, precisions: tuple[str, ...]
     reason = cudart.gpu_unavailable_reason()
     if reason:
         missing.append(reason)
-    if artifact_dir is not None and not any(model_path(artifact_dir, p).is_file() for p in precisions):
-        missing.append(f"none of {', '.join(model_path(artifact_dir, p).name for p in precisions)} in {artifact_dir}; "
+    if artifact_dir is not None and not any(engine_source(artifact_dir, p).is_file() for p in precisions):
+        missing.append(f"none of {', '.join(engine_source(artifact_dir, p).name for p in precisions)} in {artifact_dir}; "
                        "run `make export` (and `make calibrate` for int8) first")
     return missing
 
@@ -79,7 +80,7 @@ def plan_engines(artifact_dir: Path, precisions: tuple[str, ...]) -> tuple[list[
     """Which (precision, source ONNX) pairs can be built now, and a note for each that cannot."""
     todo, notes = [], []
     for precision in precisions:
-        onnx_path = model_path(artifact_dir, precision)
+        onnx_path = engine_source(artifact_dir, precision)
         if onnx_path.is_file():
             todo.append((precision, onnx_path))
         elif precision == "int8":

@@ -322,7 +322,7 @@ def test_ort_trt_names_the_tensorrt_its_provider_links(tmp_path: Path) -> None:
 
 
 def test_an_int8_only_build_does_not_demand_the_fp16_file(artifact: Path) -> None:
-    (artifact / "model.fp16.onnx").rename(artifact / "model.int8.onnx")  # any file named like the Q/DQ model
+    (artifact / "model.fp16.onnx").rename(artifact / "model.int8-trt.onnx")  # any file named like the Q/DQ model
     assert not [m for m in missing_prerequisites(artifact, ("int8",)) if "run `make export`" in m]
     assert [m for m in missing_prerequisites(artifact, ("fp16",)) if "model.fp16.onnx" in m]
 
@@ -330,7 +330,9 @@ def test_an_int8_only_build_does_not_demand_the_fp16_file(artifact: Path) -> Non
 def test_int8_engine_waits_for_calibration(artifact: Path) -> None:
     todo, notes = plan_engines(artifact, ("fp16", "int8"))
     assert todo == [("fp16", model_path(artifact, "fp16"))]
-    assert len(notes) == 1 and "model.int8.onnx not found" in notes[0] and "make calibrate" in notes[0]
+    assert len(notes) == 1 and "model.int8-trt.onnx not found" in notes[0] and "make calibrate" in notes[0]
+    (artifact / "model.int8.onnx").write_bytes((artifact / "model.onnx").read_bytes())  # the fp32 Q/DQ file is not it
+    assert plan_engines(artifact, ("int8",))[0] == []
 
 
 def test_attention_path_depends_on_tensorrt_version(artifact: Path) -> None:

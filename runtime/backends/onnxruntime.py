@@ -13,7 +13,7 @@ subclasses, so a setting cannot leak from one provider to another.
   captured once into a CUDA graph and replayed (`gpu_graph_id`), falling back to plain runs, with a
   note, when capture is impossible.
 - ort-trt gets the standard-op files (TensorRT parses the ONNX `Attention` op) and, at int8, the
-  explicit Q/DQ file TensorRT needs. ORT's TensorRT provider builds weakly typed networks (it has no
+  explicit Q/DQ file TensorRT needs (its fp16 high-precision version, `model.int8-trt.onnx`, when present). ORT's TensorRT provider builds weakly typed networks (it has no
   strongly typed option), so the precision is asked for with its flags: `trt_fp16_enable` for fp16,
   `trt_int8_enable` (with fp16 for the layers left unquantized) for the Q/DQ file. Its shared library
   links one TensorRT major (`libnvinfer.so.N`), which nothing puts on the loader path in a pip install:
@@ -38,6 +38,7 @@ import numpy as np
 from runtime.artifact import INT8_CPU_FILE, MODEL_FILES, ORT_FUSED_FILES, ArtifactError, file_sha256
 from runtime.backends import cudart
 from runtime.backends.base import Backend, BackendKind, BackendUnavailable, ModelSource
+from runtime.backends.trt import INT8_TRT_FILE
 from runtime.cpuinfo import usable_cores
 from runtime.errors import first_line
 
@@ -394,5 +395,5 @@ ORT_CUDA = OrtKind(OrtConfig(
 ))
 ORT_TRT = OrtKind(OrtConfig(
     name="ort-trt", device="cuda", providers=(TRT_EP, CUDA_EP, CPU_EP), default_precision="fp16",
-    files={"fp16": (MODEL_FILES["fp16"],), "fp32": (MODEL_FILES["fp32"],), "int8": (MODEL_FILES["int8"],)},
+    files={"fp16": (MODEL_FILES["fp16"],), "fp32": (MODEL_FILES["fp32"],), "int8": (INT8_TRT_FILE, MODEL_FILES["int8"])},
 ))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from runtime.artifact import ArtifactError, ArtifactMeta, file_sha256, write_json
+from runtime.artifact import MODEL_FILES, ArtifactError, ArtifactMeta, file_sha256, write_json
 from runtime.backends import cudart
 from runtime.backends.base import Backend, BackendKind, BackendUnavailable, ModelSource
 from runtime.errors import UsageError
@@ -31,6 +31,12 @@ if TYPE_CHECKING:  # typed from tensorrt-stubs; imported for real only inside ac
     import tensorrt as trt
 
 ENGINE_FILES = {"fp16": "model.fp16.plan", "int8": "model.int8.plan"}
+# The Q/DQ file the int8 engine is built from: `model.int8.onnx` with fp16, not fp32, as the high-precision type
+# (NVIDIA's recipe, ModelOpt's --high_precision_dtype fp16). A strongly typed network keeps every layer without
+# Q/DQ (attention, GELU, residual adds) in the graph's own type: from the fp32 Q/DQ file those would run in fp32.
+INT8_TRT_FILE = "model.int8-trt.onnx"
+# What each engine is built from.
+ENGINE_SOURCES = {"fp16": MODEL_FILES["fp16"], "int8": INT8_TRT_FILE}
 # 2: the engine's I/O tensors (`io`) are recorded, and source_sha256 is required (format 1 had neither for sure).
 SIDECAR_FORMAT = 2
 REBUILD = "rebuild it with `make engines`"
@@ -44,6 +50,13 @@ def engine_path(artifact_dir: str | Path, precision: str) -> Path:
     if precision not in ENGINE_FILES:
         raise ArtifactError(f"no TensorRT engine for precision {precision!r}; choose one of {', '.join(ENGINE_FILES)}")
     return Path(artifact_dir) / ENGINE_FILES[precision]
+
+
+def engine_source(artifact_dir: str | Path, precision: str) -> Path:
+    """The ONNX file the `precision` engine is built from."""
+    if precision not in ENGINE_SOURCES:
+        raise ArtifactError(f"no TensorRT engine for precision {precision!r}; choose one of {', '.join(ENGINE_SOURCES)}")
+    return Path(artifact_dir) / ENGINE_SOURCES[precision]
 
 
 def sidecar_path(plan: str | Path) -> Path:
