@@ -21,8 +21,8 @@ NVIDIA_INDEX = "https://pypi.nvidia.com"
 # share one install; 10.14 is the first that parses the ONNX Attention op. The Makefile's TENSORRT is the same.
 TENSORRT_REQUIREMENT = "tensorrt-cu13>=10.14,<11"
 TENSORRT_HINT = (f"TensorRT's libraries come only from NVIDIA's package index ({NVIDIA_INDEX}), not PyPI: "
-                 f"`make install-tensorrt` where that index answers (`pip install --extra-index-url {NVIDIA_INDEX} "
-                 f"'{TENSORRT_REQUIREMENT}'`)")
+                 f"`make install-gpu` installs them last where that index answers (alone: `make install-tensorrt`, i.e. "
+                 f"`pip install --extra-index-url {NVIDIA_INDEX} '{TENSORRT_REQUIREMENT}'`)")
 # cudaGetDeviceCount statuses that mean "this machine has no usable NVIDIA GPU" rather than a bug.
 NO_GPU_STATUSES = ("cudaErrorInsufficientDriver", "cudaErrorNoDevice", "cudaErrorCompatNotSupportedOnDevice")
 # The oldest driver branch each CUDA major version runs on (CUDA's release notes, "minor version compatibility").
