@@ -31,7 +31,7 @@ from runtime.artifact import model_path, read_onnx_meta
 from runtime.backends import create, cudart
 from runtime.backends.onnxruntime import ORT_CPU, ORT_CUDA
 from runtime.backends.pytorch import cuda_available
-from runtime.backends.trt import engine_path, read_sidecar, tensorrt_unavailable_reason
+from runtime.backends.trt import engine_path, engine_source, read_sidecar, tensorrt_unavailable_reason
 from runtime.checkpoints import HubUnreachable
 from runtime.compare import check, compare
 from runtime.errors import SOME_FAILED, ArgumentParser, Unavailable, first_line, run_cli
@@ -224,7 +224,7 @@ def run_gpu_check(out: Path, model: str = DEFAULT_MODEL, images: Path | None = N
                             checked("torch-cuda", lambda p=precision: _agreement(artifact, "torch-sdpa", p, images, limit))))
         steps.append(_timed(f"ort-cuda {precision} vs ORT CPU fp32",
                             checked("ort-cuda", lambda p=precision: _agreement(artifact, "ort-cuda", p, images, limit))))
-    precisions = ("fp16", "int8") if model_path(artifact, "int8").is_file() else ("fp16",)
+    precisions = ("fp16", "int8") if engine_source(artifact, "int8").is_file() else ("fp16",)
 
     def engines() -> str:
         needs("tensorrt")
