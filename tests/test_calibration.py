@@ -27,7 +27,8 @@ from runtime.artifact import INT8_CPU_FILE, MODEL_FILES, read_onnx_meta
 from runtime.auto import int8_gate_passed
 from runtime.backends.onnxruntime import ORT_CPU, ORT_TRT
 from runtime.errors import UsageError
-from runtime.preprocess import Preprocessing, load_and_preprocess
+from runtime.decode import load_and_preprocess
+from runtime.preprocess import Preprocessing
 
 WNIDS = pattern_wnids()
 
