@@ -9,7 +9,7 @@ near-tied logits a correct fp16 run flips, per-sample cosine (fp16 >= 0.999) and
 whose margin exceeds the measured error (`runtime.compare`). The TensorRT engines are also checked by NVIDIA's own Polygraphy
 (`polygraphy run`), so the hand-written TensorRT code is checked by code nobody here wrote.
 
-Exit status (runtime/errors.py): 0 every step passed or was skipped, 1 a step failed, 6 no GPU step
+Exit status (the README's table): 0 every step passed or was skipped, 1 a step failed, 6 no GPU step
 could run here (the SKIP rows say why).
 """
 
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(steps))
         return SOME_FAILED if any(s.status == "FAIL" for s in steps) else 0
 
-    return run_cli("gpu_check", work)
+    return run_cli("gpu_check", work, entry=argv is None)
 
 
 if __name__ == "__main__":

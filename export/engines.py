@@ -274,7 +274,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`make engines`. Exit status (runtime/errors.py): 0 built, 2 usage, 5 bad artifact, 6 TensorRT/GPU missing, 7 build failed."""
+    """`make engines`. Exit status (the README's table): 0 built, 2 usage, 5 bad artifact, 6 TensorRT/GPU missing, 7 build failed."""
     import sys
 
     from runtime.artifact import find_artifact
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {note}", file=sys.stderr)
         return 0
 
-    return run_cli("engines", work)
+    return run_cli("engines", work, entry=argv is None)
 
 
 if __name__ == "__main__":

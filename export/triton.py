@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
               f"tritonserver --model-repository={args.out.resolve()}", file=sys.stderr)
         return 0
 
-    return run_cli(PROG, work)
+    return run_cli(PROG, work, entry=argv is None)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from runtime.auto import int8_gate_passed
 from runtime.backends.onnxruntime import ORT_CPU, ORT_TRT
 from runtime.backends.trt import INT8_TRT_FILE
 from runtime.errors import UsageError
-from runtime.preprocess import Preprocessing, load_and_preprocess
+from runtime.decode import load_and_preprocess
+from runtime.preprocess import Preprocessing
 
 WNIDS = pattern_wnids()
 
