@@ -92,7 +92,7 @@ def preload_cuda_libraries() -> str | None:
     for line in printed.getvalue().splitlines():
         match = PRELOAD_FAILURE.match(line.strip())
         if match:
-            failed.append(f"{match.group(1)} ({first_line(Exception(match.group(2)), 160)})")
+            failed.append(f"{match.group(1)} ({match.group(2)[:160]})")
         elif line.strip() and not line.startswith("Please follow"):
             print(line, file=sys.stderr)
     if failed:
