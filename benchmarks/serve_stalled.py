@@ -31,7 +31,7 @@ from benchmarks.harness import environment
 from benchmarks.serve import NeighbourLoad, _drive, _inputs, add_server_arguments, launch
 from runtime.artifact import MODEL_FILES, SYNTHETIC_WARNING, atomic_path, find_model, read_onnx_meta, write_json
 from runtime.errors import ArgumentParser, UsageError, doc_parser, run_cli
-from runtime.preprocess import list_images
+from runtime.inputs import list_images
 
 FILES = {"json": "serving-stalled.json", "markdown": "serving-stalled.md"}
 DECLARED = 60_000_000

@@ -12,7 +12,7 @@ or binary tensors, classification), so a `tritonclient` program works unchanged.
 `topk_labels`, `topk_probs`. Concurrent requests are batched dynamically (runtime.serve.batching). Bad
 requests get 400, oversized ones 413, a full queue or a draining server 503, each with a one-line
 `error`. SIGTERM or Ctrl-C drains: requests already received are answered, new ones get 503, then
-the server exits 143 / 130. Exit status otherwise: see runtime/errors.py (2 usage, e.g. port in use).
+the server exits 143 / 130. Exit status otherwise: the README's table (2 usage, e.g. port in use).
 With --address the same application runs as Ray Serve replicas behind Ray Serve's proxy (runtime.serve.ray_serve).
 """
 
@@ -26,8 +26,9 @@ import sys
 
 from runtime.artifact import SYNTHETIC_WARNING
 from runtime.classify import default_decode_memory
-from runtime.cli import add_classify_arguments, check_classify_arguments, open_predictor
+from runtime.cli import add_classify_arguments, check_classify_arguments, settle_model
 from runtime.errors import ArgumentParser, Interrupted, Unavailable, doc_parser, run_cli
+from runtime.predictor import open_predictor
 from runtime.serve.dataplane import DataPlane
 from runtime.serve.options import PROG, banner, server_options
 
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         raise Unavailable(f"runtime.serve needs the serve extra: pip install -e '.[serve]' ({err})") from None
     sock = bind(args.host, args.port)
     warn_if_exposed(args.host)
-    predictor = open_predictor(args, PROG)
+    predictor = open_predictor(settle_model(args, PROG))
     backend = predictor.backend
     if backend.meta.synthetic:
         print(SYNTHETIC_WARNING, file=sys.stderr)
@@ -129,4 +130,4 @@ def warn_if_exposed(host: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(PROG, lambda: run(args))
+    return run_cli(PROG, lambda: run(args), entry=argv is None)

@@ -25,8 +25,8 @@ import numpy as np
 
 from runtime import __version__
 from runtime.cpuinfo import usable_cores
-from runtime.predictor import Predictor, Top, decode_bytes
-from runtime.preprocess import DecodeBudget
+from runtime.decode import DecodeBudget, DecodeFailure, decode_bytes
+from runtime.predictor import NOT_FINITE, Predictor, Top
 from runtime.serve.batching import Duration, DynamicBatcher
 from runtime.serve.failures import (HTTP_STATUS, BadRequest, InferenceFailed, NotFound, Overloaded, RequestFailure,
                                     ShuttingDown, TooLarge, status_of)
@@ -39,7 +39,7 @@ VERSION = "1"  # the one model version the server holds
 OUTPUTS = {"logits": "FP32", "topk_indices": "INT64", "topk_labels": "BYTES", "topk_probs": "FP32"}
 TYPE_NAMES = {"FP32": "TYPE_FP32", "INT64": "TYPE_INT64", "BYTES": "TYPE_STRING"}
 EXTENSIONS = ["binary_tensor_data", "classification", "statistics", "model_configuration"]
-Row = tuple[np.ndarray, "Top | str"]  # one image's logits and its top-k (or why there is none)
+Row = tuple[np.ndarray, "Top | None"]  # one image's logits and its top-k (None: not finite)
 BodyReader = Callable[[int], Awaitable[bytes]]  # the endpoint's body, read up to a byte limit
 JSON_COST = 16  # bytes of memory a parsed JSON request holds per byte of its text (measured: about 13)
 TRIM_ABOVE = 64 << 20  # a hold this large is handed back to the operating system when it ends
@@ -269,10 +269,10 @@ class DataPlane:
         spec = self.predictor.spec
         decoded = [decode_bytes(item, f"images[{i}]", spec, self.opts.draft, self.opts.max_pixels, self.opts.max_file_bytes,
                                 self.budget) for i, item in enumerate(data)]
-        errors = [d for d in decoded if isinstance(d, str)]
-        if errors:
-            raise BadRequest(f"input {'; '.join(errors)}")
-        return np.stack([d for d in decoded if not isinstance(d, str)])
+        failures = [d.message for d in decoded if isinstance(d, DecodeFailure)]
+        if failures:
+            raise BadRequest(f"input {'; '.join(failures)}")
+        return np.stack([d for d in decoded if not isinstance(d, DecodeFailure)])
 
     def _topk(self, req: InferRequest) -> int:
         k = req.parameters.get("topk", self.predictor.topk)
@@ -287,11 +287,11 @@ class DataPlane:
         return k
 
     def respond(self, req: InferRequest, input_name: str, rows: list[Row], k: int) -> tuple[bytes, dict[str, str]]:
-        bad = [f"{input_name}[{i}]: {top}" for i, (_, top) in enumerate(rows) if isinstance(top, str)]
+        bad = [f"{input_name}[{i}]: {NOT_FINITE}" for i, (_, top) in enumerate(rows) if top is None]
         if bad:
             raise InferenceFailed("; ".join(bad))
         logits = np.stack([r[0] for r in rows]).astype(np.float32)
-        tops = [r[1][:k] for r in rows if not isinstance(r[1], str)]
+        tops = [r[1][:k] for r in rows if r[1] is not None]
         wanted = req.outputs or [RequestedOutput(n, req.binary_output) for n in OUTPUTS]
         outputs = []
         for out in wanted:

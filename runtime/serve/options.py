@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from runtime.classify import default_decode_memory
 from runtime.predictor import Predictor
-from runtime.preprocess import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
+from runtime.decode import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 
 PROG = "serve"
 
