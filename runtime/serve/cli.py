@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         return run_on_ray(args)
     try:
         from runtime.serve.rest import build_app
-        from runtime.serve.server import DrainingServer, Guard, ServeConfig, bind, connection_limit
+        from runtime.serve.server import DrainingServer, Guard, ServeConfig, bind, connection_limits
     except ImportError as err:
         raise Unavailable(f"runtime.serve needs the serve extra: pip install -e '.[serve]' ({err})") from None
     sock = bind(args.host, args.port)
@@ -102,9 +102,10 @@ def run(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     with backend:
         plane = DataPlane(predictor, opts)
-        guard = Guard(args.header_timeout, connection_limit(), plane.count_failure)
+        connections, backlog = connection_limits()
+        guard = Guard(args.header_timeout, connections, plane.count_failure)
         config = ServeConfig(build_app(plane), guard, log_level="warning", access_log=False, lifespan="off",
-                             timeout_keep_alive=min(5, args.header_timeout))
+                             timeout_keep_alive=min(5, args.header_timeout), backlog=backlog)
         server = DrainingServer(config, plane, banner(opts, predictor, host, port), args.drain_timeout)
         try:
             asyncio.run(server.serve(sockets=[sock]))

@@ -55,10 +55,12 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def connection_limit(reserve: int = 64) -> int:
-    """Connections this process may hold: the open-file limit, raised to its hard maximum, less the files open now
-    and `reserve` for what serving opens besides (model files, decode buffers, pipes). Past it a connection gets
-    503 at once, instead of waiting in the listen queue for an accept() that fails with EMFILE."""
+def connection_limits(reserve: int = 64) -> tuple[int, int]:
+    """(connections, listen backlog) this process may take: the open-file limit, raised to its hard maximum, less
+    the files open now and `reserve` for what serving opens besides (model files, decode buffers, pipes), less the
+    backlog itself: the event loop accepts up to a backlog of connections at once before any is looked at. Past
+    the connections a new one gets 503 at once, instead of waiting in the listen queue for an accept() that
+    fails with EMFILE."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
@@ -71,7 +73,9 @@ def connection_limit(reserve: int = 64) -> int:
         open_now = len(os.listdir("/proc/self/fd"))
     except OSError:
         open_now = 64
-    return max(1, soft - open_now - reserve)
+    free = max(2, soft - open_now - reserve)
+    backlog = max(1, min(2048, free // 4))  # uvicorn's default backlog where the limit allows it
+    return max(1, free - backlog), backlog
 
 
 @dataclass
