@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             print(SYNTHETIC_WARNING, file=sys.stderr)
         return 0
 
-    return run_cli("serve-stalled", work)
+    return run_cli("serve-stalled", work, entry=argv is None)
 
 
 if __name__ == "__main__":

@@ -161,15 +161,19 @@ async def read_body(request: Request, limit: int, deadline: float, arriving: Bod
         raise TooLarge(f"the request is larger than --max-request-bytes {limit} ({declared} bytes)")
     chunks: list[bytes] = []
     size = 0
+
+    async def receive() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            arriving.take(len(chunk))
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise TooLarge(f"the request is larger than --max-request-bytes {limit} (more than {limit} bytes received)")
+
     try:
-        async with asyncio.timeout_at(deadline):
-            async for chunk in request.stream():
-                arriving.take(len(chunk))
-                size += len(chunk)
-                if size > limit:
-                    raise TooLarge(f"the request is larger than --max-request-bytes {limit} (more than {limit} bytes received)")
-                chunks.append(chunk)
-    except TimeoutError:
+        await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+    except asyncio.TimeoutError:
         raise BodyTimeout(f"the request body did not arrive within --body-timeout ({size} of "
                           f"{declared or 'unknown'} bytes received)") from None
     except ClientDisconnect:
