@@ -10,9 +10,10 @@ or binary tensors, classification), so a `tritonclient` program works unchanged.
 (BYTES [N], encoded JPEG/PNG/WebP files, decoded like runtime.infer) or `pixel_values` (FP32
 [N,3,H,W], preprocessed). Outputs: `logits` (or its k best, Triton's `class_count`), `topk_indices`,
 `topk_labels`, `topk_probs`. Concurrent requests are batched dynamically (runtime.serve.batching). Bad
-requests get 400, oversized ones 413, a full queue or a draining server 503, each with a one-line
-`error`. SIGTERM or Ctrl-C drains: requests already received are answered, new ones get 503, then
-the server exits 143 / 130. Exit status otherwise: the README's table (2 usage, e.g. port in use).
+requests get 400, oversized ones 413, a body slower than --body-timeout 408, a full queue or a draining
+server 503, each with a one-line `error`; Prometheus metrics on /metrics. SIGTERM or Ctrl-C drains:
+requests already received are answered for at most --drain-timeout, new ones get 503, then the server
+exits 143 / 130 (at once on a second signal). Exit status otherwise: the README's table (2 usage, e.g. port in use).
 With --address the same application runs as Ray Serve replicas behind Ray Serve's proxy (runtime.serve.ray_serve).
 """
 

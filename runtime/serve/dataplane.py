@@ -3,7 +3,11 @@
 Admission (--max-queue-size, draining), parsing and checking a request, decoding its images in the
 decode threads, the dynamic batcher, the answer's tensors, metadata, configuration and statistics all
 live here, so an endpoint only translates its protocol: it gets the same limits, errors (the
-`runtime.serve.failures` classes) and statistics as every other endpoint.
+`runtime.serve.failures` classes), statistics and metrics as every other endpoint. An endpoint calls
+`check_model`, `ready`, `server_metadata`, `metadata`, `config`, `statistics`, and for inference
+`infer(body, parse)`: `body` reads its request's bytes, `parse` turns them into the protocol's
+`InferRequest` (HTTP's is `parse_http`), and the answer is the request and its outputs, which the endpoint
+encodes; a refusal it makes itself is counted with `count_failure`.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from runtime.serve.failures import (HTTP_STATUS, BadRequest, InferenceFailed, No
                                     ShuttingDown, TooLarge, status_of)
 from runtime.serve.metrics import Counts, registry_for
 from runtime.serve.options import ServeOptions
-from runtime.serve.protocol import (InferRequest, RequestedOutput, encode_response, io_config, load_json, parse_request,
+from runtime.serve.protocol import (InferRequest, Output, RequestedOutput, io_config, load_json, parse_request,
                                     split_body)
 
 VERSION = "1"  # the one model version the server holds
@@ -41,6 +45,7 @@ TYPE_NAMES = {"FP32": "TYPE_FP32", "INT64": "TYPE_INT64", "BYTES": "TYPE_STRING"
 EXTENSIONS = ["binary_tensor_data", "classification", "statistics", "model_configuration"]
 Row = tuple[np.ndarray, "Top | None"]  # one image's logits and its top-k (None: not finite)
 BodyReader = Callable[[int], Awaitable[bytes]]  # the endpoint's body, read up to a byte limit
+Parse = Callable[[bytes], InferRequest]  # the endpoint's wire format -> the protocol's request
 JSON_COST = 16  # bytes of memory a parsed JSON request holds per byte of its text (measured: about 13)
 TRIM_ABOVE = 64 << 20  # a hold this large is handed back to the operating system when it ends
 
@@ -218,21 +223,25 @@ class DataPlane:
 
     # --- infer ------------------------------------------------------------------------------------
 
-    def prepare(self, body: bytes, header_length: str | None) -> tuple[InferRequest, str, np.ndarray, int]:
-        """Parse and check a request, decode its images: (request, input name, pixels, k). Runs in a decode thread;
-        parsing holds its JSON's cost from the decode budget, as decoding holds each picture's."""
-        try:
-            return self._prepare(body, header_length)
-        finally:
-            self.budget.give_back()
-
-    def _prepare(self, body: bytes, header_length: str | None) -> tuple[InferRequest, str, np.ndarray, int]:
+    def parse_http(self, body: bytes, header_length: str | None) -> InferRequest:
+        """An HTTP infer body (JSON, or JSON and binary tensors) -> the request. The JSON's cost is held from the
+        decode budget while it is parsed; JSON over --max-json-bytes is refused unparsed."""
         head, binary = split_body(body, header_length)
         if len(head) > self.opts.max_json_bytes:
             raise TooLarge(f"the request's JSON is {len(head)} bytes, over --max-json-bytes {self.opts.max_json_bytes}; "
                            "send tensors with the binary-tensor extension")
         with self.budget.hold(JSON_COST * len(head)):
-            req = parse_request(load_json(head), binary)
+            return parse_request(load_json(head), binary)
+
+    def prepare(self, body: bytes, parse: Parse) -> tuple[InferRequest, str, np.ndarray, int]:
+        """Parse and check a request, decode its images: (request, input name, pixels, k). Runs in a decode thread;
+        decoding holds each picture's cost from the decode budget."""
+        try:
+            return self._prepare(parse(body))
+        finally:
+            self.budget.give_back()
+
+    def _prepare(self, req: InferRequest) -> tuple[InferRequest, str, np.ndarray, int]:
         names = set(req.inputs)
         unknown = names - {"pixel_values", "images"}
         if unknown or len(names) != 1:
@@ -286,14 +295,15 @@ class DataPlane:
                                  f"at most {self.predictor.topk} (the server's --topk)")
         return k
 
-    def respond(self, req: InferRequest, input_name: str, rows: list[Row], k: int) -> tuple[bytes, dict[str, str]]:
+    def outputs(self, req: InferRequest, input_name: str, rows: list[Row], k: int) -> list[Output]:
+        """The requested outputs of a request's rows, for its endpoint to encode."""
         bad = [f"{input_name}[{i}]: {NOT_FINITE}" for i, (_, top) in enumerate(rows) if top is None]
         if bad:
             raise InferenceFailed("; ".join(bad))
         logits = np.stack([r[0] for r in rows]).astype(np.float32)
         tops = [r[1][:k] for r in rows if r[1] is not None]
         wanted = req.outputs or [RequestedOutput(n, req.binary_output) for n in OUTPUTS]
-        outputs = []
+        outputs: list[Output] = []
         for out in wanted:
             if out.class_count:  # Triton's classification: "value:index:label", the value being the logit
                 array = np.array([[f"{logit[i]:f}:{i}:{label}".encode() for i, label, _ in top[: out.class_count]]
@@ -307,14 +317,15 @@ class DataPlane:
                 "topk_probs": lambda: np.array([[p for _, _, p in t] for t in tops], dtype=np.float32),
             }[out.name]()
             outputs.append((out.name, OUTPUTS[out.name], array, out.binary))
-        return encode_response(self.opts.name, req.id, outputs)
+        return outputs
 
-    async def infer(self, body: BodyReader, header_length: str | None) -> tuple[bytes, dict[str, str]]:
-        """One request, from its body to its answer; a `RequestFailure` for every answer but success.
-        Either way it is counted in the statistics and metrics."""
+    async def infer(self, body: BodyReader, parse: Parse) -> tuple[InferRequest, list[Output]]:
+        """One request, from its body to its outputs: `body` reads it (up to --max-request-bytes), `parse` turns it
+        into the protocol's request in a decode thread (each endpoint has its own wire format). A
+        `RequestFailure` for every answer but success; either way it is counted in the statistics and metrics."""
         start = time.monotonic()
         try:
-            answer, images = await self._infer(body, header_length)
+            answer, images = await self._infer(body, parse)
         except RequestFailure as failure:
             self.count_failure(failure, time.monotonic() - start)
             raise
@@ -322,7 +333,7 @@ class DataPlane:
         self.images += images
         return answer
 
-    async def _infer(self, body: BodyReader, header_length: str | None) -> tuple[tuple[bytes, dict[str, str]], int]:
+    async def _infer(self, body: BodyReader, parse: Parse) -> tuple[tuple[InferRequest, list[Output]], int]:
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         self.receiving += 1
@@ -338,7 +349,7 @@ class DataPlane:
         try:
             try:
                 req, name, pixels, k = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, self.prepare, data, header_length)
+                    self.pool, self.prepare, data, parse)
                 queued = self.batcher.submit(pixels)
             finally:
                 self.decoding -= 1
@@ -348,6 +359,6 @@ class DataPlane:
             except Exception as err:  # the backend failed on this batch: a server fault, the server serves on
                 raise InferenceFailed(f"inference failed: {type(err).__name__}: "
                                       f"{str(err).splitlines()[0] if str(err) else ''}") from None
-            return self.respond(req, name, rows, k), len(pixels)
+            return (req, self.outputs(req, name, rows, k)), len(pixels)
         finally:
             self.in_flight -= 1

@@ -39,6 +39,9 @@ class Tensor:
     data: np.ndarray | list[bytes]  # BYTES tensors: the elements, flattened
 
 
+Output = tuple[str, str, np.ndarray, bool]  # an answer's output: name, datatype, array, whether sent binary
+
+
 @dataclass
 class RequestedOutput:
     name: str
@@ -241,7 +244,7 @@ def _outputs(req: dict[str, Any], default_binary: bool) -> list[RequestedOutput]
     return outs
 
 
-def encode_response(model: str, request_id: str | None, outputs: list[tuple[str, str, np.ndarray, bool]]) -> tuple[bytes, dict[str, str]]:
+def encode_response(model: str, request_id: str | None, outputs: list[Output]) -> tuple[bytes, dict[str, str]]:
     """(name, datatype, array, binary) per output -> the response body and its extra headers."""
     described, chunks = [], []
     for name, datatype, array, binary in outputs:

@@ -4,7 +4,7 @@ Each replica is the one-process server's Starlette application (`runtime.serve.r
 predictor and dynamic batcher; Ray Serve's HTTP proxy listens on --host/--port and spreads requests over
 the replicas. A replica whose process dies is restarted by Ray Serve; a request it held is answered with
 an error (Ray Serve's 500), never dropped without an answer. SIGTERM / Ctrl-C delete the application
-(replicas finish the requests they hold, up to 30 s) and the command exits 143 / 130.
+(replicas finish the requests they hold, up to --drain-timeout) and the command exits 143 / 130.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from runtime.serve.rest import build_app
 from runtime.serve.server import bind
 
 APP = "deit-serve"
-GRACE_S = 30.0  # what the one-process server gives a drain (uvicorn's timeout_graceful_shutdown)
 
 
 def import_serve() -> Any:
@@ -64,7 +63,7 @@ def deployment(args: argparse.Namespace) -> Any:
     ingress = serve.deployment(name="oip", num_replicas=args.replicas, max_ongoing_requests=args.max_queue_size,
                                max_queued_requests=args.max_queue_size,
                                ray_actor_options={"num_cpus": args.threads or 1}, max_constructor_retry_count=2,
-                               graceful_shutdown_timeout_s=GRACE_S)(serve.ingress()(Replica))
+                               graceful_shutdown_timeout_s=args.drain_timeout)(serve.ingress()(Replica))
     return ingress.bind(args)
 
 
@@ -126,9 +125,9 @@ def run_on_ray(args: argparse.Namespace) -> int:
                 for s, h in previous.items():
                     signal.signal(s, h)
         finally:  # bounded: with the local Ray's own processes gone (a terminal's Ctrl-C reaches them too) these would hang
-            stopped = within(GRACE_S + 10, lambda: serve.delete(APP))
+            stopped = within(args.drain_timeout + 10, lambda: serve.delete(APP))
             if stopped and (started or not serve.status().applications):
-                within(GRACE_S, serve.shutdown)
+                within(args.drain_timeout + 10, serve.shutdown)
     if not stopped:
         raise Interrupted(signum[0] if signum else signal.SIGINT, "Ray did not confirm that the replicas stopped")
     raise Interrupted(signum[0] if signum else signal.SIGINT, "the replicas answered the requests they held and stopped")

@@ -23,7 +23,7 @@ from runtime.serve.dataplane import BodyBytes, DataPlane
 from runtime.serve.failures import (HTTP_STATUS, BadRequest, BodyTimeout, Internal, NotFound, RequestFailure, TooLarge,
                                     Unsupported, status_of)
 from runtime.serve.metrics import exposition
-from runtime.serve.protocol import HEADER_LENGTH
+from runtime.serve.protocol import HEADER_LENGTH, encode_response
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 # Triton's routes for extensions this server does not have -> what the answer says
@@ -113,7 +113,9 @@ class Endpoints:
         async def body(limit: int) -> bytes:
             return await read_body(request, limit - header_bytes, deadline, self.plane.body_bytes)
 
-        content, headers = await self.plane.infer(body, request.headers.get(HEADER_LENGTH))
+        header_length = request.headers.get(HEADER_LENGTH)
+        req, outputs = await self.plane.infer(body, lambda data: self.plane.parse_http(data, header_length))
+        content, headers = encode_response(self.plane.opts.name, req.id, outputs)
         return Response(content, headers=headers)
 
     @staticmethod
