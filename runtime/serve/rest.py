@@ -156,11 +156,13 @@ def build_app(plane: DataPlane) -> Starlette:
 
 
 async def read_body(request: Request, limit: int, deadline: float, arriving: BodyBytes) -> bytes:
-    """The request body, refused as soon as it passes `limit` bytes (declared, received or decompressed) or
-    `deadline` (the loop's clock) passes before it has all arrived; what arrived is held against `arriving`."""
+    """The request body, refused as soon as it passes `limit` bytes (--max-request-bytes less the header fields;
+    declared, received or decompressed) or `deadline` (the loop's clock) passes before it has all arrived;
+    what arrived is held against `arriving`."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"the request is larger than --max-request-bytes {limit} ({declared} bytes)")
+        raise TooLarge(f"the request is larger than --max-request-bytes allows ({declared} bytes of body, {limit} "
+                       "left after its headers)")
     chunks: list[bytes] = []
     size = 0
 
@@ -171,7 +173,8 @@ async def read_body(request: Request, limit: int, deadline: float, arriving: Bod
             chunks.append(chunk)
             size += len(chunk)
             if size > limit:
-                raise TooLarge(f"the request is larger than --max-request-bytes {limit} (more than {limit} bytes received)")
+                raise TooLarge(f"the request is larger than --max-request-bytes allows (more than {limit} bytes of body "
+                               "received, the room left after its headers)")
 
     try:
         await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
@@ -197,5 +200,6 @@ def inflate(data: bytes, encoding: str, limit: int) -> bytes:
     except zlib.error as err:
         raise BadRequest(f"the {encoding} request body cannot be decompressed ({err})") from None
     if len(data) > limit:
-        raise TooLarge(f"the request is larger than --max-request-bytes {limit} (more than {limit} bytes once decompressed)")
+        raise TooLarge(f"the request is larger than --max-request-bytes allows (more than {limit} bytes of body "
+                       "once decompressed)")
     return data
