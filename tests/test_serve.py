@@ -556,3 +556,28 @@ def test_the_serve_package_keeps_its_shape() -> None:
     for module in imports:
         if module not in ("__init__", "__main__"):
             assert module not in reaches(module, set()), f"import cycle through {module}"
+
+
+def test_a_request_answered_500_counts_as_a_failure(tiny_artifact: Path, tmp_path: Path) -> None:
+    """A model whose logits are not finite: the answer is 500, and neither the statistics nor the metrics count
+    a success or an inference for it."""
+    import onnx.numpy_helper
+
+    from test_hostile import edited_artifact
+
+    def poison(model: onnx.ModelProto) -> None:
+        weight = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+        values = onnx.numpy_helper.to_array(weight).copy()
+        values.flat[0] = np.nan
+        weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+
+    with serving(edited_artifact(tiny_artifact, tmp_path / "nan", poison), "--name", NAME) as (_, url):
+        client = httpclient.InferenceServerClient(url)
+        status, message = refused(client, [pixels_input(np.zeros((1, 3, 32, 32), np.float32))])
+        assert status == "500" and "not finite" in message
+        stats, metrics = model_stats(client), scrape(url)
+    assert stats["inference_count"] == 0 and stats["inference_stats"]["success"]["count"] == 0
+    assert stats["inference_stats"]["fail"]["count"] == 1 and stats["execution_count"] == 1
+    labels = (("model", NAME), ("version", "1"))
+    assert metrics[("nv_inference_request_success", labels)] == 0 and metrics[("nv_inference_count", labels)] == 0
+    assert metrics[("nv_inference_request_failure", (labels[0], ("reason", "BACKEND"), labels[1]))] == 1
