@@ -3,10 +3,12 @@
 - `failures`: why a request is refused, one class per reason, and the table of their HTTP statuses;
 - `protocol`: the wire format (KServe v2 / Triton JSON and binary tensors), parsed and encoded;
 - `batching`: the dynamic batcher;
-- `dataplane`: one model behind the protocol (admission, decoding, batching, statistics): what every
-  endpoint calls, so each gets the same limits, errors and statistics;
+- `metrics`: Prometheus metrics with Triton's names, read from the data plane's counts;
+- `options`: the flags as the data plane takes them, and the ready line;
+- `dataplane`: one model behind the protocol (admission, decoding, batching, statistics, metrics): what
+  every endpoint calls, so each gets the same limits, errors and statistics;
 - `rest`: the HTTP endpoint (Starlette) over a data plane;
-- `server`: the process (uvicorn, its signals and drain);
+- `server`: the process (uvicorn with deadlines and limits on every connection, its signals and drain);
 - `ray_serve`: the same HTTP endpoint as Ray Serve replicas;
 - `cli`: the command line.
 """
