@@ -132,7 +132,7 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_message_begin(self) -> None:
-        self.message_done = False
+        self.message_done, self.awaiting_headers = False, True  # a pipelined request's headers count from here
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
