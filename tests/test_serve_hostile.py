@@ -185,3 +185,20 @@ def test_huge_pictures_in_concurrent_requests_share_one_decode_budget(tiny_artif
     assert two < 1.5 * one, f"two requests took {two / 2**20:.0f} MiB, one {one / 2**20:.0f} MiB: decoded at once"
     kept = rss["two"] - rss["tiny"]
     assert kept < 0.5 * one, f"{kept / 2**20:.0f} MiB still held after the answers (the peak was {two / 2**20:.0f} MiB)"
+
+
+def test_a_small_request_is_not_kept_waiting_by_a_huge_picture(tiny_artifact: Path, tmp_path: Path) -> None:
+    """A picture that needs more than the whole --decode-memory holds most of it while it decodes, not all of it:
+    a one-image request sent meanwhile is answered while the huge one is still being decoded."""
+    from PIL import Image
+
+    side = 8000
+    Image.new("RGB", (side, side), (120, 30, 200)).save(tmp_path / "huge.png")
+    with serving(tiny_artifact, "--decode-memory", str(2 * side * side)) as (_, url):
+        client = httpclient.InferenceServerClient(url, concurrency=2, network_timeout=300)
+        huge = client.async_infer(NAME, [images_input([(tmp_path / "huge.png").read_bytes()])])
+        wait_for(lambda: queue_now(client)["in_flight"] == 1, "the huge picture is being decoded")
+        small = client.infer(NAME, [pixels_input(np.zeros((1, 3, 32, 32), np.float32))])
+        assert small.as_numpy("logits").shape == (1, 10)
+        assert queue_now(client)["in_flight"] == 1, "the huge picture was decoded first: the small request waited for it"
+        assert huge.get_result().as_numpy("logits").shape == (1, 10)

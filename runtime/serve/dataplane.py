@@ -48,12 +48,17 @@ BodyReader = Callable[[int], Awaitable[bytes]]  # the endpoint's body, read up t
 Parse = Callable[[bytes], InferRequest]  # the endpoint's wire format -> the protocol's request
 JSON_COST = 16  # bytes of memory a parsed JSON request holds per byte of its text (measured: about 13)
 TRIM_ABOVE = 64 << 20  # a hold this large is handed back to the operating system when it ends
+KEPT_FREE = 8  # one picture holds at most all but 1/KEPT_FREE of the decode budget: small ones keep moving
+WAITING_THREADS = 2  # decode threads beyond the cores: a thread waiting for the budget uses no CPU
 
 
 class TrimmingBudget(DecodeBudget):
-    """The decode budget, shared by every request's image decoding and JSON parsing. A decode thread that held a
-    large share hands the freed memory back to the operating system once its request is decoded
-    (`give_back`): glibc keeps freed heap pages otherwise, so one huge picture would leave the RSS at its peak."""
+    """The decode budget, shared by every request's image decoding and JSON parsing. One hold takes at most all but
+    1/KEPT_FREE of it, so a huge picture (or two) cannot make every small one wait for its decode: a picture
+    that needs more than that is accounted at the cap (as a picture bigger than the whole budget always was).
+    A decode thread that held a large share hands the freed memory back to the operating system once its
+    request is decoded (`give_back`): glibc keeps freed heap pages otherwise, so one huge picture would leave
+    the RSS at its peak."""
 
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
 
@@ -65,7 +70,7 @@ class TrimmingBudget(DecodeBudget):
     def hold(self, nbytes: int) -> Iterator[None]:
         if nbytes >= TRIM_ABOVE:
             self._large.held = True
-        with super().hold(nbytes):
+        with super().hold(min(nbytes, self.total - self.total // KEPT_FREE)):
             yield
 
     def give_back(self) -> None:
@@ -102,7 +107,7 @@ class DataPlane:
         self.meta = backend.meta
         self.classes = self.meta.num_labels
         _, _, self.height, self.width = backend.input_shape(1)
-        self.pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="decode")
+        self.pool = ThreadPoolExecutor(max_workers=usable_cores() + WAITING_THREADS, thread_name_prefix="decode")
         self.budget = TrimmingBudget(opts.decode_memory)
         self.body_bytes = BodyBytes(opts.max_queue * opts.max_request_bytes)
         self.receiving = 0  # requests whose body is arriving: no queue slot yet, so a stalled upload holds none
