@@ -25,7 +25,7 @@ from benchmarks.serve import launch
 from runtime.backends import create
 from runtime.classify import ClassifyOptions, classify
 from runtime.predictor import Prediction, Predictor
-from runtime.preprocess import load_and_preprocess
+from runtime.decode import load_and_preprocess
 from runtime.serve import main
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def test_fp32_and_bytes_answers_equal_the_predictor(client: httpclient.Inference
     with create("ort-cpu", tiny_artifact, max_batch=4, threads=1) as backend:
         predictor = Predictor(backend, 5)
         expected: list[Prediction] = []
-        classify(files, predictor, ClassifyOptions(topk=5, workers=1), expected.append)
+        classify(files, predictor, ClassifyOptions(workers=1), expected.append)
         pixels = np.stack([load_and_preprocess(f, predictor.spec) for f in files])
         logits = backend.infer(pixels)["logits"]
     by_bytes = client.infer(NAME, [images_input([f.read_bytes() for f in files])])
@@ -146,7 +146,7 @@ def test_real_photos_give_runtime_infer_top1(client: httpclient.InferenceServerC
     files = sorted(SAMPLE_DIR.iterdir())[:8]
     with create("ort-cpu", tiny_artifact, max_batch=4, threads=1) as backend:
         expected: list[Prediction] = []
-        classify(files, Predictor(backend, 5), ClassifyOptions(topk=5, workers=1), expected.append)
+        classify(files, Predictor(backend, 5), ClassifyOptions(workers=1), expected.append)
     pending = [client.async_infer(NAME, [images_input([f.read_bytes()])]) for f in files]  # one photo a request
     got = [p.get_result().as_numpy("topk_indices")[0, 0] for p in pending]
     assert got == [p.top[0][0] for p in expected if p.top]
@@ -226,8 +226,13 @@ def pixels_body(pixels: np.ndarray) -> bytes:
                                    "data": pixels.reshape(-1).tolist()}], "outputs": [{"name": "logits"}]}).encode()
 
 
-def in_flight(client: httpclient.InferenceServerClient) -> int:
-    return client.get_inference_statistics(NAME)["model_stats"][0]["queue_now"]["in_flight"]
+def queue_now(client: httpclient.InferenceServerClient) -> dict[str, int]:
+    return client.get_inference_statistics(NAME)["model_stats"][0]["queue_now"]
+
+
+def receiving(client: httpclient.InferenceServerClient) -> int:
+    """Requests whose body is still arriving (they hold no --max-queue-size slot yet)."""
+    return queue_now(client)["receiving"]
 
 
 def test_requests_on_their_way_share_a_backend_batch(tiny_artifact: Path) -> None:
@@ -238,7 +243,7 @@ def test_requests_on_their_way_share_a_backend_batch(tiny_artifact: Path) -> Non
         pixels = np.random.default_rng(1).standard_normal((4, 1, 3, 32, 32)).astype(np.float32)
         bodies = [pixels_body(p) for p in pixels]
         held = [raw_request_start(url, b) for b in bodies]
-        wait_for(lambda: in_flight(client) == 4, "the server holds the four requests")
+        wait_for(lambda: receiving(client) == 4, "the server receives the four requests")
         for sock, b in zip(held, bodies):
             finish_request(sock, b)
         answers = [read_answer(sock) for sock in held]
@@ -256,30 +261,38 @@ def test_requests_on_their_way_share_a_backend_batch(tiny_artifact: Path) -> Non
 
 
 def test_full_queue_gets_503_and_sigterm_drains(tiny_artifact: Path) -> None:
+    """A request that has arrived takes the one queue slot (it waits for a batch while another is still arriving);
+    a third gets 503. SIGTERM: new requests get 503, the queued one is answered at once, the arriving one when
+    its body is complete, then the server exits 143."""
     with serving(tiny_artifact, "--max-queue-size", "1", "--max-queue-delay-ms", "600000") as (proc, url):
         client = httpclient.InferenceServerClient(url)
-        pixels = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
-        body = pixels_body(pixels)
-        held = raw_request_start(url, body)
-        wait_for(lambda: in_flight(client) == 1, "the server holds the first request")
-        status, message = refused(client, [pixels_input(pixels)])
+        pixels = np.random.default_rng(0).standard_normal((2, 1, 3, 32, 32)).astype(np.float32)
+        bodies = [pixels_body(p) for p in pixels]
+        arriving = raw_request_start(url, bodies[1])
+        wait_for(lambda: receiving(client) == 1, "the server receives the first request")
+        queued = raw_request_start(url, bodies[0])
+        finish_request(queued, bodies[0])
+        wait_for(lambda: queue_now(client)["in_flight"] == 1, "the second request is queued")
+        status, message = refused(client, [pixels_input(pixels[0])])
         assert status == "503" and "--max-queue-size" in message
 
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: not client.is_server_ready(), "the server reports it is draining")
-        status, message = refused(client, [pixels_input(pixels)])
+        status, message = refused(client, [pixels_input(pixels[0])])
         assert status == "503" and "shutting down" in message
-        assert proc.poll() is None  # it waits for the request it holds
+        status, answer = read_answer(queued)
+        assert status.endswith(b"200 OK"), answer
+        assert proc.poll() is None  # it waits for the request still arriving
 
-        finish_request(held, body)
-        status, answer = read_answer(held)
+        finish_request(arriving, bodies[1])
+        status, answer = read_answer(arriving)
         assert status.endswith(b"200 OK"), answer
         (out,) = answer["outputs"]
         with create("ort-cpu", tiny_artifact, max_batch=1, threads=1) as backend:
-            np.testing.assert_allclose(np.array(out["data"]).reshape(1, 10), backend.infer(pixels)["logits"], atol=1e-5)
+            np.testing.assert_allclose(np.array(out["data"]).reshape(1, 10), backend.infer(pixels[1])["logits"], atol=1e-5)
         assert proc.wait(timeout=60) == 143
         assert proc.stderr is not None
-        assert "serve: terminated; drained: 1 requests answered" in proc.stderr.read()
+        assert "serve: terminated; drained: 2 requests answered, none cut" in proc.stderr.read()
 
 
 @pytest.mark.parametrize("where", [[], ["--address", "local"]], ids=["one process", "Ray Serve"])
@@ -367,7 +380,7 @@ def test_ray_serve_replica_answers_like_the_predictor_and_is_restarted(tiny_arti
         pid = replica_pid(client)
         body = pixels_body(pixels[:1])
         held = raw_request_start(url, body)
-        wait_for(lambda: in_flight(client) == 1, "the replica holds the request")
+        wait_for(lambda: receiving(client) == 1, "the replica receives the request")
         os.kill(pid, signal.SIGKILL)
         finish_request(held, body)
         status, answer = read_raw_answer(held)  # Ray Serve's proxy answers, in plain text
@@ -387,3 +400,184 @@ def ready_again(client: httpclient.InferenceServerClient) -> bool:
         return client.is_server_ready()
     except Exception:  # the proxy has no replica to ask yet
         return False
+
+
+def raw_exchange(url: str, request: bytes) -> tuple[int, dict]:  # type: ignore[type-arg]
+    """Send one raw HTTP request (Connection: close) and return its status and JSON answer."""
+    host, port = url.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(request)
+        status, payload = read_raw_answer(sock)
+    return int(status.split()[1]), json.loads(payload)
+
+
+def post(url: str, body: bytes, path: str = f"/v2/models/{NAME}/infer") -> tuple[int, dict]:  # type: ignore[type-arg]
+    return raw_exchange(url, f"POST {path} HTTP/1.1\r\nHost: {url}\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+
+
+def images_json(items: list[str], **extra: object) -> bytes:
+    return json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [len(items)], "data": items}],
+                       **extra}).encode()
+
+
+def test_malformed_bodies_get_400_in_the_protocols_form_without_a_traceback(tiny_artifact: Path) -> None:
+    """Deep JSON, a lone surrogate and fields Triton refuses are 400 (shared memory: not supported), each a
+    one-line JSON error; the server logs no traceback and serves on."""
+    good = [{"name": "pixel_values", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}]
+    cases = {
+        b"[" * 100_000 + b"]" * 100_000: (400, "nested too deeply"),
+        b'{"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ' + b"[" * 5000 + b'"x"' + b"]" * 5000
+        + b"}]}": (400, "nested too deeply"),
+        images_json(["\ud800"]): (400, "lone surrogate"),
+        json.dumps({"id": 7, "inputs": good}).encode(): (400, "'id' must be a string"),
+        json.dumps({"inputs": good, "parameters": {"binary_data_output": "false"}}).encode(): (400, "true or false"),
+        json.dumps({"inputs": good, "outputs": [{"name": "logits"}, {"name": "logits"}]}).encode(): (400, "twice"),
+        json.dumps({"inputs": [{**good[0], "parameters": {"shared_memory_region": "r0"}}]}).encode():
+            (501, "shared memory is not supported; send the tensor in the body"),
+        b"\xff\xfe not utf-8": (400, "not valid JSON"),
+    }
+    with serving(tiny_artifact, "--max-json-bytes", "200000") as (proc, url):
+        for body, (status, needle) in cases.items():
+            got, answer = post(url, body)
+            assert (got, needle in answer["error"], "\n" in answer["error"]) == (status, True, False), (body[:80], answer)
+        big = {"name": "pixel_values", "datatype": "FP32", "shape": [8, 3, 32, 32], "data": [0.123456789] * 8 * 3072}
+        got, answer = post(url, json.dumps({"inputs": [big]}).encode())
+        assert got == 413 and "--max-json-bytes" in answer["error"]
+        client = httpclient.InferenceServerClient(url)
+        pixels = np.full((8, 3, 32, 32), 0.123456789, np.float32)  # as binary tensors the same request is not limited by it
+        assert client.infer(NAME, [pixels_input(pixels)]).as_numpy("logits").shape == (8, 10)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+        assert proc.stderr is not None
+        assert "Traceback" not in proc.stderr.read()
+
+
+def test_unknown_routes_and_missing_extensions_answer_json_errors(client: httpclient.InferenceServerClient, server: str) -> None:
+    """tritonclient shows the server's reason instead of a parse error; each answer says what is not supported."""
+    for call, needle in [(client.get_system_shared_memory_status, "shared memory is not supported"),
+                         (client.get_cuda_shared_memory_status, "shared memory is not supported"),
+                         (client.get_model_repository_index, "repository control is not supported"),
+                         (lambda: client.load_model(NAME), "repository control is not supported"),
+                         (client.get_trace_settings, "trace settings are not supported"),
+                         (client.get_log_settings, "log settings are not supported")]:
+        with pytest.raises(InferenceServerException) as info:
+            call()
+        assert needle in info.value.message() and str(info.value.status()) == "501", info.value.message()
+    status, answer = raw_exchange(server, f"GET /v2/nothing HTTP/1.1\r\nHost: {server}\r\nConnection: close\r\n\r\n".encode())
+    assert status == 404 and "no route GET /v2/nothing" in answer["error"]
+    status, answer = raw_exchange(server, f"GET /v2/models/{NAME}/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert status == 405 and "GET" in answer["error"]
+
+
+def model_stats(client: httpclient.InferenceServerClient) -> dict:  # type: ignore[type-arg]
+    return client.get_inference_statistics(NAME)["model_stats"][0]
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics, parsed by prometheus_client's own parser: (sample name, labels) -> value."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://{url}/metrics", timeout=60) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_have_tritons_names_and_count_what_was_sent(tiny_artifact: Path) -> None:
+    """Successes, failures (by Triton's reason and by ours), images, executions and durations, as the statistics say."""
+    with serving(tiny_artifact, "--max-batch-size", "4") as (_, url):
+        client = httpclient.InferenceServerClient(url)
+        for n in (1, 3, 2):
+            client.infer(NAME, [images_input([photo_bytes(i) for i in range(n)])])
+        for _ in range(2):
+            refused(client, [pixels_input(np.full((1, 3, 32, 32), np.nan, np.float32))])
+        metrics = scrape(url)
+        stats = model_stats(client)
+    labels = (("model", NAME), ("version", "1"))
+    assert metrics[("nv_inference_request_success", labels)] == 3 == stats["inference_stats"]["success"]["count"]
+    assert metrics[("nv_inference_count", labels)] == 6 == stats["inference_count"]
+    assert metrics[("nv_inference_exec_count", labels)] == stats["execution_count"] >= 3
+    failure = {reason: metrics[("nv_inference_request_failure", (*labels[:1], ("reason", reason), labels[1]))]
+               for reason in ("REJECTED", "CANCELED", "BACKEND", "OTHER")}
+    assert failure == {"REJECTED": 0, "CANCELED": 0, "BACKEND": 0, "OTHER": 2}
+    assert metrics[("deit_serve_rejected_requests_total", (*labels[:1], ("reason", "bad_request"), labels[1]))] == 2
+    assert stats["inference_stats"]["fail"]["count"] == 2 and stats["rejected"] == {"400": 2}
+    for name in ("nv_inference_request_duration_us", "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us"):
+        assert metrics[(name, labels)] > 0, name
+    assert metrics[("nv_inference_pending_request_count", labels)] == 0
+
+
+def test_metadata_and_config_agree(client: httpclient.InferenceServerClient) -> None:
+    """Triton's rule: with max_batch_size set, a tensor's metadata shape is [-1] followed by its config dims."""
+    meta, config = client.get_model_metadata(NAME), client.get_model_config(NAME)
+    for kind, section in (("inputs", "input"), ("outputs", "output")):
+        shapes = {t["name"]: t["shape"] for t in meta[kind]}
+        dims = {t["name"]: [-1, *t["dims"]] for t in config[section]}
+        assert shapes == dims, kind
+    assert model_stats(client)["inference_stats"]["cache_hit"] == {"count": 0, "ns": 0}
+
+
+def test_a_host_reachable_from_other_machines_is_warned_about(capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.serve.cli import warn_if_exposed
+
+    for host in ("127.0.0.1", "localhost", "::1"):
+        warn_if_exposed(host)
+    assert capsys.readouterr().err == ""
+    warn_if_exposed("0.0.0.0")
+    err = capsys.readouterr().err
+    assert err.startswith("serve: warning: --host 0.0.0.0: the endpoint is reachable from other hosts") and err.count("\n") == 1
+
+
+def test_the_serve_package_keeps_its_shape() -> None:
+    """Layers that import only downwards (no cycle), no file over 400 lines, no function over 60."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "runtime" / "serve"
+    imports: dict[str, set[str]] = {}
+    for path in sorted(package.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        assert len(path.read_text().splitlines()) <= 400, path.name
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno is not None and node.end_lineno - node.lineno + 1 <= 60, f"{path.name}: {node.name}"
+        imports[path.stem] = {n.module.rsplit(".", 1)[1] for n in ast.walk(tree)
+                              if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("runtime.serve.")}
+    assert {"protocol", "dataplane", "rest", "server", "cli", "ray_serve", "failures"} <= set(imports)
+
+    def reaches(start: str, seen: set[str]) -> set[str]:
+        for nxt in imports.get(start, set()) - seen:
+            seen.add(nxt)
+            reaches(nxt, seen)
+        return seen
+
+    for module in imports:
+        if module not in ("__init__", "__main__"):
+            assert module not in reaches(module, set()), f"import cycle through {module}"
+
+
+def test_a_request_answered_500_counts_as_a_failure(tiny_artifact: Path, tmp_path: Path) -> None:
+    """A model whose logits are not finite: the answer is 500, and neither the statistics nor the metrics count
+    a success or an inference for it."""
+    import onnx.numpy_helper
+
+    from test_hostile import edited_artifact
+
+    def poison(model: onnx.ModelProto) -> None:
+        weight = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+        values = onnx.numpy_helper.to_array(weight).copy()
+        values.flat[0] = np.nan
+        weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+
+    with serving(edited_artifact(tiny_artifact, tmp_path / "nan", poison), "--name", NAME) as (_, url):
+        client = httpclient.InferenceServerClient(url)
+        status, message = refused(client, [pixels_input(np.zeros((1, 3, 32, 32), np.float32))])
+        assert status == "500" and "not finite" in message
+        stats, metrics = model_stats(client), scrape(url)
+    assert stats["inference_count"] == 0 and stats["inference_stats"]["success"]["count"] == 0
+    assert stats["inference_stats"]["fail"]["count"] == 1 and stats["execution_count"] == 1
+    labels = (("model", NAME), ("version", "1"))
+    assert metrics[("nv_inference_request_success", labels)] == 0 and metrics[("nv_inference_count", labels)] == 0
+    assert metrics[("nv_inference_request_failure", (labels[0], ("reason", "BACKEND"), labels[1]))] == 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -49,20 +49,14 @@ class Duration:
 
 @dataclass
 class BatchStats:
-    """What Triton's statistics extension reports: per request (success, fail, queue, compute) and per batch size."""
+    """The batcher's part of Triton's statistics: per request its queue and compute time, per batch size the runs.
+    Whether a request succeeded is the data plane's to count: it may fail after its batch ran."""
 
-    requests: int = 0  # answered from a batch
-    images: int = 0
     executions: int = 0  # backend runs
-    success: Duration = field(default_factory=Duration)
-    fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
     compute: Duration = field(default_factory=Duration)
     batches: dict[int, Duration] = field(default_factory=dict)  # batch size -> runs
     last_ms: int = 0
-
-    def sizes(self) -> Counter[int]:
-        return Counter({size: d.count for size, d in self.batches.items()})
 
 
 class DynamicBatcher(Generic[R]):
@@ -148,7 +142,7 @@ class DynamicBatcher(Generic[R]):
             except Exception as err:  # the requests of this batch get the error; the worker serves on
                 rows = err
             done = time.monotonic()
-            self._record(batch, len(pixels), start, done, isinstance(rows, BaseException))
+            self._record(batch, len(pixels), start, done)
             at = 0
             for item in batch:
                 n = len(item.pixels)
@@ -156,17 +150,14 @@ class DynamicBatcher(Generic[R]):
                 at += n
                 item.loop.call_soon_threadsafe(_settle, item.future, result)
 
-    def _record(self, batch: list[_Item], images: int, start: float, done: float, failed: bool) -> None:
+    def _record(self, batch: list[_Item], images: int, start: float, done: float) -> None:
         with self.stats_lock:
             s = self.stats
             s.executions += 1
-            s.requests += len(batch)
-            s.images += images
             s.batches.setdefault(images, Duration()).add(done - start)
             s.compute.add(done - start, len(batch))
             for item in batch:
                 s.queue.add(start - item.enqueued)
-                (s.fail if failed else s.success).add(done - item.enqueued)
             s.last_ms = int(time.time() * 1000)
 
 

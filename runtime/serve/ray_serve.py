@@ -1,10 +1,10 @@
 """`python -m runtime.serve --address ...`: the same protocol server as Ray Serve replicas.
 
-Each replica is the one-process server's Starlette application (`runtime.serve.build_app`) over its own
+Each replica is the one-process server's Starlette application (`runtime.serve.rest.build_app`) over its own
 predictor and dynamic batcher; Ray Serve's HTTP proxy listens on --host/--port and spreads requests over
 the replicas. A replica whose process dies is restarted by Ray Serve; a request it held is answered with
 an error (Ray Serve's 500), never dropped without an answer. SIGTERM / Ctrl-C delete the application
-(replicas finish the requests they hold, up to 30 s) and the command exits 143 / 130.
+(replicas finish the requests they hold, up to --drain-timeout) and the command exits 143 / 130.
 """
 
 from __future__ import annotations
@@ -19,13 +19,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from runtime.artifact import SYNTHETIC_WARNING
-from runtime.cli import open_predictor
+from runtime.cli import settle_model
+from runtime.predictor import open_predictor
 from runtime.cpuinfo import usable_cores
 from runtime.errors import Interrupted, ModelError, Unavailable
-from runtime.serve import PROG, ModelServer, banner, bind, build_app, server_options
+from runtime.serve.dataplane import DataPlane
+from runtime.serve.options import PROG, banner, server_options
+from runtime.serve.rest import build_app
+from runtime.serve.server import bind
 
 APP = "deit-serve"
-GRACE_S = 30.0  # what the one-process server gives a drain (uvicorn's timeout_graceful_shutdown)
 
 
 def import_serve() -> Any:
@@ -37,19 +40,19 @@ def import_serve() -> Any:
 
 
 class Replica:
-    """One Ray Serve replica: the model server of `runtime.serve`, built where Ray placed the replica."""
+    """One Ray Serve replica: the data plane of `runtime.serve`, built where Ray placed the replica."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.predictor = open_predictor(args, PROG)
+        self.predictor = open_predictor(settle_model(args, PROG))
         self.backend = self.predictor.backend.__enter__()
-        self.model = ModelServer(self.predictor, server_options(args, self.predictor))
+        self.plane = DataPlane(self.predictor, server_options(args, self.predictor))
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_app(self.model)
+        return build_app(self.plane)
 
     def __del__(self) -> None:
-        if hasattr(self, "model"):  # not when the constructor failed
-            self.model.close()
+        if hasattr(self, "plane"):  # not when the constructor failed
+            self.plane.close()
             self.backend.__exit__(None, None, None)
 
 
@@ -60,7 +63,7 @@ def deployment(args: argparse.Namespace) -> Any:
     ingress = serve.deployment(name="oip", num_replicas=args.replicas, max_ongoing_requests=args.max_queue_size,
                                max_queued_requests=args.max_queue_size,
                                ray_actor_options={"num_cpus": args.threads or 1}, max_constructor_retry_count=2,
-                               graceful_shutdown_timeout_s=GRACE_S)(serve.ingress()(Replica))
+                               graceful_shutdown_timeout_s=args.drain_timeout)(serve.ingress()(Replica))
     return ingress.bind(args)
 
 
@@ -90,7 +93,7 @@ def proxy_port(host: str, port: int) -> int:
 def run_on_ray(args: argparse.Namespace) -> int:
     """Start (or join) Ray, run the application behind Ray Serve's proxy, wait for SIGTERM / Ctrl-C."""
     port = args.port if args.address.startswith("ray://") else proxy_port(args.host, args.port)
-    predictor = open_predictor(args, PROG)  # the flags and the artifact checked here, before Ray starts
+    predictor = open_predictor(settle_model(args, PROG))  # the flags and the artifact checked here, before Ray starts
     if predictor.backend.meta.synthetic:
         print(SYNTHETIC_WARNING, file=sys.stderr)
     opts = server_options(args, predictor)
@@ -122,9 +125,9 @@ def run_on_ray(args: argparse.Namespace) -> int:
                 for s, h in previous.items():
                     signal.signal(s, h)
         finally:  # bounded: with the local Ray's own processes gone (a terminal's Ctrl-C reaches them too) these would hang
-            stopped = within(GRACE_S + 10, lambda: serve.delete(APP))
+            stopped = within(args.drain_timeout + 10, lambda: serve.delete(APP))
             if stopped and (started or not serve.status().applications):
-                within(GRACE_S, serve.shutdown)
+                within(args.drain_timeout + 10, serve.shutdown)
     if not stopped:
         raise Interrupted(signum[0] if signum else signal.SIGINT, "Ray did not confirm that the replicas stopped")
     raise Interrupted(signum[0] if signum else signal.SIGINT, "the replicas answered the requests they held and stopped")

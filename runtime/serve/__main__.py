@@ -1,0 +1,5 @@
+"""`python -m runtime.serve`."""
+
+from runtime.serve.cli import main
+
+main()
