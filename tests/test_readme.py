@@ -38,6 +38,8 @@ CLIS = {
     "benchmarks.export_time": "benchmarks.export_time",
     "benchmarks.distributed_throughput": "benchmarks.distributed_throughput",
     "benchmarks.distributed_listing": "benchmarks.distributed_listing",
+    "benchmarks.distributed_memory": "benchmarks.distributed_memory",
+    "benchmarks.distributed_node_loss": "benchmarks.distributed_node_loss",
     "benchmarks.serve": "benchmarks.serve",
     "benchmarks.serve_ray": "benchmarks.serve_ray",
     "benchmarks.serve_stalled": "benchmarks.serve_stalled",

@@ -300,7 +300,7 @@ def _no_block_stats() -> None:
     """Keep the driver flat while rows flow: every map stage of Ray Data keeps statistics of each block it
     output, for `Dataset.stats()`, until the pipeline ends (there is no setting to turn this off). A job
     never reads them, and on a 2-CPU local Ray they were most of the driver's growth: 150-170 MB per
-    million rows with them, 30 MB without (benchmarks.distributed_memory). This replaces the helper
+    million rows with them, 30 MB without (benchmarks.distributed_memory). This replaces the function
     that makes them, in this process, when Ray has it where this version of Ray has it."""
     from ray.data._internal.execution.operators import map_operator
 
