@@ -510,12 +510,13 @@ def test_without_ray_the_cli_says_how_to_install_it(tmp_path: Path) -> None:
     assert "pip install -e '.[distributed]'" in done.stderr
 
 
-@pytest.fixture
-def ray_start_cluster(tmp_path: Path) -> Any:
+@pytest.fixture(scope="module")
+def ray_start_cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Two `ray start` nodes of 1 CPU each, for the module (the test that kills one comes last)."""
     pytest.importorskip("ray.data", reason="Ray Data is not installed")
     from benchmarks.distributed_node_loss import RayStartCluster
 
-    cluster = RayStartCluster(tmp_path)
+    cluster = RayStartCluster(tmp_path_factory.mktemp("cluster"), cpus=1)
     try:
         cluster.start()
         yield cluster
@@ -523,11 +524,27 @@ def ray_start_cluster(tmp_path: Path) -> Any:
         cluster.stop()
 
 
+def test_two_shard_jobs_at_once_on_two_one_cpu_nodes_both_finish(ray_start_cluster: Any, tiny_artifact: Path,
+                                                                  photos: Path, tmp_path: Path) -> None:
+    """Each job's actor must leave its node room to decode: two jobs started together on 1-CPU nodes both
+    end with their rows, every input once."""
+    jobs = [subprocess.Popen([sys.executable, "-m", "runtime.distributed", str(photos), "--output", str(tmp_path / "out"),
+                              "--model", str(tiny_artifact), "--backend", "ort-cpu", "--topk", "3", "--no-progress",
+                              "--shard", f"{i}/2", "--address", ray_start_cluster.address],
+                             env=ray_start_cluster.env, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+            for i in range(2)]
+    errs = [job.communicate(timeout=300)[1] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], "\n".join(e[-2000:] for e in errs)
+    table = rows(tmp_path / "out")
+    assert len(table) == table["path"].nunique() == len(images(photos))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the raylet's process in /proc")
 def test_a_raylet_killed_mid_job_leaves_exactly_one_row_per_input(ray_start_cluster: Any,
                                                                    tiny_artifact: Path, big_photos: Path,
                                                                    tmp_path: Path) -> None:
-    """The documented two-node recipe with Ray's token authentication, the job given `--address host:port`;
+    """The documented two-node recipe with Ray's token authentication (1-CPU nodes), the job given
+    `--address host:port`;
     once a part is committed the second node's raylet is SIGKILLed (a node crash, as the head sees it), and
     the job ends by itself, exit 0, with every input once."""
     import threading
@@ -560,7 +577,7 @@ def test_a_raylet_killed_mid_job_leaves_exactly_one_row_per_input(ray_start_clus
     text = "".join(log)
     assert killed.is_set(), text[-3000:]
     assert status == 0, text[-3000:]
-    assert "joined the Ray cluster at 127.0.0.1:" in text and "(4 CPUs" in text
+    assert "joined the Ray cluster at 127.0.0.1:" in text and "(2 CPUs" in text
     assert f"{BIG_COPIES} images, {BIG_COPIES} predicted" in text
     table = rows(out)
     assert len(table) == table["path"].nunique() == BIG_COPIES

@@ -631,7 +631,7 @@ class Watchdog:
 
     def _watch(self, bar: Any) -> None:
         seen, last, moved = 0, (0, 0), time.monotonic()
-        said, room_since, nodes = time.monotonic(), None, self._nodes()
+        said, room_since, nodes = time.monotonic(), None, self._nodes({})
         while not self._stop.wait(self.poll_s):
             try:
                 rows = self.ray.get(self.counter.get.remote(), timeout=30)
@@ -643,7 +643,7 @@ class Watchdog:
             if (seen, self.committed) != last:
                 last, moved = (seen, self.committed), now
             if self.need is not None:
-                alive = self._nodes()
+                alive = self._nodes(nodes)
                 for node in nodes.keys() - alive.keys():
                     bar.write(f"distributed: lost node {node[:12]} ({_describe(nodes[node])}); its tasks and actor "
                               f"move to the {len(alive)} nodes left", file=sys.stderr)
@@ -663,14 +663,15 @@ class Watchdog:
                           + ("" if now - moved < self.say_s else f"; waiting: {pending_demand(self.ray)}"),
                           file=sys.stderr)
 
-    def _nodes(self) -> dict[str, dict[str, float]]:
-        """The alive nodes' resources, by node id (none when the job needs no watching of them)."""
+    def _nodes(self, known: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        """The alive nodes' resources, by node id (none when the job needs no watching of them); `known`
+        while the GCS does not answer (busy or restarting: asked again at the next poll)."""
         if self.need is None:
             return {}
         try:
             return {n["NodeID"]: n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")}
-        except Exception:  # the GCS is busy or restarting: try again at the next poll
-            return {}
+        except Exception:
+            return known
 
     def _stall(self, why: str) -> None:
         self.stalled = why
