@@ -651,8 +651,11 @@ class Watchdog:
                     bar.write(f"distributed: node {node[:12]} joined ({_describe(alive[node])})", file=sys.stderr)
                 nodes = alive
                 missing = self.need.missing(list(alive.values()))
-                room_since = None if missing is None else room_since or now
-                if missing is not None and now - room_since > self.room_s:
+                if missing is None:
+                    room_since = None
+                elif room_since is None:
+                    room_since = now
+                elif now - room_since > self.room_s:
                     return self._stall(f"no node can run this job any more ({missing}, for {self.room_s:g} s)")
             if now - moved > self.stall_s:
                 return self._stall(f"no input classified for {self.stall_s:g} s ({pending_demand(self.ray)}); the "
