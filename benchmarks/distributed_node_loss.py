@@ -171,7 +171,7 @@ def count_rows(out: Path) -> tuple[int, int]:
 
 
 def measure(args: Any) -> dict[str, Any]:
-    from runtime.preprocess import list_images
+    from runtime.inputs import list_images
 
     with tempfile.TemporaryDirectory(prefix="node-loss-") as tmp:
         files = [str(f) for f in list_images([Path(args.input)], recursive=True)]
