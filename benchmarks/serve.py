@@ -51,9 +51,17 @@ ROOT = Path(__file__).resolve().parents[1]
 FILES = {"json": "serving.json", "markdown": "serving.md", "plot": "serving.png"}
 
 
+@dataclass
+class Launched:
+    proc: subprocess.Popen[str]
+    url: str  # host:port of HTTP
+    model: str
+    grpc_url: str | None  # host:port of gRPC (None from a server that does not say, such as Ray Serve's)
+
+
 @contextmanager
-def launch(artifact: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
-    """`python -m runtime.serve` on a free port; yields the process, its host:port and model name once it printed that it is ready."""
+def serve_process(artifact: Path, *args: str) -> Iterator[Launched]:
+    """`python -m runtime.serve` on free ports, once it printed that it is ready (with the model loaded)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", str(artifact), "--port", "0", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -64,11 +72,19 @@ def launch(artifact: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], 
         if not match:
             proc.kill()
             raise RuntimeError(f"the server did not start: {line.strip()} {proc.communicate()[1].strip()}")
-        yield proc, match.group(1), match.group(2)
+        grpc = re.search(r"gRPC (\S+?),?$", line.strip())
+        yield Launched(proc, match.group(1), match.group(2), grpc.group(1) if grpc else None)
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+@contextmanager
+def launch(artifact: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
+    """`serve_process` as (the process, its HTTP host:port, the model's name)."""
+    with serve_process(artifact, *args) as server:
+        yield server.proc, server.url, server.model
 
 
 @dataclass

@@ -151,16 +151,8 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         if size is not None:
             if not isinstance(size, int) or size < 0 or at + size > len(binary):
                 raise ProtocolError(f"input {name!r}: binary_data_size {size!r} runs past the request's binary part")
-            chunk = binary[at : at + size]
+            data: np.ndarray | list[bytes] = binary_tensor(binary[at : at + size], name, datatype, shape)
             at += size
-            if datatype == "BYTES":
-                data: np.ndarray | list[bytes] = deserialize_bytes(chunk, name)
-            else:
-                itemsize = np.dtype(DTYPES[datatype]).itemsize
-                if size != count * itemsize:
-                    raise ProtocolError(f"input {name!r}: {size} bytes for shape {list(shape)} of {datatype} "
-                                        f"({count * itemsize} expected)")
-                data = np.frombuffer(chunk, dtype=DTYPES[datatype])
         elif "data" in raw:
             data = _json_data(raw["data"], datatype, count, name, in_params)
         else:
@@ -171,6 +163,24 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     if at != len(binary):
         raise ProtocolError(f"{len(binary) - at} bytes of binary data belong to no input")
     return InferRequest(_request_id(req), inputs, _outputs(req, params), bool(params.get("binary_data_output", False)), params)
+
+
+def binary_tensor(raw: bytes | memoryview, name: str, datatype: str, shape: tuple[int, ...]) -> np.ndarray | list[bytes]:
+    """A tensor's raw bytes (the binary extension's, or gRPC's `raw_input_contents`) -> its elements, flattened."""
+    if datatype == "BYTES":
+        return deserialize_bytes(raw, name)
+    count, itemsize = math.prod(shape), np.dtype(DTYPES[datatype]).itemsize
+    if len(raw) != count * itemsize:
+        raise ProtocolError(f"input {name!r}: {len(raw)} bytes for shape {list(shape)} of {datatype} "
+                            f"({count * itemsize} expected)")
+    return np.frombuffer(raw, dtype=DTYPES[datatype])
+
+
+def raw_tensor(datatype: str, array: np.ndarray) -> bytes:
+    """An output's raw bytes, as the binary extension and gRPC's `raw_output_contents` carry them."""
+    if datatype == "BYTES":
+        return serialize_bytes(list(array.reshape(-1)))
+    return np.ascontiguousarray(array, dtype=DTYPES[datatype]).tobytes()
 
 
 def _request_id(req: dict[str, Any]) -> str | None:
@@ -203,8 +213,7 @@ def encode_response(model: str, request_id: str | None, outputs: list[tuple[str,
     for name, datatype, array, binary in outputs:
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary:
-            raw = (serialize_bytes(list(array.reshape(-1))) if datatype == "BYTES"
-                   else np.ascontiguousarray(array, dtype=DTYPES[datatype]).tobytes())
+            raw = raw_tensor(datatype, array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         elif datatype == "BYTES":

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -50,6 +50,9 @@ VERSION = "1"  # the one model version the server holds
 OUTPUTS = {"logits": "FP32", "topk_indices": "INT64", "topk_labels": "BYTES", "topk_probs": "FP32"}
 TYPE_NAMES = {"FP32": "TYPE_FP32", "INT64": "TYPE_INT64", "BYTES": "TYPE_STRING"}
 Row = tuple[np.ndarray, "Top | str"]  # one image's logits and its top-k (or why there is none)
+Prepared = tuple[InferRequest, str, np.ndarray, int]  # a checked request, its input's name, its pixels, its top-k
+Answer = TypeVar("Answer")
+EXTENSIONS = ["binary_tensor_data", "classification", "statistics", "model_configuration"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,13 @@ class ModelServer:
 
     # --- metadata -------------------------------------------------------------------------------
 
+    def check_model(self, asked: str | None, version: str | None) -> None:
+        """`Refused` 404 unless a request names this model (and its one version, or none): HTTP and gRPC alike."""
+        if asked != self.opts.name:
+            raise Refused(404, f"unknown model {asked!r}; this server holds {self.opts.name!r}")
+        if version not in (None, "", VERSION):
+            raise Refused(404, f"model {self.opts.name!r} has no version {version!r}; it has version {VERSION}")
+
     def metadata(self) -> dict[str, Any]:
         k, c = self.predictor.topk, self.classes or -1
         b = self.predictor.backend
@@ -159,9 +169,12 @@ class ModelServer:
 
     # --- infer ------------------------------------------------------------------------------------
 
-    def prepare(self, body: bytes, header_length: str | None) -> tuple[InferRequest, str, np.ndarray, int]:
-        """Parse and check a request, decode its images: (request, input name, pixels, k). Runs in a decode thread."""
-        req = parse_request(body, header_length)
+    def prepare(self, body: bytes, header_length: str | None) -> Prepared:
+        """Parse and check an HTTP request, decode its images. Runs in a decode thread."""
+        return self.check_request(parse_request(body, header_length))
+
+    def check_request(self, req: InferRequest) -> Prepared:
+        """Check a parsed request of either protocol, decode its images: (request, input name, pixels, k)."""
         names = set(req.inputs)
         unknown = names - {"pixel_values", "images"}
         if unknown or len(names) != 1:
@@ -217,6 +230,10 @@ class ModelServer:
         return k
 
     def respond(self, req: InferRequest, input_name: str, rows: list[Row], k: int) -> tuple[bytes, dict[str, str]]:
+        return encode_response(self.opts.name, req.id, self.outputs(req, input_name, rows, k))
+
+    def outputs(self, req: InferRequest, input_name: str, rows: list[Row], k: int) -> list[tuple[str, str, np.ndarray, bool]]:
+        """The requested outputs of answered rows, (name, datatype, array, binary) each, for either protocol's encoder."""
         bad = [f"{input_name}[{i}]: {top}" for i, (_, top) in enumerate(rows) if isinstance(top, str)]
         if bad:
             raise Refused(500, "; ".join(bad))
@@ -237,10 +254,20 @@ class ModelServer:
                 "topk_probs": lambda: np.array([[p for _, _, p in t] for t in tops], dtype=np.float32),
             }[out.name]()
             outputs.append((out.name, OUTPUTS[out.name], array, out.binary))
-        return encode_response(self.opts.name, req.id, outputs)
+        return outputs
 
     async def infer(self, body: Callable[[int], Awaitable[bytes]], header_length: str | None) -> tuple[bytes, dict[str, str]]:
-        """One request, from admission to response; `Refused` for every answer but 200."""
+        """One HTTP request, from admission to response; `Refused` for every answer but 200."""
+        async def receive() -> Callable[[], Prepared]:
+            data = await body(self.opts.max_request_bytes)
+            return lambda: self.prepare(data, header_length)
+
+        return await self.serve_request(receive, self.respond)
+
+    async def serve_request(self, receive: Callable[[], Awaitable[Callable[[], Prepared]]],
+                            answer: Callable[[InferRequest, str, list[Row], int], Answer]) -> Answer:
+        """One request of either protocol through admission, the decode threads and the batcher: `receive` reads it
+        and returns how to prepare it (run in a decode thread), `answer` encodes its rows; `Refused` but for 200."""
         if self.draining:
             raise Refused(503, "the server is shutting down; retry on another replica")
         if self.in_flight >= self.opts.max_queue:
@@ -249,9 +276,8 @@ class ModelServer:
         self.arriving += 1
         try:
             try:
-                data = await body(self.opts.max_request_bytes)
-                req, name, pixels, k = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, self.prepare, data, header_length)
+                prepare = await receive()
+                req, name, pixels, k = await asyncio.get_running_loop().run_in_executor(self.pool, prepare)
                 queued = self.batcher.submit(pixels)
             except RequestTooLarge as err:
                 raise Refused(413, f"the request is larger than --max-request-bytes {self.opts.max_request_bytes} ({err})") from None
@@ -264,9 +290,9 @@ class ModelServer:
                 rows = await queued
             except Exception as err:  # the backend failed on this batch: a server fault, the server serves on
                 raise Refused(500, f"inference failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
-            answer = self.respond(req, name, rows, k)
+            answered = answer(req, name, rows, k)
             self.answered += 1
-            return answer
+            return answered
         finally:
             self.in_flight -= 1
 
@@ -289,11 +315,10 @@ def build_app(model: ModelServer) -> Any:
         return not model.draining
 
     def check(request: Request) -> Response | None:
-        asked, version = request.path_params.get("model"), request.path_params.get("version")
-        if asked != name:
-            return error(404, f"unknown model {asked!r}; this server holds {name!r}")
-        if version not in (None, "", VERSION):
-            return error(404, f"model {name!r} has no version {version!r}; it has version {VERSION}")
+        try:
+            model.check_model(request.path_params.get("model"), request.path_params.get("version"))
+        except Refused as err:
+            return error(err.status, str(err))
         return None
 
     async def live(request: Request) -> Response:
@@ -303,8 +328,7 @@ def build_app(model: ModelServer) -> Any:
         return JSONResponse({"ready": ready()}, status_code=200 if ready() else 503)
 
     async def server_metadata(request: Request) -> Response:
-        return JSONResponse({"name": "deit-deploy", "version": __version__,
-                             "extensions": ["binary_tensor_data", "classification", "statistics", "model_configuration"]})
+        return JSONResponse({"name": "deit-deploy", "version": __version__, "extensions": EXTENSIONS})
 
     async def model_metadata(request: Request) -> Response:
         return check(request) or JSONResponse(model.metadata())
@@ -375,7 +399,7 @@ async def read_body(request: Any, limit: int) -> bytes:
     return data
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, flag: str = "--port") -> socket.socket:
     """The listening socket, bound before the model loads, so a taken port is a usage error at once."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -388,7 +412,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as err:
         sock.close()
-        hint = " (another server runs there: choose another --port)" if err.errno == errno.EADDRINUSE else ""
+        hint = f" (another server runs there: choose another {flag})" if err.errno == errno.EADDRINUSE else ""
         raise UsageError(f"{host}:{port}: {err.strerror}{hint}") from None
     sock.set_inheritable(True)
     return sock
@@ -441,6 +465,8 @@ def build_parser() -> ArgumentParser:
     add_classify_arguments(p, "", batch_flag="--max-batch-size")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the URL printed says which)")
+    p.add_argument("--grpc-port", type=int, help="port of the KServe v2 / Triton gRPC API (default 8001; with --port 0, "
+                   "any free one too; the ready line says which)")
     p.add_argument("--name", help="the model's name on the wire (default: the artifact folder's name)")
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0,
                    help="how long the oldest queued request may wait for others to fill a batch (default 5)")
@@ -460,6 +486,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     check_classify_arguments(p, args, "max_queue_size", "max_request_bytes")
     if not 0 <= args.port <= 65535:
         p.error(f"--port {args.port}: must be between 0 and 65535")
+    if args.grpc_port is not None and not 0 <= args.grpc_port <= 65535:
+        p.error(f"--grpc-port {args.grpc_port}: must be between 0 and 65535")
+    if args.grpc_port is not None and args.address:
+        p.error("--grpc-port: gRPC is served by the one-process server, not on Ray Serve (--address)")
     if args.max_queue_delay_ms < 0:
         p.error("--max-queue-delay-ms must be at least 0")
     if args.replicas < 1:
@@ -495,6 +525,12 @@ def run(args: argparse.Namespace) -> int:
     server_class = _uvicorn_server()
     import uvicorn
 
+    try:
+        from runtime.serve_grpc import GrpcEndpoint, address, reserve_port
+    except ImportError as err:
+        raise Unavailable(f"runtime.serve needs the serve extra: pip install -e '.[serve]' ({err})") from None
+    grpc_port = reserve_port(args.host, args.grpc_port if args.grpc_port is not None else 0 if args.port == 0 else 8001)
+
     predictor = open_predictor(args, PROG)
     backend = predictor.backend
     if backend.meta.synthetic:
@@ -505,9 +541,9 @@ def run(args: argparse.Namespace) -> int:
         model = ModelServer(predictor, opts)
         config = uvicorn.Config(build_app(model), log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=30)
-        server = server_class(config, model, banner(opts, predictor, host, port))
+        server = server_class(config, model, banner(opts, predictor, host, port, f", gRPC {address(host, grpc_port)}"))
         try:
-            asyncio.run(server.serve(sockets=[sock]))
+            asyncio.run(GrpcEndpoint(model, host, grpc_port).beside(lambda: server.serve(sockets=[sock])))
         finally:
             model.close()
             sock.close()
@@ -522,4 +558,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from runtime import serve  # this module under its own name: runtime.serve_grpc catches its Refused, not __main__'s
+
+    sys.exit(serve.main())
