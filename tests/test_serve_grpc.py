@@ -220,3 +220,16 @@ def test_a_taken_grpc_port_is_a_one_line_usage_error(tiny_artifact: Path, capsys
         assert main(["--model", str(tiny_artifact), "--port", "0", "--grpc-port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"serve: error: 127.0.0.1:{port}: ") and "--grpc-port" in err and "\n" not in err
+
+
+def test_the_peer_benchmark_without_mlserver_says_so_and_skips(tiny_artifact: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.serve import main as bench
+
+    out = tmp_path / "out"
+    assert bench(["--peer", "mlserver", "--mlserver-venv", str(tmp_path / "no-venv"), "--model", str(tiny_artifact),
+                  "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == (f"serve-bench: --peer mlserver skipped: MLServer not found in {tmp_path / 'no-venv'}: "
+                   f"make install-mlserver MLSERVER_VENV={tmp_path / 'no-venv'}")
+    assert not out.exists()
