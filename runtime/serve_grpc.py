@@ -16,6 +16,7 @@ own deadline cancels its request, and on shutdown the RPCs still open after `STO
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
@@ -49,6 +50,7 @@ def _parameters(params: Any) -> dict[str, Any]:
 
 
 def _tensor(t: Any, raw: bytes | None) -> Tensor:
+    """One `InferInputTensor` with its raw bytes (or None: typed `contents`) as the HTTP parser's `Tensor`."""
     name, datatype = t.name, t.datatype
     if "shared_memory_region" in t.parameters:
         raise ProtocolError(f"input {name!r}: {SHARED_MEMORY}")
@@ -57,7 +59,7 @@ def _tensor(t: Any, raw: bytes | None) -> Tensor:
     if any(d < 0 for d in t.shape):
         raise ProtocolError(f"input {name!r}: shape must be a list of non-negative integers, got {list(t.shape)}")
     shape = tuple(int(d) for d in t.shape)
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     if raw is not None:
         data = binary_tensor(raw, name, datatype, shape)
     elif datatype in CONTENTS:

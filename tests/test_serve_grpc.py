@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -104,8 +105,8 @@ def test_health_metadata_config_and_statistics(server: Launched, client: grpccli
     assert status == "StatusCode.UNIMPLEMENTED" and "send the tensor in the body" in message
 
 
-def test_fp32_and_bytes_answers_equal_the_predictor(client: grpcclient.InferenceServerClient, tiny_artifact: Path,
-                                                    tmp_path: Path) -> None:
+def test_fp32_and_bytes_answers_equal_the_predictor(server: Launched, client: grpcclient.InferenceServerClient,
+                                                    tiny_artifact: Path, tmp_path: Path) -> None:
     files = []
     for i, fmt in enumerate(["PNG", "JPEG", "WEBP"]):
         files.append(tmp_path / f"p{i}.{fmt.lower()}")
@@ -124,6 +125,21 @@ def test_fp32_and_bytes_answers_equal_the_predictor(client: grpcclient.Inference
     assert [o.name for o in by_pixels.get_response().outputs] == ["logits", "topk_indices"]
     np.testing.assert_allclose(by_pixels.as_numpy("logits"), logits, rtol=1e-5, atol=1e-5)
     assert by_pixels.as_numpy("topk_indices").tolist() == [[i for i, _, _ in t] for t in tops]
+
+    # Typed `contents` instead of raw bytes, from a stub generated from Triton's proto (what other clients send).
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    typed = service_pb2.ModelInferRequest(model_name=NAME)
+    typed.inputs.add(name="pixel_values", datatype="FP32", shape=list(pixels.shape)).contents.fp32_contents.extend(
+        pixels.reshape(-1).tolist())
+    typed.outputs.add(name="logits")
+    assert server.grpc_url is not None
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        answer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(typed, timeout=60)
+    assert [(o.name, o.datatype, list(o.shape)) for o in answer.outputs] == [("logits", "FP32", [3, 10])]
+    np.testing.assert_allclose(np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(3, 10), logits,
+                               rtol=1e-5, atol=1e-5)
 
     by_bytes = client.infer(NAME, [images_input([f.read_bytes() for f in files])])
     np.testing.assert_allclose(by_bytes.as_numpy("logits"), logits, rtol=1e-5, atol=1e-5)
@@ -209,6 +225,44 @@ def test_a_full_queue_is_unavailable_over_grpc(tiny_artifact: Path) -> None:
         sock.close()
         assert answer.startswith(b"HTTP/1.1 200")
         assert client.infer(NAME, [pixels_input(pixels)]).as_numpy("logits").shape == (1, 10)
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def stalled_grpc_upload(url: str) -> socket.socket:
+    """A raw HTTP/2 connection that starts a ModelInfer call, declares a 1 MB message and sends 1 KiB of it, then
+    nothing: what a stalled or hostile client does. (HPACK literals without indexing, no Huffman coding.)"""
+    host, port = url.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(0x4, 0, 0, b""))
+    sock.recv(65536)  # the server's SETTINGS
+    headers = b"".join(b"\x00" + bytes([len(k)]) + k + bytes([len(v)]) + v for k, v in [
+        (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/inference.GRPCInferenceService/ModelInfer"),
+        (b":authority", url.encode()), (b"content-type", b"application/grpc"), (b"te", b"trailers")])
+    message_start = b"\x00" + (1_000_000).to_bytes(4, "big") + b"\x00" * 1024
+    sock.sendall(_frame(0x4, 0x1, 0, b"") + _frame(0x1, 0x4, 1, headers) + _frame(0x0, 0, 1, message_start))
+    return sock
+
+
+def test_stalled_grpc_uploads_hold_no_slot_and_do_not_stop_shutdown(tiny_artifact: Path) -> None:
+    """Three calls whose message never finishes arriving, against --max-queue-size 1: requests over both protocols
+    are still answered, and SIGTERM still ends the server (143), cutting the stalled calls."""
+    with serve_process(tiny_artifact, "--backend", "ort-cpu", "--threads", "1", "--max-queue-size", "1") as server:
+        assert server.grpc_url is not None
+        stalled = [stalled_grpc_upload(server.grpc_url) for _ in range(3)]
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        pixels = np.zeros((1, 3, 32, 32), np.float32)
+        assert client.infer(NAME, [pixels_input(pixels)], client_timeout=60).as_numpy("logits").shape == (1, 10)
+        http = httpclient.InferenceServerClient(server.url)
+        x = httpclient.InferInput("pixel_values", [1, 3, 32, 32], "FP32")
+        x.set_data_from_numpy(pixels)
+        assert http.infer(NAME, [x]).as_numpy("logits").shape == (1, 10)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=60) == 143
+        for sock in stalled:
+            sock.close()
 
 
 def test_a_taken_grpc_port_is_a_one_line_usage_error(tiny_artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
