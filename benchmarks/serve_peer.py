@@ -119,6 +119,20 @@ def mlserver(venv: Path, model_file: Path, name: str, threads: int, max_batch: i
                     proc.wait()
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process and its living descendants have used: MLServer's inference worker
+    is a child process. Divided by the images answered, a cost per image that a neighbour's load moves far less
+    than it moves images/s."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()]
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return total + sum(tree_cpu_s(c) for c in children)
+
+
 def _mlserver_versions(venv: Path) -> dict[str, str]:
     code = ("import importlib.metadata as m, json; print(json.dumps({d: m.version(d) for d in "
             "('mlserver', 'onnxruntime', 'grpcio', 'protobuf', 'fastapi', 'uvicorn')}))")
@@ -150,13 +164,13 @@ def run_peer(args: argparse.Namespace) -> dict[str, Any] | None:
     requests = {p: [_inputs("FP32", x, p) for x in pixels] for p in ("grpc", "http")}
     server_args = ["--backend", args.backend, "--threads", str(threads), "--max-batch-size", str(args.max_batch_size),
                    "--max-queue-delay-ms", str(args.max_queue_delay_ms)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    log = args.out / "mlserver-peer.log"
+    log = Path(tempfile.gettempdir()) / f"mlserver-peer-{os.getpid()}.log"  # MLServer's own output, named if it fails
     samples: dict[tuple[str, int], list[dict[str, Any]]] = {}
     with serve_process(artifact, *server_args) as ours, \
-            mlserver(venv, onnx_file, ours.model, threads, args.max_batch_size, args.max_queue_delay_ms / 1000, log) as (_, theirs):
+            mlserver(venv, onnx_file, ours.model, threads, args.max_batch_size, args.max_queue_delay_ms / 1000, log) as (peer_proc, theirs):
         assert ours.grpc_url is not None, "runtime.serve's ready line names no gRPC address"
         where = {TARGETS[0]: (ours.grpc_url, "grpc"), TARGETS[1]: (ours.url, "http"), TARGETS[2]: (theirs, "grpc")}
+        pids = {TARGETS[0]: ours.proc.pid, TARGETS[1]: ours.proc.pid, TARGETS[2]: peer_proc.pid}
         for target, (url, protocol) in where.items():  # warm-up, and every server answers
             _, refused, errors, _, _ = asyncio.run(_drive(url, ours.model, requests[protocol], 4, None, total=16,
                                                           protocol=protocol, output="logits"))
@@ -167,9 +181,12 @@ def run_peer(args: argparse.Namespace) -> dict[str, Any] | None:
                 order = TARGETS[round_ % 3:] + TARGETS[: round_ % 3]  # each target first, second and last in turn
                 for target in order:
                     url, protocol = where[target]
+                    cpu = tree_cpu_s(pids[target])
                     lat, refused, errors, wall, _ = asyncio.run(_drive(url, ours.model, requests[protocol], c, args.seconds,
                                                                        protocol=protocol, output="logits"))
+                    cpu = tree_cpu_s(pids[target]) - cpu
                     cell = {"round": round_, "images_per_s": round(len(lat) / wall, 2),
+                            "server_cpu_ms_per_image": round(1000 * cpu / len(lat), 1) if lat else None,
                             "p50_ms": round(float(np.median(lat)), 2) if lat else None, "requests": len(lat),
                             "refused": refused, "errors": errors, "load_1min": round(os.getloadavg()[0], 2)}
                     samples.setdefault((target, c), []).append(cell)
@@ -194,13 +211,17 @@ def row(target: str, c: int, samples: dict[tuple[str, int], list[dict[str, Any]]
         return round(float(np.median(pairs)), 3) if pairs else None
 
     p50s = [x["p50_ms"] for x in cells if x["p50_ms"] is not None]
+    cpu = [x["server_cpu_ms_per_image"] for x in cells if x.get("server_cpu_ms_per_image")]
     out = {"target": target, "concurrency": c, "images_per_s": round(float(np.median([x["images_per_s"] for x in cells])), 2),
            "p50_ms": round(float(np.median(p50s)), 2) if p50s else None,
+           "server_cpu_ms_per_image": round(float(np.median(cpu)), 1) if cpu else None,
            "failed": sum(x["errors"] + x["refused"] for x in cells), "rounds": cells}
     if target != TARGETS[2]:
         out["throughput_ratio"], out["p50_ratio"] = ratio("images_per_s"), ratio("p50_ms")
         out["at_least_as_fast"] = bool(out["throughput_ratio"] and out["p50_ratio"]
                                        and out["throughput_ratio"] >= 1 and out["p50_ratio"] <= 1)
+        out["rounds_faster"] = sum(1 for a, b in zip(cells, peer) if a["images_per_s"] >= b["images_per_s"]
+                                   and a["p50_ms"] is not None and b["p50_ms"] is not None and a["p50_ms"] <= b["p50_ms"])
     return out
 
 
@@ -230,14 +251,18 @@ def markdown(r: dict[str, Any]) -> str:
         f"(`tritonclient.grpc.aio`, `tritonclient.http.aio` with binary tensors); {s['rounds']} interleaved rounds of "
         f"{s['seconds']:g} s per cell, the three targets of a concurrency back to back in a rotating order. images/s "
         "and p50: medians over the rounds; against MLServer: the median of the per-round ratios (a neighbour's load "
-        "shifts both sides of a ratio alike). images/s counts answered requests.", "",
-        "| concurrency | server, protocol | images/s | p50 ms | images/s / MLServer's | p50 / MLServer's | failed |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "shifts both sides of a ratio alike). images/s counts answered requests. Server CPU ms per image: the CPU time "
+        "the server's processes used during a cell (MLServer's with its inference worker) over the images answered, "
+        "median of the rounds: what an image costs, which other work on the machine moves far less than images/s.", "",
+        "| concurrency | server, protocol | images/s | p50 ms | images/s / MLServer's | p50 / MLServer's | rounds as fast or faster (both) | server CPU ms per image | failed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for x in r["rows"]:
         ratios = " | ".join("1" if x["target"] == TARGETS[2] else "-" if x[k] is None else f"{x[k]:.2f}"
                             for k in ("throughput_ratio", "p50_ratio"))
-        lines.append(f"| {x['concurrency']} | {x['target']} | {x['images_per_s']} | {x['p50_ms']} | {ratios} | {x['failed']} |")
+        won = f"{x['rounds_faster']} of {len(x['rounds'])}" if x["target"] != TARGETS[2] else "-"
+        lines.append(f"| {x['concurrency']} | {x['target']} | {x['images_per_s']} | {x['p50_ms']} | {ratios} | {won} | "
+                     f"{x['server_cpu_ms_per_image']} | {x['failed']} |")
     lines += ["", "**runtime.serve at least as fast as MLServer over gRPC (images/s ratio at least 1, p50 ratio at most 1) "
               f"at every concurrency, over gRPC and over binary HTTP: {'yes' if not slower else 'NO'}**"
               + (f" (slower: {', '.join(slower)})" if slower else "") + ".", ""]

@@ -14,6 +14,7 @@ requests get 400, oversized ones 413, a full queue or a draining server 503, eac
 `error`. SIGTERM or Ctrl-C drains: requests already received are answered, new ones get 503, then
 the server exits 143 / 130. Exit status otherwise: see runtime/errors.py (2 usage, e.g. port in use).
 With --address the same application runs as Ray Serve replicas behind Ray Serve's proxy (runtime.serve_ray).
+The same process also speaks the KServe v2 / Triton gRPC API on --grpc-port (runtime.serve_grpc).
 """
 
 from __future__ import annotations
