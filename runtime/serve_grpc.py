@@ -29,7 +29,7 @@ from tritonclient.grpc import service_pb2_grpc
 from runtime import __version__
 from runtime.errors import UsageError
 from runtime.oip import DTYPES, InferRequest, ProtocolError, RequestedOutput, Tensor, binary_tensor, raw_tensor
-from runtime.serve import EXTENSIONS, ModelServer, Prepared, Refused, Row
+from runtime.serve import EXTENSIONS, VERSION, ModelServer, Prepared, Refused, Row, bind
 
 # The HTTP status of a refusal -> its gRPC status code (the codes Triton and KServe use for the same cases).
 STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -41,6 +41,7 @@ CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_conte
 SHARED_MEMORY = "shared memory is not supported; send the tensor in the body"
 HANDSHAKE_S = 10  # a connection that has not finished its HTTP/2 handshake by then is closed
 IDLE_S = 60  # a connection without an open RPC for that long is closed (clients reconnect by themselves)
+STREAM_HEADROOM = 8  # streams per connection beyond --max-queue-size
 STOP_GRACE_S = 5.0  # on shutdown, after the drain: how long metadata or health RPCs still open may finish
 
 
@@ -101,7 +102,7 @@ def infer_request(msg: pb.ModelInferRequest) -> InferRequest:
 
 def infer_response(model: ModelServer, req: InferRequest, input_name: str, rows: list[Row], k: int) -> pb.ModelInferResponse:
     """The answered rows as Triton answers over gRPC: every output's bytes in `raw_output_contents`."""
-    response = pb.ModelInferResponse(model_name=model.opts.name, model_version="1", id=req.id or "")
+    response = pb.ModelInferResponse(model_name=model.opts.name, model_version=VERSION, id=req.id or "")
     for name, datatype, array, _ in model.outputs(req, input_name, rows, k):
         response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
         response.raw_output_contents.append(raw_tensor(datatype, array))
@@ -200,6 +201,7 @@ for _method, _what in {
 
 
 def address(host: str, port: int) -> str:
+    """host:port as gRPC and the ready line write it (an IPv6 host in brackets)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -207,8 +209,6 @@ def reserve_port(host: str, port: int) -> int:
     """The gRPC port, checked free before the model loads (a taken one is a usage error at once); 0 picks a free one.
     gRPC binds it itself once the event loop runs: another process could take it in between, which
     `GrpcEndpoint.start` reports as the same usage error."""
-    from runtime.serve import bind
-
     sock = bind(host, port, "--grpc-port")
     try:
         return int(sock.getsockname()[1])
@@ -228,7 +228,9 @@ class GrpcEndpoint:
             ("grpc.max_send_message_length", limit),
             ("grpc.server_handshake_timeout_ms", HANDSHAKE_S * 1000),
             ("grpc.max_connection_idle_ms", IDLE_S * 1000),
-            ("grpc.max_concurrent_streams", model.opts.max_queue),
+            # Calls past this wait in the client's transport (backpressure), so one connection cannot open thousands of
+            # half-sent uploads; the headroom lets health and metadata calls through beside a full queue.
+            ("grpc.max_concurrent_streams", model.opts.max_queue + STREAM_HEADROOM),
         ]
         self.server: grpc.aio.Server | None = None
 
