@@ -20,7 +20,7 @@ COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --s
 	--unsafe-package torch $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) pyproject.toml
 comma := ,
 
-.PHONY: install lock check-lock test export bench install-gpu engines gpu-check calibrate serve install-mlserver
+.PHONY: install lock check-lock test export bench install-gpu install-tensorrt engines gpu-check calibrate serve install-mlserver
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -44,14 +44,28 @@ check-lock:
 	@$(COMPILE) --output-file $(VENV)/lock-check.txt
 	@diff -u $(LOCK) $(VENV)/lock-check.txt || { echo "requirements.lock does not match pyproject.toml: run 'make lock' and commit it" >&2; exit 1; }
 
-# NVIDIA GPU machines: the gpu extra (tensorrt, cuda-python, onnxruntime-gpu, polygraphy); GPU_EXTRA=gpu-cu12
-# for a driver older than R580 (CUDA 12 builds). onnxruntime and onnxruntime-gpu share the `onnxruntime`
-# folder, so the CPU one is removed and the GPU one rewritten.
-GPU_EXTRA ?= gpu
+# NVIDIA GPU machines, in steps, so that what PyPI has is installed even where NVIDIA's index cannot be reached:
+# torch (`make install`: PyPI's torch 2.13.0 is the CUDA 13 build), the gpu extra (onnxruntime-gpu, cuda-python,
+# Polygraphy), the onnxruntime -> onnxruntime-gpu swap (both share the `onnxruntime` folder, so the CPU one is
+# removed and the GPU one rewritten), and TensorRT last. TensorRT's wheels are only on NVIDIA's index (PyPI's
+# tensorrt-cu13 is a stub that downloads them from there): if that fails, one line says so and the target still
+# succeeds; `make gpu-check` then SKIPs the TensorRT rows with the reason. TensorRT 10, not 11: it is the major that
+# onnxruntime-gpu's TensorRT provider links (libnvinfer.so.10), so `trt` and `ort-trt` share it.
+NVIDIA_INDEX := https://pypi.nvidia.com
+TENSORRT := tensorrt-cu13>=10.14,<11
 install-gpu: install
-	$(PY) -m pip install --quiet -e '.[$(GPU_EXTRA)]'
+	$(PY) -m pip install --quiet -e '.[gpu]'
 	$(PY) -m pip uninstall --quiet --yes onnxruntime
 	$(PY) -m pip install --quiet --force-reinstall --no-deps 'onnxruntime-gpu>=1.27'
+	@if $(MAKE) --no-print-directory install-tensorrt PY=$(PY) >$(VENV)/install-tensorrt.log 2>&1; then \
+	  echo "install-gpu: TensorRT installed from $(NVIDIA_INDEX)"; \
+	else \
+	  echo "install-gpu: TensorRT not installed: its libraries come only from NVIDIA's index $(NVIDIA_INDEX), which this machine could not use (see $(VENV)/install-tensorrt.log; retry with make install-tensorrt); everything else is installed and make gpu-check skips the TensorRT rows"; \
+	fi
+
+# TensorRT alone (the last step of install-gpu), from NVIDIA's index.
+install-tensorrt:
+	$(PY) -m pip install --quiet --timeout 20 --retries 1 --extra-index-url $(NVIDIA_INDEX) '$(TENSORRT)'
 
 # The Ray tests get a process of their own: an in-process Ray driver installs its own signal handlers and
 # leaves threads behind, which must not outlive into the other tests.

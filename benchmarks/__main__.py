@@ -1,6 +1,6 @@
 """`python -m benchmarks`: time the backends side by side on one artifact, check their answers, report.
 
-Writes results.json, results.md and latency.png to --out. Exit status (runtime/errors.py): 0 measured
+Writes results.json, results.md and latency.png to --out. Exit status (the README's table): 0 measured
 (backends that could not run or failed are rows that say why), 2 usage, 5 bad artifact.
 """
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         return 0
 
-    return run_cli("benchmarks", work)
+    return run_cli("benchmarks", work, entry=argv is None)
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def report(args: Any) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli("distributed_listing", lambda: report(args))
+    return run_cli("distributed_listing", lambda: report(args), entry=argv is None)
 
 
 if __name__ == "__main__":

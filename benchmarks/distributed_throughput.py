@@ -28,7 +28,7 @@ from runtime.backends import create
 from runtime.classify import ClassifyOptions, classify, default_workers
 from runtime.predictor import Predictor
 from runtime.errors import ArgumentParser, UsageError, run_cli
-from runtime.preprocess import list_images
+from runtime.inputs import list_images
 from runtime.timing import Timing, host_ms, measure
 
 
@@ -96,8 +96,8 @@ def measure_distributed(
     be = create(backend, artifact, precision=precision, max_batch=batch_size, threads=threads)
     opts = ClassifyOptions(batch_size=batch_size, workers=workers)
     with be:
-        classify(files[: 2 * batch_size], Predictor(be, opts.topk), opts)  # first runs allocate
-        local = _best(lambda: classify(files, Predictor(be, opts.topk), opts), n, repeats)
+        classify(files[: 2 * batch_size], Predictor(be), opts)  # first runs allocate
+        local = _best(lambda: classify(files, Predictor(be), opts), n, repeats)
     meta, resolved = be.meta, be.precision
 
     t0 = time.perf_counter()
@@ -196,7 +196,7 @@ def report(args: Any) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli("distributed_throughput", lambda: report(args))
+    return run_cli("distributed_throughput", lambda: report(args), entry=argv is None)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
         return 0
 
-    return run_cli("export_time", work)
+    return run_cli("export_time", work, entry=argv is None)
 
 
 if __name__ == "__main__":

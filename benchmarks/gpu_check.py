@@ -9,7 +9,7 @@ near-tied logits a correct fp16 run flips, per-sample cosine (fp16 >= 0.999) and
 whose margin exceeds the measured error (`runtime.compare`). The TensorRT engines are also checked by NVIDIA's own Polygraphy
 (`polygraphy run`), so the hand-written TensorRT code is checked by code nobody here wrote.
 
-Exit status (runtime/errors.py): 0 every step passed or was skipped, 1 a step failed, 6 no GPU step
+Exit status (the README's table): 0 every step passed or was skipped, 1 a step failed, 6 no GPU step
 could run here (the SKIP rows say why).
 """
 
@@ -31,7 +31,7 @@ from runtime.artifact import model_path, read_onnx_meta
 from runtime.backends import create, cudart
 from runtime.backends.onnxruntime import ORT_CPU, ORT_CUDA
 from runtime.backends.pytorch import cuda_available
-from runtime.backends.trt import engine_path, read_sidecar, tensorrt_unavailable_reason
+from runtime.backends.trt import engine_path, engine_source, read_sidecar, tensorrt_unavailable_reason
 from runtime.checkpoints import HubUnreachable
 from runtime.compare import check, compare
 from runtime.errors import SOME_FAILED, ArgumentParser, Unavailable, first_line, run_cli
@@ -111,7 +111,7 @@ def _agreement(artifact: Path, backend: str, precision: str, images: Path | None
 
 
 def _attention(artifact: Path, precision: str) -> str:
-    att = read_sidecar(engine_path(artifact, precision))["attention"]
+    att = read_sidecar(engine_path(artifact, precision)).attention
     text = f"{att['fused_attention_layers']} fused attention layers ({att['expected_layers']} encoder layers)"
     if att["fused_attention_layers"] == 0:
         raise StepFailed(f"{precision}: {text}; layer types {att['layer_types']}")
@@ -224,14 +224,14 @@ def run_gpu_check(out: Path, model: str = DEFAULT_MODEL, images: Path | None = N
                             checked("torch-cuda", lambda p=precision: _agreement(artifact, "torch-sdpa", p, images, limit))))
         steps.append(_timed(f"ort-cuda {precision} vs ORT CPU fp32",
                             checked("ort-cuda", lambda p=precision: _agreement(artifact, "ort-cuda", p, images, limit))))
-    precisions = ("fp16", "int8") if model_path(artifact, "int8").is_file() else ("fp16",)
+    precisions = ("fp16", "int8") if engine_source(artifact, "int8").is_file() else ("fp16",)
 
     def engines() -> str:
         needs("tensorrt")
         from export.engines import EngineOptions, build_engines
 
         report = build_engines(artifact, precisions, EngineOptions(progress=False))
-        return ", ".join(f"{p} built in {s['build_time_s']:.0f} s" for p, s in report["engines"].items())
+        return ", ".join(f"{p} built in {s.build_time_s:.0f} s" for p, s in report["engines"].items())
 
     steps.append(_timed("engines", engines))
     built = steps[-1].status == "PASS"
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(steps))
         return SOME_FAILED if any(s.status == "FAIL" for s in steps) else 0
 
-    return run_cli("gpu_check", work)
+    return run_cli("gpu_check", work, entry=argv is None)
 
 
 if __name__ == "__main__":

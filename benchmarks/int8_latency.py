@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json(args.json, {"results": results})
         return 0
 
-    return run_cli("int8_latency", work)
+    return run_cli("int8_latency", work, entry=argv is None)
 
 
 if __name__ == "__main__":

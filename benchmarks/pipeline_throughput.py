@@ -26,14 +26,16 @@ from runtime.classify import ClassifyOptions, classify, decoded, default_workers
 from runtime.predictor import Predictor
 from runtime.console import progress_bar
 from runtime.errors import ArgumentParser, UsageError, run_cli
-from runtime.preprocess import Preprocessing, list_images
+from runtime.decode import DecodeFailure
+from runtime.inputs import list_images
+from runtime.preprocess import Preprocessing
 from runtime.timing import host_ms, measure
 
 
 def _decode_all(files: list[Path], spec: Preprocessing, draft: bool, workers: int = 1) -> tuple[list[Path], np.ndarray, float]:
     """The files that decode, their pixels, and decode+preprocess images/s with `workers` threads."""
     start = time.perf_counter()
-    done = [(f, x) for f, x in decoded(files, spec, workers, 4 * workers, draft) if not isinstance(x, str)]
+    done = [(f, x) for f, x in decoded(files, spec, workers, 4 * workers, draft) if not isinstance(x, DecodeFailure)]
     return [f for f, _ in done], np.stack([x for _, x in done]), len(done) / (time.perf_counter() - start)
 
 
@@ -83,7 +85,7 @@ def measure_pipeline(
             best["model_only"] = _best_rate(len(exact), lambda: _model_only(be, exact, batch_size), repeats)
             steps.update()
             for key, draft in (("end_to_end", False), ("end_to_end_draft", True)):
-                best[key] = _best_rate(len(exact), lambda d=draft: classify(files, Predictor(be, opts[d].topk), opts[d]), repeats)
+                best[key] = _best_rate(len(exact), lambda d=draft: classify(files, Predictor(be), opts[d]), repeats)
                 steps.update()
     diff = np.abs(exact - draft_pixels).reshape(len(exact), -1)
     changed = [f for f, d in zip(ok_files, diff.max(axis=1)) if d > 0]
@@ -132,7 +134,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli("pipeline_throughput", lambda: report(args))
+    return run_cli("pipeline_throughput", lambda: report(args), entry=argv is None)
 
 
 def report(args: Any) -> int:

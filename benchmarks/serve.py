@@ -45,7 +45,8 @@ from runtime.backends import create
 from runtime.classify import ClassifyOptions, classify
 from runtime.errors import ArgumentParser, UsageError, doc_parser, run_cli
 from runtime.predictor import Prediction, Predictor
-from runtime.preprocess import list_images, load_and_preprocess
+from runtime.decode import load_and_preprocess
+from runtime.inputs import list_images
 from runtime.timing import _machine_busy_s, host_ms, measure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,7 +209,7 @@ def offline(artifact: Path, backend_name: str, files: list[Path], batch: int, th
     """runtime.infer's pipeline over the photos (warm backend) and the backend's batch-1 latency."""
     with create(backend_name, artifact, max_batch=batch, threads=threads) as backend:
         predictor = Predictor(backend, 5)
-        opts = ClassifyOptions(batch_size=batch, topk=5)
+        opts = ClassifyOptions(batch_size=batch)
         classify(files[: 2 * batch], predictor, opts)  # warm-up
         records: list[Prediction] = []
         summary = classify(files, predictor, opts, records.append)
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             print(SYNTHETIC_WARNING, file=sys.stderr)
         return 0
 
-    return run_cli("serve-bench", peer if args.peer else work)
+    return run_cli("serve-bench", peer if args.peer else work, entry=argv is None)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ from runtime.artifact import find_model
 from runtime.backends import create
 from runtime.errors import UsageError
 from runtime.predictor import Predictor
-from runtime.preprocess import list_images, load_and_preprocess
+from runtime.decode import load_and_preprocess
+from runtime.inputs import list_images
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VENV = ROOT / ".venv-mlserver"

@@ -28,7 +28,8 @@ from benchmarks.harness import environment
 from benchmarks.serve import _drive, _inputs, add_server_arguments, launch
 from runtime.artifact import MODEL_FILES, SYNTHETIC_WARNING, atomic_path, find_model, read_onnx_meta, write_json
 from runtime.errors import ArgumentParser, UsageError, doc_parser, run_cli
-from runtime.preprocess import list_images, load_and_preprocess
+from runtime.decode import load_and_preprocess
+from runtime.inputs import list_images
 
 WAYS = {"one process": [], "Ray Serve, 1 replica": ["--address", "local", "--replicas", "1"]}
 FILES = {"json": "serving-ray.json", "markdown": "serving-ray.md"}
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             print(SYNTHETIC_WARNING, file=sys.stderr)
         return 0
 
-    return run_cli("serve-ray-bench", work)
+    return run_cli("serve-ray-bench", work, entry=argv is None)
 
 
 if __name__ == "__main__":

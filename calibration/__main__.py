@@ -1,6 +1,6 @@
 """`python -m calibration`: photos -> int8 Q/DQ model beside model.onnx, accuracy measured and gated.
 
-Exit status (runtime/errors.py): 0 written, 2 usage (bad flag, no usable photos), 4 accuracy gate failed
+Exit status (the README's table): 0 written, 2 usage (bad flag, no usable photos), 4 accuracy gate failed
 (nothing written), 5 bad artifact.
 """
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             raise GateFailed(f"accuracy gate failed ({'; '.join(report['gate']['failures'])}); nothing written")
         return 0
 
-    return run_cli("calibration", work)
+    return run_cli("calibration", work, entry=argv is None)
 
 
 def print_report(report: dict[str, Any]) -> None:

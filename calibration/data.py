@@ -22,7 +22,9 @@ from runtime.artifact import atomic_path
 from runtime.console import progress_bar
 from runtime.errors import UsageError
 from runtime.labels import wnid_to_index
-from runtime.preprocess import IMAGE_SUFFIXES, ImageError, Preprocessing, list_images, load_and_preprocess
+from runtime.decode import IMAGE_SUFFIXES, ImageError, load_and_preprocess
+from runtime.inputs import list_images
+from runtime.preprocess import Preprocessing
 
 WNID = re.compile(r"^(n\d{8})")
 # Label files found automatically in a flat (val-style) folder, most specific first.

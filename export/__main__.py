@@ -1,6 +1,6 @@
 """`python -m export`: export a DeiT checkpoint to a verified artifact folder.
 
-Exit status (runtime/errors.py): 0 exported, 2 usage, 3 Hub unreachable (try --weights synthetic),
+Exit status (the README's table): 0 exported, 2 usage, 3 Hub unreachable (try --weights synthetic),
 4 verification failed (nothing written), 5 bad checkpoint, 7 export failed.
 """
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print_report(report)
         return 0
 
-    return run_cli("export", work)
+    return run_cli("export", work, entry=argv is None)
 
 
 def print_report(report: dict[str, Any]) -> None:

@@ -18,16 +18,30 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from tqdm import tqdm  # the type of the bar the progress monitor drives
 
-from runtime.artifact import ArtifactMeta, atomic_path, file_sha256, model_path, read_onnx_meta, write_json
+from runtime.artifact import ArtifactMeta, atomic_path, read_onnx_meta
 from runtime.backends import cudart
 from runtime.backends.base import BackendUnavailable
-from runtime.backends.trt import SIDECAR_FORMAT, EngineError, engine_path, require_tensorrt, sidecar_path, version_tuple
+from runtime.backends.trt import (
+    EngineError,
+    EngineSidecar,
+    EngineTensor,
+    engine_path,
+    engine_source,
+    make_sidecar,
+    require_tensorrt,
+    version_tuple,
+    write_sidecar,
+)
 from runtime.console import progress_bar
 from runtime.errors import ArgumentParser, Unavailable, run_cli
+
+if TYPE_CHECKING:  # typed from tensorrt-stubs; imported for real only inside the builder
+    import tensorrt as trt
 
 FUSED_ATTENTION_MIN = (10, 14)  # first TensorRT whose ONNX parser maps `Attention` to IAttention
 # Engine inspector evidence of fused attention: the layer type, or the chosen kernel's name. Layer
@@ -56,8 +70,8 @@ def missing_prerequisites(artifact_dir: Path | None, precisions: tuple[str, ...]
     reason = cudart.gpu_unavailable_reason()
     if reason:
         missing.append(reason)
-    if artifact_dir is not None and not any(model_path(artifact_dir, p).is_file() for p in precisions):
-        missing.append(f"none of {', '.join(model_path(artifact_dir, p).name for p in precisions)} in {artifact_dir}; "
+    if artifact_dir is not None and not any(engine_source(artifact_dir, p).is_file() for p in precisions):
+        missing.append(f"none of {', '.join(engine_source(artifact_dir, p).name for p in precisions)} in {artifact_dir}; "
                        "run `make export` (and `make calibrate` for int8) first")
     return missing
 
@@ -66,7 +80,7 @@ def plan_engines(artifact_dir: Path, precisions: tuple[str, ...]) -> tuple[list[
     """Which (precision, source ONNX) pairs can be built now, and a note for each that cannot."""
     todo, notes = [], []
     for precision in precisions:
-        onnx_path = model_path(artifact_dir, precision)
+        onnx_path = engine_source(artifact_dir, precision)
         if onnx_path.is_file():
             todo.append((precision, onnx_path))
         elif precision == "int8":
@@ -150,7 +164,21 @@ def _progress_monitor(desc: str) -> tuple[Any, tqdm]:
     return Monitor(), bar
 
 
-def build_engine(onnx_path: Path, plan: Path, precision: str, opts: EngineOptions) -> dict[str, Any]:
+def engine_io(engine: trt.ICudaEngine) -> tuple[EngineTensor, ...]:
+    """Every I/O tensor of a built engine (the dynamic batch axis as -1), in the engine's order."""
+    import tensorrt as trt
+
+    tensors = []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        shape = engine.get_tensor_shape(name)
+        mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
+        dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name
+        tensors.append(EngineTensor(name, mode, dtype, tuple(int(shape[d]) for d in range(len(shape)))))
+    return tuple(tensors)
+
+
+def build_engine(onnx_path: Path, plan: Path, precision: str, opts: EngineOptions) -> EngineSidecar:
     """Build one engine from `onnx_path` into `plan` and write its sidecar; returns the sidecar.
 
     The plan and sidecar are written atomically, so a failed build leaves the previous engine as it was.
@@ -211,27 +239,15 @@ def build_engine(onnx_path: Path, plan: Path, precision: str, opts: EngineOption
     if attention["fused_attention_layers"] == 0:
         warnings.append(f"{plan}: TensorRT fused no attention layer (engine inspector shows none of "
                         f"{meta.num_layers}); attention runs as separate MatMul/Softmax kernels, expect it slower")
-    sidecar = {
-        "format": SIDECAR_FORMAT,
-        "engine": plan.name,
-        "engine_bytes": plan.stat().st_size,
-        "engine_sha256": file_sha256(plan),
-        "source_onnx": onnx_path.name,
-        "source_sha256": file_sha256(onnx_path),
-        "precision": precision,
-        "tensorrt_version": trt.__version__,
-        "gpu": cudart.gpu_info().to_dict(),
-        "cuda": cudart.versions(),
-        "profile": {"input": input_name, **shapes},
-        "builder": {"strongly_typed": True, "optimization_level": opts.optimization_level,
-                    "workspace_bytes": workspace, "timing_cache": str(cache_file), "timing_cache_reused": cache_reused},
-        "build_time_s": round(build_s, 2),
-        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "attention": {"onnx": meta.attention, "note": note, "expected_layers": meta.num_layers, **attention},
-        "warnings": warnings,
-        "artifact_meta": json.loads(meta.to_json()),
-    }
-    write_json(sidecar_path(plan), sidecar)
+    sidecar = make_sidecar(
+        plan, onnx_path, precision, tensorrt_version=trt.__version__, gpu=cudart.gpu_info(),
+        profile={"input": input_name, **shapes}, io=engine_io(engine), meta=meta, cuda=cudart.versions(),
+        builder={"strongly_typed": True, "optimization_level": opts.optimization_level,
+                 "workspace_bytes": workspace, "timing_cache": str(cache_file), "timing_cache_reused": cache_reused},
+        build_time_s=round(build_s, 2), built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        attention={"onnx": meta.attention, "note": note, "expected_layers": meta.num_layers, **attention},
+        warnings=tuple(warnings))
+    write_sidecar(plan, sidecar)
     return sidecar
 
 
@@ -258,7 +274,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`make engines`. Exit status (runtime/errors.py): 0 built, 2 usage, 5 bad artifact, 6 TensorRT/GPU missing, 7 build failed."""
+    """`make engines`. Exit status (the README's table): 0 built, 2 usage, 5 bad artifact, 6 TensorRT/GPU missing, 7 build failed."""
     import sys
 
     from runtime.artifact import find_artifact
@@ -282,19 +298,19 @@ def main(argv: list[str] | None = None) -> int:
                              optimization_level=args.opt_level, timing_cache=args.timing_cache, progress=args.progress)
         report = build_engines(artifact, precisions, opts)
         for precision, sc in report["engines"].items():
-            att = sc["attention"]
-            print(f"{sc['engine']}: {precision}, TensorRT {sc['tensorrt_version']} on {sc['gpu']['name']} "
-                  f"(sm {sc['gpu']['compute_capability']}), batch {sc['profile']['min'][0]}-{sc['profile']['max'][0]}, "
-                  f"{sc['engine_bytes'] / 2**20:.1f} MiB, built in {sc['build_time_s']:.1f} s, "
+            att = sc.attention
+            print(f"{sc.engine}: {precision}, TensorRT {sc.tensorrt_version} on {sc.gpu['name']} "
+                  f"(sm {sc.gpu['compute_capability']}), batch {sc.profile['min'][0]}-{sc.max_batch}, "
+                  f"{sc.engine_bytes / 2**20:.1f} MiB, built in {sc.build_time_s:.1f} s, "
                   f"fused attention layers {att['fused_attention_layers']}/{att['expected_layers']}")
             print(f"  attention: {att['note']}")
-            for warning in sc["warnings"]:
+            for warning in sc.warnings:
                 print(f"WARNING: {warning}", file=sys.stderr)
         for note in report["notes"]:
             print(f"note: {note}", file=sys.stderr)
         return 0
 
-    return run_cli("engines", work)
+    return run_cli("engines", work, entry=argv is None)
 
 
 if __name__ == "__main__":

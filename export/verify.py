@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.preprocess import ImageError, Preprocessing, list_images, load_and_preprocess
+from runtime.decode import ImageError, load_and_preprocess
+from runtime.inputs import list_images
+from runtime.preprocess import Preprocessing
 
 
 def verification_inputs(

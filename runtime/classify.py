@@ -22,8 +22,10 @@ import numpy as np
 from runtime.artifact import SYNTHETIC_WARNING
 from runtime.cpuinfo import usable_cores
 from runtime.errors import signals_deferred
-from runtime.predictor import Prediction, Predictor, decode_file, display_path
-from runtime.preprocess import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, DecodeBudget, Preprocessing
+from runtime.decode import (DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, DecodeBudget, DecodeFailure, decode_file,
+                            display_path)
+from runtime.predictor import Prediction, Predictor
+from runtime.preprocess import Preprocessing
 
 
 def default_workers() -> int:
@@ -42,7 +44,6 @@ def default_decode_memory() -> int:
 @dataclass(frozen=True)
 class ClassifyOptions:
     batch_size: int = 8
-    topk: int = 5
     workers: int = field(default_factory=default_workers)
     draft: bool = False  # decode big JPEGs at reduced scale (>= 2x the resize target): faster, not exact
     prefetch: int | None = None  # files decoded ahead of the model; default 4 batches
@@ -119,7 +120,7 @@ def print_summary(s: Summary) -> None:
 def decoded(
     files: Iterable[Path], spec: Preprocessing, workers: int, prefetch: int, draft: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, decode_memory: int | None = None,
-) -> Iterator[tuple[Path, np.ndarray | str]]:
+) -> Iterator[tuple[Path, np.ndarray | DecodeFailure]]:
     """(file, pixels or error) in input order, decoded by `workers` threads at most `prefetch` files ahead,
     which together hold at most `decode_memory` bytes of decoded pixels (a bigger picture is decoded alone).
 
@@ -129,7 +130,7 @@ def decoded(
     budget = DecodeBudget(decode_memory or default_decode_memory())
     limits = (draft, max_pixels, max_file_bytes, budget)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
-    pending: deque[tuple[Path, Future[np.ndarray | str]]] = deque()
+    pending: deque[tuple[Path, Future[np.ndarray | DecodeFailure]]] = deque()
     it = iter(files)
     finished = False
     try:
@@ -153,12 +154,12 @@ def iter_predictions(
 ) -> Iterator[Prediction]:
     """Predictions for `files` in order, from a predictor on an activated backend; unreadable files carry an error."""
     prefetch = opts.prefetch or 4 * opts.batch_size
-    batch: list[tuple[Path, np.ndarray | str]] = []
+    batch: list[tuple[Path, np.ndarray | DecodeFailure]] = []
     ready = 0  # decoded images in `batch`; errors ride along so records stay in input order
     for path, result in decoded(files, predictor.spec, opts.workers, prefetch, opts.draft, opts.max_pixels,
                                 opts.max_file_bytes, opts.decode_memory):
         batch.append((path, result))
-        ready += not isinstance(result, str)
+        ready += not isinstance(result, DecodeFailure)
         if ready == opts.batch_size:
             yield from predictor.predict(*zip(*batch))
             batch, ready = [], 0

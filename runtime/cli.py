@@ -5,21 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runtime.artifact import find_model
-from runtime.auto import choose
-from runtime.backends import BACKENDS, MAX_BATCH, PRECISIONS, Backend, BackendUnavailable, backend_kind, create
+from runtime.backends import BACKENDS, MAX_BATCH, PRECISIONS
 from runtime.cpuinfo import usable_cores
+from runtime.decode import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 from runtime.errors import ArgumentParser
-from runtime.predictor import Predictor
-from runtime.preprocess import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
+from runtime.predictor import ModelOptions, Settled, settle
 
 # More threads than cores only adds switching; this many times more is a typo (100000 threads took 16 GB).
 THREADS_LIMIT_FACTOR = 4
 
 
 def add_model_arguments(p: ArgumentParser, where: str = "", batch_flag: str = "--batch-size") -> None:
-    """Which model runs where: --model --artifacts --backend --precision --batch-size (or the server's
-    --max-batch-size, its Triton name) --threads."""
+    """Which model runs where and what it answers: --model --artifacts --backend --precision --batch-size
+    (or the server's --max-batch-size, its Triton name) --threads --topk: `model_options` reads them."""
     p.add_argument("--model", help=f"artifact folder, or one model file in it (default: the newest under --artifacts){where}")
     p.add_argument("--artifacts", default="artifacts", help="where to look for the newest artifact")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
@@ -27,12 +25,12 @@ def add_model_arguments(p: ArgumentParser, where: str = "", batch_flag: str = "-
     p.add_argument("--precision", choices=PRECISIONS, help="model precision (default: the backend's own)")
     p.add_argument(batch_flag, dest="batch_size", type=int, default=8, help=f"images per batch, 1-{MAX_BATCH} (default 8)")
     p.add_argument("--threads", type=int, help="inference threads of CPU backends (default: one per core)")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (at most the model's class count)")
 
 
 def add_classify_arguments(p: ArgumentParser, where: str = "", batch_flag: str = "--batch-size") -> None:
-    """The model arguments plus what a classification record holds and how images are decoded."""
+    """The model arguments plus how images are decoded."""
     add_model_arguments(p, where, batch_flag)
-    p.add_argument("--topk", type=int, default=5, help="classes per image (at most the model's class count)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images with more pixels than this, from their header (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--max-file-bytes", type=int, default=DEFAULT_MAX_FILE_BYTES,
@@ -65,21 +63,15 @@ def check_classify_arguments(p: ArgumentParser, args: argparse.Namespace, *at_le
     check_thread_count(p, "--threads", args.threads)
 
 
-def open_backend(args: argparse.Namespace, prog: str) -> Backend:
-    """The backend the arguments ask for, constructed (not yet loaded); `auto` says on stderr what it chose and why."""
-    artifact, model_file = find_model(args.model, args.artifacts)
-    name, precision = args.backend, args.precision
-    if name == "auto":
-        choice = choose(artifact, precision, args.batch_size, args.threads, model_file)
-        print(f"{prog}: backend: {choice.describe()}", file=sys.stderr)
-        name, precision = choice.backend, (None if model_file else choice.precision)
-    reason = backend_kind(name).unavailable_reason()
-    if reason:
-        raise BackendUnavailable(f"backend {name!r} is unavailable here: {reason}")
-    return create(name, artifact, precision=precision, max_batch=args.batch_size, threads=args.threads,
-                  model_file=model_file)
+def model_options(args: argparse.Namespace) -> ModelOptions:
+    """The flags of `add_model_arguments` as the predictor's options."""
+    return ModelOptions(model=args.model, artifacts=args.artifacts, backend=args.backend, precision=args.precision,
+                        batch_size=args.batch_size, threads=args.threads, topk=args.topk)
 
 
-def open_predictor(args: argparse.Namespace, prog: str) -> Predictor:
-    """`open_backend` and the top-k records of `--topk` over it (checked against the model's classes)."""
-    return Predictor(open_backend(args, prog), args.topk)
+def settle_model(args: argparse.Namespace, prog: str) -> Settled:
+    """`settle` the model flags; what `auto` chose, and why, goes to stderr."""
+    settled = settle(model_options(args))
+    if settled.choice:
+        print(f"{prog}: backend: {settled.choice}", file=sys.stderr)
+    return settled

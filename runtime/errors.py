@@ -2,20 +2,10 @@
 
 Every CLI runs its work through `run_cli`, which turns any exception (the project's own, ONNX
 Runtime's, CUDA's, an OSError from a full disk) into `<prog>: error: <one line>` and the exit status
-of its class below, and turns Ctrl-C / SIGTERM into exit 130 / 143 after the CLI has saved what was
-finished. `DEIT_DEBUG=1` prints the traceback as well.
-
-| status | meaning |
-| --- | --- |
-| 0 | done |
-| 1 | done, but some inputs failed (each one named) |
-| 2 | usage: a bad argument, a missing input, an output location that cannot be written; nothing was done |
-| 3 | the Hugging Face Hub cannot be reached and nothing is cached (`make export` falls back to synthetic weights) |
-| 4 | a gate failed (export verification, int8 accuracy); nothing was written |
-| 5 | the model (checkpoint, artifact, engine) is missing, unreadable or incompatible; the line says how to rebuild it |
-| 6 | the backend, library or GPU the command needs is not available here |
-| 7 | the work failed (a runtime, engine or CUDA error, out of memory, disk full); what finished is kept |
-| 130 / 143 | interrupted by SIGINT (Ctrl-C) / SIGTERM; what finished is kept, and the line says where |
+of its class, turns Ctrl-C / SIGTERM into exit 130 / 143 after the CLI has saved what was finished,
+and ends the process the same way for a `deit-*` console script and its `python -m` twin.
+`DEIT_DEBUG=1` prints the traceback as well. What each status means is the README's table (tests
+check that it lists every status defined here).
 """
 
 from __future__ import annotations
@@ -175,22 +165,38 @@ def signals_raise_interrupted() -> Iterator[None]:
 
 
 def leave(status: int) -> NoReturn:
-    """End a CLI process with `status` (its `__main__`). Threads still running now are stuck in a library
-    call, such as a decoder scanning a huge file when an interrupt came: what the run keeps is written,
-    so the process ends without joining them, instead of waiting minutes for them."""
+    """End the process with `status`. Threads still running now are stuck in a library call, such as a
+    decoder scanning a huge file when an interrupt came: what the run keeps is written, so the process
+    ends without joining them, instead of waiting minutes for them. A reader of stdout that went away
+    while the last lines were flushed makes it 141, silently."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = BROKEN_PIPE if status == OK else status
+    except (OSError, ValueError, AttributeError):  # stdout closed or None
+        pass
     stuck = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon and t.is_alive()]
     if not stuck:
         sys.exit(status)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
     os._exit(status)
 
 
-def run_cli(prog: str, work: Callable[[], int]) -> int:
-    """Run a CLI's work under the one error policy; returns the exit status."""
+def run_cli(prog: str, work: Callable[[], int], entry: bool) -> int:
+    """Run a CLI's work under the one error policy and return its exit status, or, when `entry` (the call is
+    the program itself: a `deit-*` console script or `python -m`, whose `main` got no argv), end the process
+    with it through `leave`, so an installed script and its `python -m` twin behave alike."""
+    status = _run(prog, work)
+    if entry:
+        leave(status)
+    return status
+
+
+def _run(prog: str, work: Callable[[], int]) -> int:
     try:
         with signals_raise_interrupted():
             return work()

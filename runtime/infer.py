@@ -7,9 +7,8 @@
 
 Predictions go to stdout or --output; progress, warnings, per-file errors and the summary go to
 stderr. Everything that can be checked (paths, model, backend, output location, arguments) is
-checked before the first image is decoded. Exit status: see runtime/errors.py (0 all predicted,
-1 some files failed, 2 usage, 5 model, 6 backend unavailable, 7 the run failed (a full disk: the
-.partial is kept for --resume), 130/143 interrupted (work kept), 141 stdout's reader left).
+checked before the first image is decoded. Exit status: the README's table (1: some files failed,
+each named; 7 and 130/143 keep the .partial for --resume).
 """
 
 from __future__ import annotations
@@ -29,14 +28,15 @@ from typing import IO
 from runtime.artifact import SYNTHETIC_WARNING
 from runtime.backends import Backend
 from runtime.classify import ClassifyOptions, Summary, classify, default_decode_memory, default_workers, print_summary
-from runtime.cli import add_classify_arguments, check_classify_arguments, check_thread_count, open_predictor
+from runtime.cli import add_classify_arguments, check_classify_arguments, check_thread_count, settle_model
 from runtime.console import progress_bar
-from runtime.errors import ArgumentParser, Interrupted, UsageError, leave, run_cli, signals_deferred
+from runtime.errors import ArgumentParser, Interrupted, UsageError, run_cli, signals_deferred
 from runtime.output import (FORMATS, DoneRecord, PredictionWriter, RecordFormat, check_resumable, escape_name,
                             partial_path, read_written)
 from runtime.paths import check_output_file, output_lock
-from runtime.predictor import Prediction, display_path
-from runtime.preprocess import Listing, find_images
+from runtime.decode import display_path
+from runtime.inputs import Listing, find_images
+from runtime.predictor import Prediction, open_predictor
 
 
 def build_parser() -> ArgumentParser:
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--resume: --output {args.output} is a device or FIFO, written straight through; "
                              "nothing of an earlier run was kept there")
     fmt = RecordFormat(args.format, args.topk)
-    predictor = open_predictor(args, "infer")
+    predictor = open_predictor(settle_model(args, "infer"))
     backend = predictor.backend
     with prediction_file(output, stream, fmt, run_identity(fmt, backend), args.resume) as target:
         if stream is not None:
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             if r.error is not None:
                 summary.failed.append(Prediction(r.key, error=r.error))
         summary.resumed -= len(summary.failed)
-        opts = ClassifyOptions(batch_size=args.batch_size, topk=args.topk, workers=args.workers, draft=args.draft,
+        opts = ClassifyOptions(batch_size=args.batch_size, workers=args.workers, draft=args.draft,
                                max_pixels=args.max_pixels, max_file_bytes=args.max_file_bytes,
                                decode_memory=args.decode_memory)
         with backend, progress_bar(total=len(todo) + len(folder_errors), unit="img", enabled=args.progress) as bar:
@@ -236,8 +236,8 @@ def describe_change(before: str, now: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli("infer", lambda: run(args))
+    return run_cli("infer", lambda: run(args), entry=argv is None)
 
 
 if __name__ == "__main__":
-    leave(main())
+    main()

@@ -1,30 +1,29 @@
-"""One predictor for every runner: decoded images in, one record per input out.
+"""One predictor for every runner: decoded images in, one record per input out, and one way to open it.
 
 The folder runner (runtime.classify), the Ray actor (runtime.distributed) and the server
-(runtime.serve) differ only in where inputs come from and where records go; decoding, batching
-through the backend and turning logits into top-k records happen here, once, so the three give the
-same answer for the same file.
+(runtime.serve) differ only in where inputs come from and where records go; finding the model,
+settling `--backend auto` and the precision, batching through the backend and turning logits into
+top-k records happen here, once, so the three give the same answer for the same file.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from runtime.artifact import ArtifactError
-from runtime.backends import Backend
+from runtime.artifact import ArtifactError, find_model
+from runtime.auto import choose
+from runtime.backends import Backend, BackendUnavailable, backend_kind, create
+from runtime.decode import DecodeFailure, display_path
 from runtime.errors import UsageError
 from runtime.labels import resolve_labels
-from runtime.preprocess import (DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, DecodeBudget, ImageError, Preprocessing,
-                                file_error, load_and_preprocess)
+from runtime.preprocess import Preprocessing
 
 Top = list[tuple[int, str, float]]  # (class index, label, probability), best first
+NOT_FINITE = "the model's output is not finite (NaN or infinity); the model file may be damaged"
 
 
 @dataclass(frozen=True)
@@ -38,9 +37,54 @@ class Prediction:
         return self.error is None
 
 
-def display_path(path: Path | str) -> str:
-    """A file name that can always be printed: undecodable bytes become `\\xNN` escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+@dataclass(frozen=True)
+class ModelOptions:
+    """What the classifying CLIs' model flags ask for (runtime.cli parses them into this)."""
+
+    model: str | None = None  # an artifact folder or one model file in it; None: the newest under `artifacts`
+    artifacts: str = "artifacts"
+    backend: str = "auto"
+    precision: str | None = None  # None: the backend's own (or the named file's)
+    batch_size: int = 8
+    threads: int | None = None
+    topk: int = 5
+
+
+@dataclass(frozen=True)
+class Settled:
+    """`ModelOptions` with the model found and `auto` decided: what every process of a run opens alike
+    (a Ray job settles once, on a worker, and its actors open the same)."""
+
+    options: ModelOptions
+    artifact: Path
+    model_file: Path | None  # the file the user named, or None for the artifact's file for the backend
+    backend: str
+    precision: str | None  # None: the named model file's own
+    choice: str | None  # what `auto` chose and why; None when a backend was named
+
+
+def settle(options: ModelOptions, where: str = "here") -> Settled:
+    """Find the model, let `auto` choose, and refuse a backend this machine cannot run (naming `where`)."""
+    artifact, model_file = find_model(options.model, options.artifacts)
+    name, precision, choice = options.backend, options.precision, None
+    if name == "auto":
+        picked = choose(artifact, precision, options.batch_size, options.threads, model_file)
+        name, precision, choice = picked.backend, (None if model_file else picked.precision), picked.describe()
+    reason = backend_kind(name).unavailable_reason()
+    if reason:
+        raise BackendUnavailable(f"backend {name!r} is unavailable {where}: {reason}")
+    return Settled(options, artifact, model_file, name, precision, choice)
+
+
+def open_predictor(settled: Settled | ModelOptions, threads: int | None = None) -> Predictor:
+    """The predictor the options ask for, its backend constructed (not yet entered: `with predictor.backend`).
+    `threads` overrides the options' (a Ray actor sizes its own to its node)."""
+    if isinstance(settled, ModelOptions):
+        settled = settle(settled)
+    opts = settled.options if threads is None else replace(settled.options, threads=threads)
+    backend = create(settled.backend, settled.artifact, precision=settled.precision, max_batch=opts.batch_size,
+                     threads=opts.threads, model_file=settled.model_file)
+    return Predictor(backend, opts.topk)
 
 
 def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[Top]:
@@ -52,46 +96,6 @@ def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[Top]:
     k = min(k, probs.shape[1])
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     return [[(int(i), labels[i], float(row[i])) for i in idx] for row, idx in zip(probs, order)]
-
-
-def decode_file(path: Path, spec: Preprocessing, draft: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, budget: DecodeBudget | None = None) -> np.ndarray | str:
-    """One file -> pixel array, or the one-line reason it cannot be read (the message names the file).
-    `budget`: the decoded-pixel memory this decode shares with the other decode threads."""
-    reason = file_error(path, max_file_bytes)
-    if reason:
-        return f"{display_path(path)}: {reason}"
-    try:
-        return load_and_preprocess(path, spec, draft=draft, max_pixels=max_pixels, budget=budget)
-    except ImageError as err:
-        return str(err).replace(str(path), display_path(path), 1)
-    except (OSError, ValueError, MemoryError) as err:  # anything else Pillow/numpy raise on a hostile file
-        return f"{display_path(path)}: {type(err).__name__}: {err}"
-
-
-@contextmanager
-def _as_file(data: bytes) -> Iterator[Path]:
-    """Bytes as a file name the loader opens: an anonymous in-memory file on Linux (nothing is left
-    behind if the process is killed), a temporary file elsewhere."""
-    if hasattr(os, "memfd_create"):
-        with os.fdopen(os.memfd_create("deit-input"), "wb") as f:
-            f.write(data)
-            f.flush()
-            yield Path(f"/proc/self/fd/{f.fileno()}")
-    else:
-        with tempfile.NamedTemporaryFile(prefix="deit-input-") as f:
-            f.write(data)
-            f.flush()
-            yield Path(f.name)
-
-
-def decode_bytes(data: bytes, name: str, spec: Preprocessing, draft: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> np.ndarray | str:
-    """Encoded image bytes (a URI's content, a request item) -> pixels or "<name>: <reason>", through
-    the same loader as a file, so the answer is the one runtime.infer gives for that file."""
-    with _as_file(data) as local:
-        result = decode_file(local, spec, draft, max_pixels, max_file_bytes)
-    return result.replace(display_path(local), name, 1) if isinstance(result, str) else result
 
 
 class Predictor:
@@ -116,28 +120,28 @@ class Predictor:
             self._labels = resolve_labels(self.backend.meta.id2label, num_classes)
         return self._labels
 
-    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, list[Top | str]]:
-        """Logits [N, classes] and, per row, its top-k or why there is none (non-finite logits are never a prediction)."""
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, list[Top | None]]:
+        """Logits [N, classes] and, per row, its top-k, or None where the logits are not finite (`NOT_FINITE`):
+        such a row is never a prediction."""
         logits = self.backend.infer(pixels)["logits"]
         finite = np.isfinite(logits).all(axis=1)
         tops = top_k(np.where(finite[:, None], logits, 0.0), self.labels(logits.shape[1]), self.topk)
-        return logits, [top if ok else "the model's output is not finite (NaN or infinity); the model file may be damaged"
-                        for top, ok in zip(tops, finite)]
+        return logits, [top if ok else None for top, ok in zip(tops, finite)]
 
-    def predict(self, sources: Sequence[Path | str], decoded: Sequence[np.ndarray | str]) -> list[Prediction]:
+    def predict(self, sources: Sequence[Path | str], decoded: Sequence[np.ndarray | DecodeFailure]) -> list[Prediction]:
         """One record per source, in order: `decoded[i]` is its pixels, or why it could not be decoded."""
-        good = [i for i, x in enumerate(decoded) if not isinstance(x, str)]
-        tops: dict[int, Top | str] = {}
+        good = [i for i, x in enumerate(decoded) if not isinstance(x, DecodeFailure)]
+        tops: dict[int, Top | None] = {}
         if good:
             _, rows = self.run(np.stack([np.asarray(decoded[i]) for i in good]))
             tops = dict(zip(good, rows))
         records = []
-        for i, source in enumerate(sources):
-            decode_error, top = decoded[i], tops.get(i)
-            if isinstance(decode_error, str):
-                records.append(Prediction(source, error=decode_error))
-            elif isinstance(top, str):
-                records.append(Prediction(source, error=f"{display_path(source)}: {top}"))
+        for i, (source, pixels) in enumerate(zip(sources, decoded)):
+            top = tops.get(i)
+            if isinstance(pixels, DecodeFailure):
+                records.append(Prediction(source, error=pixels.message))
+            elif top is None:
+                records.append(Prediction(source, error=f"{display_path(source)}: {NOT_FINITE}"))
             else:
                 records.append(Prediction(source, top=top))
         return records

@@ -12,7 +12,7 @@ or binary tensors, classification), so a `tritonclient` program works unchanged.
 `topk_labels`, `topk_probs`. Concurrent requests are batched dynamically (runtime.batching). Bad
 requests get 400, oversized ones 413, a full queue or a draining server 503, each with a one-line
 `error`. SIGTERM or Ctrl-C drains: requests already received are answered, new ones get 503, then
-the server exits 143 / 130. Exit status otherwise: see runtime/errors.py (2 usage, e.g. port in use).
+the server exits 143 / 130. Exit status otherwise: the README's table (2 usage, e.g. port in use).
 With --address the same application runs as Ray Serve replicas behind Ray Serve's proxy (runtime.serve_ray).
 The same process also speaks the KServe v2 / Triton gRPC API on --grpc-port (runtime.serve_grpc).
 """
@@ -39,18 +39,19 @@ import numpy as np
 from runtime import __version__
 from runtime.artifact import SYNTHETIC_WARNING
 from runtime.batching import DynamicBatcher
-from runtime.cli import add_classify_arguments, check_classify_arguments, open_predictor
+from runtime.cli import add_classify_arguments, check_classify_arguments, settle_model
 from runtime.cpuinfo import usable_cores
 from runtime.errors import ArgumentParser, Interrupted, Unavailable, UsageError, doc_parser, run_cli
 from runtime.oip import HEADER_LENGTH, InferRequest, ProtocolError, RequestedOutput, encode_response, io_config, parse_request
-from runtime.predictor import Predictor, Top, decode_bytes
-from runtime.preprocess import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
+from runtime.decode import DecodeFailure, decode_bytes
+from runtime.predictor import NOT_FINITE, Predictor, Top, open_predictor
+from runtime.decode import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 
 PROG = "serve"
 VERSION = "1"  # the one model version the server holds
 OUTPUTS = {"logits": "FP32", "topk_indices": "INT64", "topk_labels": "BYTES", "topk_probs": "FP32"}
 TYPE_NAMES = {"FP32": "TYPE_FP32", "INT64": "TYPE_INT64", "BYTES": "TYPE_STRING"}
-Row = tuple[np.ndarray, "Top | str"]  # one image's logits and its top-k (or why there is none)
+Row = tuple[np.ndarray, "Top | None"]  # one image's logits and its top-k (None: not finite)
 Prepared = tuple[InferRequest, str, np.ndarray, int]  # a checked request, its input's name, its pixels, its top-k
 Answer = TypeVar("Answer")
 EXTENSIONS = ["binary_tensor_data", "classification", "statistics", "model_configuration"]
@@ -213,10 +214,10 @@ class ModelServer:
         spec = self.predictor.spec
         decoded = [decode_bytes(item, f"images[{i}]", spec, self.opts.draft, self.opts.max_pixels, self.opts.max_file_bytes)
                    for i, item in enumerate(data)]
-        errors = [d for d in decoded if isinstance(d, str)]
-        if errors:
-            raise ProtocolError(f"input {'; '.join(errors)}")
-        return np.stack([d for d in decoded if not isinstance(d, str)])
+        failures = [d.message for d in decoded if isinstance(d, DecodeFailure)]
+        if failures:
+            raise ProtocolError(f"input {'; '.join(failures)}")
+        return np.stack([d for d in decoded if not isinstance(d, DecodeFailure)])
 
     def _topk(self, req: InferRequest) -> int:
         k = req.parameters.get("topk", self.predictor.topk)
@@ -235,11 +236,11 @@ class ModelServer:
 
     def outputs(self, req: InferRequest, input_name: str, rows: list[Row], k: int) -> list[tuple[str, str, np.ndarray, bool]]:
         """The requested outputs of answered rows, (name, datatype, array, binary) each, for either protocol's encoder."""
-        bad = [f"{input_name}[{i}]: {top}" for i, (_, top) in enumerate(rows) if isinstance(top, str)]
+        bad = [f"{input_name}[{i}]: {NOT_FINITE}" for i, (_, top) in enumerate(rows) if top is None]
         if bad:
             raise Refused(500, "; ".join(bad))
         logits = np.stack([r[0] for r in rows]).astype(np.float32)
-        tops = [r[1][:k] for r in rows if not isinstance(r[1], str)]
+        tops = [r[1][:k] for r in rows if r[1] is not None]
         wanted = req.outputs or [RequestedOutput(n, req.binary_output) for n in OUTPUTS]
         outputs = []
         for out in wanted:
@@ -532,7 +533,7 @@ def run(args: argparse.Namespace) -> int:
         raise Unavailable(f"runtime.serve needs the serve extra: pip install -e '.[serve]' ({err})") from None
     grpc_port = reserve_port(args.host, args.grpc_port if args.grpc_port is not None else 0 if args.port == 0 else 8001)
 
-    predictor = open_predictor(args, PROG)
+    predictor = open_predictor(settle_model(args, PROG))
     backend = predictor.backend
     if backend.meta.synthetic:
         print(SYNTHETIC_WARNING, file=sys.stderr)
@@ -555,7 +556,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(PROG, lambda: run(args))
+    return run_cli(PROG, lambda: run(args), entry=argv is None)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from runtime.artifact import SYNTHETIC_WARNING
-from runtime.cli import open_predictor
+from runtime.cli import settle_model
+from runtime.predictor import open_predictor
 from runtime.cpuinfo import usable_cores
 from runtime.errors import Interrupted, ModelError, Unavailable
 from runtime.serve import PROG, ModelServer, banner, bind, build_app, server_options
@@ -40,7 +41,7 @@ class Replica:
     """One Ray Serve replica: the model server of `runtime.serve`, built where Ray placed the replica."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.predictor = open_predictor(args, PROG)
+        self.predictor = open_predictor(settle_model(args, PROG))
         self.backend = self.predictor.backend.__enter__()
         self.model = ModelServer(self.predictor, server_options(args, self.predictor))
 
@@ -90,7 +91,7 @@ def proxy_port(host: str, port: int) -> int:
 def run_on_ray(args: argparse.Namespace) -> int:
     """Start (or join) Ray, run the application behind Ray Serve's proxy, wait for SIGTERM / Ctrl-C."""
     port = args.port if args.address.startswith("ray://") else proxy_port(args.host, args.port)
-    predictor = open_predictor(args, PROG)  # the flags and the artifact checked here, before Ray starts
+    predictor = open_predictor(settle_model(args, PROG))  # the flags and the artifact checked here, before Ray starts
     if predictor.backend.meta.synthetic:
         print(SYNTHETIC_WARNING, file=sys.stderr)
     opts = server_options(args, predictor)

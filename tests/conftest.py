@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -143,7 +145,8 @@ def trained_artifact(pattern_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
     from calibration.data import discover
     from export.pipeline import ExportOptions, export_checkpoint
-    from runtime.preprocess import Preprocessing, load_and_preprocess
+    from runtime.decode import load_and_preprocess
+    from runtime.preprocess import Preprocessing
 
     spec = Preprocessing.from_hf_config(TINY_PREPROCESSOR)
     samples = discover(pattern_dir)
@@ -180,3 +183,28 @@ def trained_artifact(pattern_dir: Path, tmp_path_factory: pytest.TempPathFactory
     out_root = tmp_path_factory.mktemp("trained-artifacts")
     export_checkpoint(ExportOptions(str(ckpt), out_root=out_root, fp16=False, progress=False))
     return out_root / "patterns-deit"
+
+
+def photos(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(n)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
+    return folder
+
+
+def stalling_file(path: Path, size: int = 2 * 2**30) -> Path:
+    """A sparse file behind a JPEG header: Pillow scans it for markers a byte at a time (minutes for 2 GiB)."""
+    with path.open("wb") as f:
+        f.write(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00")
+        f.truncate(size)
+    return path
+
+
+def first_record(partial: Path, proc: subprocess.Popen[str]) -> None:
+    """Wait until the run has written a record to its partial output: the sign it is running with its handlers set."""
+    while proc.poll() is None:
+        if partial.is_file() and partial.read_text().count("\n") >= 2:  # CSV header and one record
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run ended before writing a record: {proc.communicate()}")

@@ -26,8 +26,10 @@ from conftest import TINY, TINY_PREPROCESSOR, pattern_wnids
 from runtime.artifact import INT8_CPU_FILE, MODEL_FILES, read_onnx_meta
 from runtime.auto import int8_gate_passed
 from runtime.backends.onnxruntime import ORT_CPU, ORT_TRT
+from runtime.backends.trt import INT8_TRT_FILE
 from runtime.errors import UsageError
-from runtime.preprocess import Preprocessing, load_and_preprocess
+from runtime.decode import load_and_preprocess
+from runtime.preprocess import Preprocessing
 
 WNIDS = pattern_wnids()
 
@@ -50,7 +52,8 @@ def test_int8_keeps_the_trained_models_accuracy(calibrated: dict, trained_artifa
     assert cal["used"] == 64 and cal["classes"] == 4 and ev["used"] == 280
     assert not set(cal["files"]) & set(ev["files"]), "evaluation images overlap the calibration images"
     assert Counter(Path(f).parent.name for f in cal["files"]) == {w: 16 for w in WNIDS}  # class-balanced
-    for name in (MODEL_FILES["int8"], INT8_CPU_FILE):
+    assert set(calibrated["accuracy"]) == {MODEL_FILES["int8"], INT8_TRT_FILE, INT8_CPU_FILE}
+    for name in calibrated["accuracy"]:
         meta = read_onnx_meta(trained_artifact / name)
         assert meta.precision == "int8" and meta.extra["quantization"]["accuracy"] == calibrated["accuracy"][name]
     written = json.loads((trained_artifact / "calibration.json").read_text())
@@ -71,6 +74,27 @@ def test_qdq_model_is_symmetric_per_channel_and_placed_for_tensorrt(calibrated: 
             assert weight_scale.ndim == 1 and weight_scale.size > 1  # per output channel
         if node.op_type in ("LayerNormalization", "Gelu", "Softmax", "Add", "Attention"):
             assert all(produced_by.get(i) is None or produced_by[i].op_type != "DequantizeLinear" for i in node.input), node.name
+
+
+def test_the_tensorrt_int8_file_keeps_fp16_not_fp32_where_it_is_not_quantized(calibrated: dict, trained_artifact: Path) -> None:
+    """A strongly typed TensorRT network runs each layer without Q/DQ in the graph's own type: the engine's source
+    is the Q/DQ graph with fp16 as the high-precision type (LayerNorm fp32, as in model.fp16.onnx), the same
+    quantized tensors, and it is checked against fp32 on the CPU like the other int8 files."""
+    fp32_qdq = onnx.load(str(trained_artifact / MODEL_FILES["int8"]))
+    trt_qdq = onnx.load(str(trained_artifact / INT8_TRT_FILE))
+    ops = lambda m: Counter(n.op_type for n in m.graph.node)  # noqa: E731
+    for op in ("QuantizeLinear", "DequantizeLinear", "MatMul", "Attention", "Gelu"):
+        assert ops(trt_qdq)[op] == ops(fp32_qdq)[op], op
+    types = {i.name: i.data_type for i in trt_qdq.graph.initializer}
+    scales = {n.input[1] for n in trt_qdq.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    assert {types[s] for s in scales} == {onnx.TensorProto.FLOAT16}
+    layer_norm_params = {i for n in trt_qdq.graph.node if n.op_type == "LayerNormalization" for i in n.input[1:]}
+    floats = {name for name, t in types.items() if t == onnx.TensorProto.FLOAT}
+    assert floats <= layer_norm_params, floats - layer_norm_params
+    assert [i.type.tensor_type.elem_type for i in trt_qdq.graph.output][0] == onnx.TensorProto.FLOAT  # fp32 I/O
+    acc = calibrated["accuracy"][INT8_TRT_FILE]
+    assert acc["top1_agreement"] >= 0.98 and acc["top1_drop"] <= 0.01, acc
+    assert read_onnx_meta(trained_artifact / INT8_TRT_FILE).extra["quantization"]["file_role"] == "tensorrt-qdq"
 
 
 def test_decomposed_attention_quantizes_both_attention_matmuls(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -101,7 +125,7 @@ def test_ort_cpu_int8_prefers_the_cpu_variant_and_ort_trt_gets_the_qdq_file(
 ) -> None:
     assert ORT_CPU.model_file_for(trained_artifact, "int8").name == INT8_CPU_FILE
     # Regression: ort-trt used to inherit ort-cpu's preference and was handed the CPU dynamic-quant file.
-    assert ORT_TRT.model_file_for(trained_artifact, "int8").name == MODEL_FILES["int8"]
+    assert ORT_TRT.model_file_for(trained_artifact, "int8").name == INT8_TRT_FILE
     spec = read_onnx_meta(trained_artifact / MODEL_FILES["fp32"]).preprocessing
     x = np.stack([load_and_preprocess(pattern_dir / w / "089.png", spec) for w in WNIDS])
     with ORT_CPU(trained_artifact, precision="int8") as backend:

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import SAMPLE_DIR, TINY_PREPROCESSOR
-from runtime.preprocess import ImageError, Preprocessing, load_and_preprocess
+from runtime.decode import ImageError, load_and_preprocess
+from runtime.preprocess import Preprocessing
 
 SPEC = Preprocessing.from_hf_config(TINY_PREPROCESSOR)
 BOUNDED = settings(max_examples=150, deadline=None, derandomize=True, database=None,

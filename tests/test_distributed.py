@@ -68,7 +68,7 @@ def reference(artifact: Path, files: list[Path], topk: int = 3) -> dict[str, tup
 
     preds: list[Prediction] = []
     with create("ort-cpu", artifact, max_batch=8) as backend:
-        classify(files, Predictor(backend, topk), ClassifyOptions(batch_size=8, topk=topk), preds.append)
+        classify(files, Predictor(backend, topk), ClassifyOptions(batch_size=8), preds.append)
     return {os.path.abspath(p.source): ([i for i, _, _ in p.top or []], [q for _, _, q in p.top or []]) for p in preds}
 
 
@@ -97,7 +97,7 @@ def assert_same_answers(table: Any, expected: dict[str, tuple[list[int], list[fl
 
 
 def images(folder: Path) -> list[Path]:
-    from runtime.preprocess import list_images
+    from runtime.inputs import list_images
 
     return list_images([folder], recursive=True)
 
@@ -116,13 +116,14 @@ def test_a_cpu_actor_takes_its_nodes_cores_and_does_not_busy_wait(ray_session: A
     """Spinning ORT threads would take the cores the decode tasks need between operators."""
     from runtime.cpuinfo import usable_cores
     from runtime.distributed.job import Classifier, make_plan
+    from runtime.predictor import ModelOptions
 
     def session_settings(plan: Any) -> tuple[int, str]:
-        classifier = Classifier(plan, 4, None, 5)  # held: dropping it closes the backend
+        classifier = Classifier(plan)  # held: dropping it closes the backend
         options = classifier.predictor.backend.session.get_session_options()
         return options.intra_op_num_threads, options.get_session_config_entry("session.intra_op.allow_spinning")
 
-    plan = make_plan("ort-cpu", str(tiny_artifact), "artifacts", None, 4, None, 5)
+    plan = make_plan(ModelOptions(str(tiny_artifact), backend="ort-cpu", batch_size=4))
     threads, spinning = ray_session.get(ray_session.remote(num_cpus=1)(session_settings).remote(plan))
     assert (threads, spinning) == (min(2, usable_cores()), "0")  # the session's node has 2 CPUs; the actor reserves 1
 
@@ -131,10 +132,10 @@ def test_a_cpu_actor_takes_its_nodes_cores_and_does_not_busy_wait(ray_session: A
 def test_same_answers_as_runtime_infer_on_the_shared_photos(ray_session: Any, tiny_artifact: Path,
                                                             tmp_path: Path) -> None:
     files = images(SAMPLE_DIR)
-    summary = run_job(SAMPLE_DIR, tmp_path / "out", tiny_artifact, topk=5)
+    summary = run_job(SAMPLE_DIR, tmp_path / "out", tiny_artifact)
     table = rows(tmp_path / "out")
     assert summary.images == summary.predicted == len(files) == len(table) == table["path"].nunique()
-    assert_same_answers(table, reference(tiny_artifact, files, topk=5))
+    assert_same_answers(table, reference(tiny_artifact, files))
     labels = table["labels"].iloc[0]
     assert len(labels) == 5 and all(label.startswith("thing") for label in labels)  # the artifact's id2label
 

@@ -1,8 +1,10 @@
 """TensorRT engines and the trt / ort-trt backends.
 
-Everything that needs no GPU runs here on real files (a tiny exported DeiT, fake plan bytes with real
-sidecars): sidecar reading, the one-line errors, feature detection, `make engines` exit status.
-Building and running engines is marked `gpu` and skips with the reason on a machine without one.
+Everything that needs no GPU runs here on real files (a tiny exported DeiT, fake plan bytes with sidecars
+written by the writer `make engines` uses): sidecar reading, the one-line errors, feature detection, `make
+engines` exit status. The `trt` backend's own logic (buffers, contexts, CUDA graphs, timing) runs on a
+simulated GPU and TensorRT (tests/gpu_fakes.py), since it cannot start without them; building and running
+real engines is marked `gpu` and skips with the reason on a machine without one.
 """
 
 from __future__ import annotations
@@ -24,39 +26,24 @@ from runtime.backends import BackendUnavailable, create, cudart
 from runtime.backends.onnxruntime import ORT_TRT
 from runtime.backends.trt import (
     EngineError,
+    EngineTensor,
     TRT,
     TensorRTKind,
     check_engine,
     engine_path,
+    make_sidecar,
     read_sidecar,
     require_tensorrt,
     sidecar_path,
     tensorrt_unavailable_reason,
+    write_sidecar,
 )
 from runtime.errors import MODEL, UsageError, exit_code
+from gpu_fakes import H100, TRT_VERSION, FakeEngine, FakeGpu, fake_engine, fake_onnxruntime, fake_tensorrt, onnx_io
 
 ROOT = Path(__file__).resolve().parents[1]
-H100 = cudart.GpuInfo("NVIDIA H100 80GB HBM3", "9.0", 80 * 2**30)
-TRT_VERSION = "10.14.1.48"
 GPU_REASON = tensorrt_unavailable_reason() or cudart.gpu_unavailable_reason()
 needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"needs TensorRT and an NVIDIA GPU: {GPU_REASON}")
-
-
-def fake_engine(artifact: Path, precision: str = "fp16", payload: bytes = b"\x00plan" * 100,
-                gpu: cudart.GpuInfo = H100, trt_version: str = TRT_VERSION) -> Path:
-    """A plan file of arbitrary bytes with the sidecar export/engines.py would write for it."""
-    plan = engine_path(artifact, precision)
-    plan.write_bytes(payload)
-    meta = read_onnx_meta(model_path(artifact, precision))
-    sidecar = {
-        "format": 1, "engine": plan.name, "engine_bytes": len(payload), "engine_sha256": file_sha256(plan),
-        "source_onnx": model_path(artifact, precision).name, "source_sha256": file_sha256(model_path(artifact, precision)),
-        "tensorrt_version": trt_version, "gpu": gpu.to_dict(), "precision": precision,
-        "profile": {"input": "pixel_values", "min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [8, 3, 32, 32]},
-        "artifact_meta": json.loads(meta.to_json()),
-    }
-    sidecar_path(plan).write_text(json.dumps(sidecar))
-    return plan
 
 
 @pytest.fixture
@@ -78,7 +65,8 @@ def one_line(err: pytest.ExceptionInfo[BaseException]) -> str:
 def test_sidecar_is_read_and_a_matching_engine_passes(artifact: Path) -> None:
     plan = fake_engine(artifact)
     sidecar = read_sidecar(plan)
-    assert sidecar["tensorrt_version"] == TRT_VERSION and sidecar["gpu"]["compute_capability"] == "9.0"
+    assert sidecar.tensorrt_version == TRT_VERSION and sidecar.gpu["compute_capability"] == "9.0"
+    assert [t.name for t in sidecar.io][0] == "pixel_values" and "logits" in [t.name for t in sidecar.io]
     assert check_engine(plan, sidecar, TRT_VERSION, H100) == []
 
 
@@ -94,7 +82,7 @@ def test_missing_sidecar_says_rebuild(artifact: Path) -> None:
     with pytest.raises(EngineError) as err:
         read_sidecar(plan)
     assert "model.fp16.plan.json" in one_line(err) and "sidecar is missing" in str(err.value)
-    assert "make engines" in str(err.value)
+    assert f"python -m export.engines --model {artifact} --precision fp16" in str(err.value)
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 1, "engine": "x"}), "[]"])
@@ -103,7 +91,30 @@ def test_unreadable_or_foreign_sidecar(artifact: Path, content: str) -> None:
     sidecar_path(plan).write_text(content)
     with pytest.raises(EngineError) as err:
         read_sidecar(plan)
-    assert "model.fp16.plan.json" in one_line(err) and "make engines" in str(err.value)
+    assert "model.fp16.plan.json" in one_line(err) and "python -m export.engines" in str(err.value)
+
+
+def test_a_sidecar_without_the_source_hash_is_refused_with_the_rebuild_command(artifact: Path) -> None:
+    """Without source_sha256 nothing can tell a stale engine from a fresh one: refused (exit 5), never trusted."""
+    plan = fake_engine(artifact)
+    data = json.loads(sidecar_path(plan).read_text())
+    del data["source_sha256"]
+    sidecar_path(plan).write_text(json.dumps(data))
+    rebuild = f"python -m export.engines --model {artifact} --precision fp16"
+    reason = TRT.missing_files(artifact, "fp16")
+    assert reason is not None and "source_sha256" in reason and rebuild in reason
+    with pytest.raises(EngineError) as err:
+        TRT(artifact)
+    assert "source_sha256" in one_line(err) and rebuild in str(err.value) and exit_code(err.value) == MODEL
+
+
+def test_the_sidecar_round_trips_through_its_writer(artifact: Path) -> None:
+    plan = fake_engine(artifact)
+    sidecar = read_sidecar(plan)
+    write_sidecar(plan, sidecar)
+    assert read_sidecar(plan) == sidecar
+    assert json.loads(sidecar_path(plan).read_text())["io"][0] == {"name": "pixel_values", "mode": "input",
+                                                                   "dtype": "float32", "shape": [-1, 3, 32, 32]}
 
 
 def test_truncated_engine(artifact: Path) -> None:
@@ -251,7 +262,7 @@ def test_an_old_driver_is_not_reported_as_no_gpu(monkeypatch: pytest.MonkeyPatch
     reason = cudart.gpu_unavailable_reason() or ""
     assert "no usable NVIDIA GPU" not in reason
     assert "supports CUDA 12.2" in reason and "CUDA 13.4 runtime" in reason and "R580" in reason
-    assert "GPU_EXTRA=gpu-cu12" in reason
+    assert "cu12" not in reason and "CUDA 13 builds" in reason  # no CUDA 12 install resolves beside torch 2.13
     monkeypatch.setattr(cudart, "_rt", lambda: OldDriverRuntime(0))
     assert "no NVIDIA driver found" in (cudart.gpu_unavailable_reason() or "")
 
@@ -276,8 +287,42 @@ def test_ort_trt_says_what_is_missing() -> None:
     assert reason is not None and "TensorrtExecutionProvider" in reason and "make install-gpu" in reason
 
 
+@pytest.mark.parametrize(("precision", "fp16", "int8", "kernels"),
+                         [("fp32", False, False, "fp32"), ("fp16", True, False, "fp16"), ("int8", True, True, "int8 Q/DQ layers + fp16")])
+def test_ort_trt_asks_tensorrt_for_the_precision_it_names(tiny_int8_artifact: Path, tmp_path: Path, precision: str,
+                                                         fp16: bool, int8: bool, kernels: str) -> None:
+    """ORT's TensorRT provider builds weakly typed networks: without its flags an "fp16" row runs fp32 kernels."""
+    import shutil
+
+    artifact = shutil.copytree(tiny_int8_artifact, tmp_path / "tiny-deit")  # the engine cache goes inside
+    backend = create("ort-trt", artifact, precision=precision)
+    options = dict(backend.provider_list())["TensorrtExecutionProvider"]  # type: ignore[attr-defined]
+    assert (options["trt_fp16_enable"], options["trt_int8_enable"]) == (fp16, int8)
+    described = backend.describe()["tensorrt"]
+    assert described["kernels_allowed"] == kernels and "weakly typed" in described["network"]  # type: ignore[index]
+
+
+def test_ort_trt_names_the_tensorrt_its_provider_links(tmp_path: Path) -> None:
+    """onnxruntime-gpu's TensorRT provider links one TensorRT major by soname; without it, ORT would fail (or fall
+    back) with a loader message: the backend says which TensorRT to install instead."""
+    from runtime.backends.onnxruntime import preload_tensorrt_libraries, tensorrt_provider_major, tensorrt_provider_unavailable
+
+    capi = tmp_path / "capi"
+    capi.mkdir()
+    assert tensorrt_provider_major(capi) is None and "no TensorRT provider" in (tensorrt_provider_unavailable(capi) or "")
+    (capi / "libonnxruntime_providers_tensorrt.so").write_bytes(
+        b"\x7fELF\x02\x01" + b"\x00" * 64 + b"libnvinfer.so.10\x00libnvonnxparser.so.10\x00libcudart.so.13\x00")
+    assert tensorrt_provider_major(capi) == 10
+    reason = tensorrt_provider_unavailable(capi, dirs=[tmp_path])
+    assert reason is not None and "libnvinfer.so.10" in reason and "'tensorrt-cu13>=10,<11'" in reason
+    assert "https://pypi.nvidia.com" in reason
+    with pytest.raises(BackendUnavailable, match="links libnvinfer.so.10, which cannot be loaded") as err:
+        preload_tensorrt_libraries(10, dirs=[tmp_path])
+    assert exit_code(err.value) == 6
+
+
 def test_an_int8_only_build_does_not_demand_the_fp16_file(artifact: Path) -> None:
-    (artifact / "model.fp16.onnx").rename(artifact / "model.int8.onnx")  # any file named like the Q/DQ model
+    (artifact / "model.fp16.onnx").rename(artifact / "model.int8-trt.onnx")  # any file named like the Q/DQ model
     assert not [m for m in missing_prerequisites(artifact, ("int8",)) if "run `make export`" in m]
     assert [m for m in missing_prerequisites(artifact, ("fp16",)) if "model.fp16.onnx" in m]
 
@@ -285,7 +330,9 @@ def test_an_int8_only_build_does_not_demand_the_fp16_file(artifact: Path) -> Non
 def test_int8_engine_waits_for_calibration(artifact: Path) -> None:
     todo, notes = plan_engines(artifact, ("fp16", "int8"))
     assert todo == [("fp16", model_path(artifact, "fp16"))]
-    assert len(notes) == 1 and "model.int8.onnx not found" in notes[0] and "make calibrate" in notes[0]
+    assert len(notes) == 1 and "model.int8-trt.onnx not found" in notes[0] and "make calibrate" in notes[0]
+    (artifact / "model.int8.onnx").write_bytes((artifact / "model.onnx").read_bytes())  # the fp32 Q/DQ file is not it
+    assert plan_engines(artifact, ("int8",))[0] == []
 
 
 def test_attention_path_depends_on_tensorrt_version(artifact: Path) -> None:
@@ -343,7 +390,7 @@ def test_engine_matches_onnx_runtime(built: Path) -> None:
     from runtime.backends.onnxruntime import ORT_CPU
 
     sidecar = read_sidecar(engine_path(built, "fp16"))
-    assert sidecar["profile"]["max"][0] == 4 and sidecar["source_sha256"] == file_sha256(model_path(built, "fp16"))
+    assert sidecar.max_batch == 4 and sidecar.source_sha256 == file_sha256(model_path(built, "fp16"))
     x = np.random.default_rng(0).standard_normal((7, 3, 32, 32)).astype(np.float32)
     with ORT_CPU(built, precision="fp32") as ref:
         expected = ref.infer(x)
@@ -451,72 +498,71 @@ def test_gpu_check_without_a_gpu_skips_every_step_and_says_why(capsys: pytest.Ca
     assert not Path("/nonexistent/never-written").exists()
 
 
-class Enqueued:
-    """cudart and a TensorRT execution context that record, in order, what the backend enqueues on its stream."""
+@pytest.fixture
+def simulated_trt(artifact: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[FakeGpu, FakeEngine]:
+    """The fp16 engine (plan bytes and the real sidecar) on a simulated H100 and TensorRT: no GPU runs here."""
+    plan = fake_engine(artifact, "fp16")
+    gpu = FakeGpu(monkeypatch, H100)
+    shapes = {t.name: (8, *t.shape[1:]) for t in read_sidecar(plan).io}
+    return gpu, fake_tensorrt(monkeypatch, gpu, TRT_VERSION, shapes, max_batch=8)
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls: list[str] = []
-        for name in ("copy_to_device", "copy_to_host", "stream_synchronize", "graph_launch", "capture_begin"):
-            monkeypatch.setattr(cudart, name, self.recorder(name))
-        monkeypatch.setattr(cudart, "capture_end", self.recorder("capture_end", "graph"))
-        monkeypatch.setattr(cudart, "event_create", object)
-        monkeypatch.setattr(cudart, "event_record", self.recorder("event"))
-        monkeypatch.setattr(cudart, "event_elapsed_ms", lambda start, end: 1.0)
-        monkeypatch.setattr(cudart, "event_destroy", lambda event: None)
-        monkeypatch.setattr(cudart, "stream_handle", lambda stream: 7)
 
-    def recorder(self, name: str, result: object = None) -> Any:
-        def call(*args: object) -> object:
-            self.calls.append(name)
-            return result
-        return call
-
-    # the IExecutionContext calls the trt backend makes
-    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
-        return True
-
-    def execute_async_v3(self, stream: object) -> bool:
-        self.calls.append("execute")
-        return True
-
-    # ONNX Runtime's session and device input, for ort-cuda
-    def run_with_iobinding(self, io: object, options: object) -> None:
-        self.calls.append("execute")
-
-    def update_inplace(self, array: np.ndarray) -> None:
-        self.calls.append("copy_to_device")
-
-    def timed(self) -> list[list[str]]:
-        """What was enqueued between each start and end event."""
-        events = [i for i, c in enumerate(self.calls) if c == "event"]
-        return [self.calls[a + 1 : b] for a, b in zip(events[::2], events[1::2])]
+def expected_outputs(engine: FakeEngine, x: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: engine.reference(x, k, engine.shapes[name][1]) for k, name in enumerate(engine.outputs)}
 
 
 @pytest.mark.parametrize("graphs", [True, False])
-def test_trt_times_execution_only_on_a_device_resident_input(artifact: Path, monkeypatch: pytest.MonkeyPatch,
+def test_trt_outputs_stay_right_when_the_batch_size_switches_back(artifact: Path, simulated_trt: tuple[FakeGpu, FakeEngine],
+                                                                 graphs: bool) -> None:
+    """A captured graph replays against its context's shape setup: switching back to an earlier batch size must
+    not replay it against another size's setup (TensorRT: one execution context per captured shape)."""
+    gpu, engine = simulated_trt
+    rng = np.random.default_rng(0)
+    with TensorRTKind(cuda_graphs=graphs)(artifact) as backend:
+        for n in (8, 1, 3, 8, 1, 8):
+            x = rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
+            got = backend.run(x)
+            for name, want in expected_outputs(engine, x).items():
+                np.testing.assert_array_equal(got[name], want, err_msg=f"{name} at batch {n} (graphs {graphs})")
+        assert backend.cuda_graphs is graphs and backend.graph_error is None
+        assert list(got) == engine.outputs  # every engine output comes back, distilled heads included
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_trt_times_execution_only_on_a_device_resident_input(artifact: Path, simulated_trt: tuple[FakeGpu, FakeEngine],
                                                              graphs: bool) -> None:
-    """Like every CUDA-event row, trt's events hold the engine's execution and no copy; `run` copies."""
-    fake_engine(artifact, "fp16")
-    enqueued = Enqueued(monkeypatch)
-    backend = TensorRTKind(cuda_graphs=graphs)(artifact)
-    backend._context, backend._stream = enqueued, "stream"  # type: ignore[assignment]
-    backend.output_names = ["logits"]
-    backend._pinned = {"pixel_values": (1, np.zeros((8, 3, 32, 32), np.float32)), "logits": (2, np.zeros((8, 10), np.float32))}
-    backend._device = {"pixel_values": 11, "logits": 12}
+    """Like every CUDA-event row, trt's events hold the engine's execution and no copy; `run` adds the copies."""
+    gpu, engine = simulated_trt
     x = np.ones((2, 3, 32, 32), np.float32)
-    assert backend.time_runs(x, 3) == [1.0, 1.0, 1.0]
-    assert enqueued.timed() == [["graph_launch" if graphs else "execute"]] * 3
-    assert enqueued.calls.index("copy_to_device") < enqueued.calls.index("event")
-    enqueued.calls.clear()
-    backend.run(x)
-    assert enqueued.calls == ["copy_to_device", "graph_launch" if graphs else "execute", "copy_to_host", "stream_synchronize"]
+    with TensorRTKind(cuda_graphs=graphs)(artifact) as backend:
+        assert backend.time_runs(x, 3) == [FakeGpu.KERNEL_MS] * 3
+        before = gpu.clock
+        backend.run(x)
+        assert gpu.clock - before == FakeGpu.KERNEL_MS + FakeGpu.COPY_MS * (1 + len(engine.outputs))
+
+
+def ort_cuda_on(gpu: FakeGpu, artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    outputs = {t.name: t.shape[1] for t in onnx_io(model_path(artifact, "fp16")) if t.mode == "output"}
+    fake_onnxruntime(monkeypatch, gpu, outputs)
+
+
+def test_ort_cuda_reads_the_input_it_was_given(artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ORT copies the input in on the legacy default stream (`update_inplace`); its kernels run on our stream, which
+    must be a blocking one to wait for that copy, or a run reads the previous batch's pixels."""
+    gpu = FakeGpu(monkeypatch, H100)
+    ort_cuda_on(gpu, artifact, monkeypatch)
+    rng = np.random.default_rng(1)
+    with create("ort-cuda", artifact, precision="fp16", max_batch=4) as backend:
+        for n in (4, 4, 1, 4):
+            x = rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
+            got = backend.run(x)
+            for k, (name, value) in enumerate(got.items()):
+                np.testing.assert_array_equal(value, FakeEngine.reference(x, k, value.shape[1]), err_msg=f"{name} at {n}")
+    assert [s.blocking for s in gpu.streams] == [True]
 
 
 def test_ort_cuda_times_execution_only_on_a_device_resident_input(artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    enqueued = Enqueued(monkeypatch)
-    backend = create("ort-cuda", artifact)
-    backend.session, backend._stream = enqueued, "stream"  # type: ignore[attr-defined]
-    backend._bound[2] = (object(), enqueued, [], 1)  # type: ignore[attr-defined]
-    assert backend.time_runs(np.ones((2, 3, 32, 32), np.float32), 3) == [1.0, 1.0, 1.0]  # type: ignore[attr-defined]
-    assert enqueued.timed() == [["execute"]] * 3
-    assert enqueued.calls.index("copy_to_device") < enqueued.calls.index("event")
+    gpu = FakeGpu(monkeypatch, H100)
+    ort_cuda_on(gpu, artifact, monkeypatch)
+    with create("ort-cuda", artifact, precision="fp16", max_batch=4) as backend:
+        assert backend.time_runs(np.ones((2, 3, 32, 32), np.float32), 3) == [FakeGpu.KERNEL_MS] * 3  # type: ignore[attr-defined]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,9 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import first_record, photos, stalling_file
 from runtime.errors import (
     FAILED, GATE_FAILED, MODEL, UNAVAILABLE, USAGE, Interrupted, UsageError, exit_code, one_line, run_cli,
 )
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str], prog: str) -> str:
@@ -53,14 +60,14 @@ def test_run_cli_turns_anything_into_one_line(capsys: pytest.CaptureFixture[str]
              (RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : bad\nmore lines"), FAILED,
               "RuntimeError: [ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : bad")]
     for err, code, text in cases:
-        assert run_cli("tool", raises(err)) == code
+        assert run_cli("tool", raises(err), entry=False) == code
         assert text in one_error_line(capsys, "tool: error:")
-    assert run_cli("tool", raises(KeyboardInterrupt())) == 130
+    assert run_cli("tool", raises(KeyboardInterrupt()), entry=False) == 130
     assert one_error_line(capsys, "tool") == "tool: interrupted"
-    assert run_cli("tool", raises(Interrupted(15, "12 predictions kept in x.partial"))) == 143
+    assert run_cli("tool", raises(Interrupted(15, "12 predictions kept in x.partial")), entry=False) == 143
     assert one_error_line(capsys, "tool") == "tool: terminated; 12 predictions kept in x.partial"
     monkeypatch.setenv("DEIT_DEBUG", "1")
-    assert run_cli("tool", raises(ValueError("why"))) == FAILED
+    assert run_cli("tool", raises(ValueError("why")), entry=False) == FAILED
     assert "Traceback" in capsys.readouterr().err
     assert exit_code(ValueError()) == FAILED and one_line(ValueError("a\nb")) == "ValueError: a"
 
@@ -145,3 +152,63 @@ def test_benchmarks_engines_and_gpu_check_failure_classes(tiny_artifact: Path, t
     if tensorrt_unavailable_reason() is not None:
         assert status(engines, ["--model", str(artifact)]) == UNAVAILABLE
         assert "cannot build TensorRT engines here" in one_error_line(capsys, "engines: error:")
+
+
+def console_scripts() -> dict[str, str]:
+    """`deit-*` script -> the module its `python -m` twin runs, from pyproject.toml's [project.scripts]."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    return {name: target.split(":")[0].removesuffix(".__main__") for name, target in scripts.items()}
+
+
+def script(name: str) -> Path:
+    path = Path(sys.executable).parent / name
+    assert path.is_file(), f"{path}: not installed; run `make install` (it installs the console scripts)"
+    return path
+
+
+# A failure each CLI meets before its work, without a model: the same argv goes to the script and to its twin.
+MISSING_MODEL = "/nonexistent/model"
+FAILURES = {
+    "deit-export": ["--model", MISSING_MODEL, "--out", "{tmp}/out"],
+    "deit-calibrate": ["--model", MISSING_MODEL, "--calib-dir", "{tmp}"],
+    "deit-engines": ["--model", MISSING_MODEL],
+    "deit-infer": ["{tmp}", "--model", MISSING_MODEL],
+    "deit-distributed": ["{tmp}/nothing", "--output", "{tmp}/out"],
+    "deit-serve": ["--model", MISSING_MODEL],
+    "deit-bench": ["--model", MISSING_MODEL, "--out", "{tmp}/out"],
+    "deit-gpu-check": ["--out", "{tmp}/out", "--images", "{tmp}/nothing"],
+}
+
+
+def test_every_console_script_fails_like_its_python_m_twin(tmp_path: Path) -> None:
+    """Same status, same one line on stderr: an installed `deit-*` script is its `python -m` twin."""
+    scripts = console_scripts()
+    assert sorted(scripts) == sorted(FAILURES), "a console script without a failure case here"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for name, module in scripts.items():
+        argv = [a.format(tmp=tmp_path) for a in FAILURES[name]]
+        ran = [subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+               for cmd in ([str(script(name)), *argv], [sys.executable, "-m", module, *argv])]
+        installed, twin = ran
+        assert installed.returncode == twin.returncode != 0, (name, installed.stderr, twin.stderr)
+        assert installed.stderr.splitlines()[-1] == twin.stderr.splitlines()[-1], name
+        assert "Traceback" not in installed.stderr + twin.stderr, name
+
+
+def test_sigterm_ends_deit_infer_like_its_twin_while_a_decode_is_stuck(tiny_artifact: Path, tmp_path: Path) -> None:
+    """A decode thread scanning a 2 GiB file must not keep the installed script alive after SIGTERM
+    (a process that waits for its threads at exit would run for minutes): both end with 143 at once."""
+    folder = photos(tmp_path / "images", 2)
+    stalling_file(folder / "stall.jpg")
+    for i, cmd in enumerate(([str(script("deit-infer"))], [sys.executable, "-m", "runtime.infer"])):
+        out = tmp_path / f"out{i}.csv"
+        proc = subprocess.Popen([*cmd, str(folder), "--model", str(tiny_artifact), "--backend", "ort-cpu", "--format", "csv",
+                                 "--no-progress", "--batch-size", "1", "--workers", "1", "--max-file-bytes", str(4 * 2**30),
+                                 "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first_record(Path(f"{out}.partial"), proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)  # the scan alone would take minutes
+        assert proc.returncode == 143, (cmd, err)
+        assert err.splitlines()[-1].startswith("infer: terminated; "), err

@@ -20,7 +20,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.export_time import run_measured
-from conftest import SAMPLE_DIR, needs_sample
+from conftest import SAMPLE_DIR, first_record, needs_sample, photos, stalling_file
 from runtime.artifact import file_sha256, read_onnx_meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,14 +59,6 @@ def without_dac_override() -> tuple[str, ...]:
         pytest.skip("running as root and util-linux `setpriv` (to drop CAP_DAC_OVERRIDE) is not installed")
     caps = "-dac_override,-dac_read_search"
     return (setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}")
-
-
-def photos(folder: Path, n: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(n)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
-    return folder
 
 
 def grey_png(path: Path, width: int, height: int) -> Path:
@@ -436,23 +427,6 @@ def test_a_full_disk_mid_run_names_the_file_keeps_it_and_resume_finishes(tiny_ar
     resumed = cli("runtime.infer", *common, "--output", str(out), "--resume")
     assert resumed.returncode == 0 and "4 files done earlier, 6 to go" in resumed.stderr, resumed.stderr
     assert out.read_text() == reference.read_text()
-
-
-def stalling_file(path: Path, size: int = 2 * 2**30) -> Path:
-    """A sparse file behind a JPEG header: Pillow scans it for markers a byte at a time (minutes for 2 GiB)."""
-    with path.open("wb") as f:
-        f.write(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00")
-        f.truncate(size)
-    return path
-
-
-def first_record(partial: Path, proc: subprocess.Popen[str]) -> None:
-    """Wait until the run has written a record to its partial output: the sign it is running with its handlers set."""
-    while proc.poll() is None:
-        if partial.is_file() and partial.read_text().count("\n") >= 2:  # CSV header and one record
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the run ended before writing a record: {proc.communicate()}")
 
 
 def test_sigterm_stops_a_run_whose_decoder_is_stuck(tiny_artifact: Path, tmp_path: Path) -> None:

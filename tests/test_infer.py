@@ -27,7 +27,8 @@ from runtime.artifact import SYNTHETIC_WARNING, read_onnx_meta, set_onnx_meta
 from runtime.backends import BackendUnavailable, create
 from runtime.backends.onnxruntime import ORT_CUDA
 from runtime.classify import ClassifyOptions, classify, decoded
-from runtime.predictor import Prediction, Predictor, display_path
+from runtime.decode import display_path
+from runtime.predictor import Prediction, Predictor
 from runtime.infer import main
 from runtime.labels import imagenet_classes
 
@@ -54,7 +55,7 @@ def backend(tiny_artifact: Path):  # type: ignore[no-untyped-def]
 def probs(backend, path: Path) -> np.ndarray:  # type: ignore[no-untyped-def]
     """The full probability vector the pipeline gives one file."""
     preds: list[Prediction] = []
-    classify([path], Predictor(backend, 10), ClassifyOptions(topk=10, workers=1), preds.append)
+    classify([path], Predictor(backend, 10), ClassifyOptions(workers=1), preds.append)
     (pred,) = preds
     assert pred.ok, pred.error
     assert pred.top is not None
@@ -366,7 +367,7 @@ def test_batches_split_and_partial_batches_give_the_same_answers(backend, tiny_a
     # batch 5 on a backend that takes at most 2: split 2+2+1, then a partial batch of 2.
     with create("ort-cpu", tiny_artifact, max_batch=2) as small:
         preds: list[Prediction] = []
-        summary = classify(files, Predictor(small, 10), ClassifyOptions(batch_size=5, topk=10, workers=2, prefetch=3), preds.append)
+        summary = classify(files, Predictor(small, 10), ClassifyOptions(batch_size=5, workers=2, prefetch=3), preds.append)
     assert [p.source for p in preds] == files  # input order, the failure in its place
     assert preds[3].error and summary.images == 8 and summary.predicted == 7 and summary.images_per_s > 0
     for pred, want in zip([p for p in preds if p.ok], singles):
@@ -384,9 +385,9 @@ def test_torch_backends_give_the_same_predictions(backend, tiny_artifact: Path, 
         files.append(tmp_path / f"{i}.png")
     want: list[Prediction] = []
     got: list[Prediction] = []
-    classify(files, Predictor(backend, 3), ClassifyOptions(topk=3), want.append)
+    classify(files, Predictor(backend, 3), ClassifyOptions(), want.append)
     with create(name, tiny_artifact) as torch_backend:
-        classify(files, Predictor(torch_backend, 3), ClassifyOptions(topk=3), got.append)
+        classify(files, Predictor(torch_backend, 3), ClassifyOptions(), got.append)
     for g, w in zip(got, want, strict=True):
         assert [i for i, _, _ in g.top or []] == [i for i, _, _ in w.top or []]
         assert np.allclose([p for _, _, p in g.top or []], [p for _, _, p in w.top or []], atol=1e-5)

@@ -13,7 +13,8 @@ from conftest import SAMPLE_DIR, needs_sample
 from runtime.backends import create
 from runtime.errors import UsageError
 from runtime.paths import output_lock
-from runtime.predictor import Predictor, decode_bytes, decode_file
+from runtime.decode import DecodeFailure, decode_bytes, decode_file
+from runtime.predictor import Predictor
 
 
 @needs_sample()
@@ -26,11 +27,12 @@ def test_records_follow_the_inputs_and_bytes_decode_like_files(tiny_artifact: Pa
         for a, b in zip(from_files, from_bytes):
             assert isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b)
         broken = decode_bytes(b"not an image", "upload-7", predictor.spec)
-        assert isinstance(broken, str) and broken.startswith("upload-7: ")
+        assert isinstance(broken, DecodeFailure) and broken.source == "upload-7"
+        assert broken.message == "upload-7: not an image (or an unsupported format)"
         sources = ["a", "broken", "b", "c"]
         records = predictor.predict(sources, [from_files[0], broken, from_files[1], from_files[2]])
         assert [r.source for r in records] == sources
-        assert [r.ok for r in records] == [True, False, True, True] and records[1].error == broken
+        assert [r.ok for r in records] == [True, False, True, True] and records[1].error == broken.message
         logits, tops = predictor.run(np.stack(from_files))
         assert [r.top for r in records if r.ok] == tops
         assert all(len(t) == 3 and t[0][0] == int(np.argmax(row)) for t, row in zip(tops, logits))

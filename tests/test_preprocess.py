@@ -11,7 +11,9 @@ from PIL import Image
 
 from conftest import SAMPLE_DIR, needs_sample
 from runtime.checkpoints import PUBLISHED
-from runtime.preprocess import Preprocessing, list_images, load_image, preprocess
+from runtime.decode import load_image
+from runtime.inputs import list_images
+from runtime.preprocess import Preprocessing, preprocess
 
 
 def _hf_processor(spec: Preprocessing):  # type: ignore[no-untyped-def]

@@ -13,7 +13,7 @@ import pytest
 
 import runtime.errors as errors
 from runtime.artifact import INT8_CPU_FILE, MODEL_FILES, ORT_FP16_SLN_FILE, ORT_FUSED_FILES, REPORT_FILE
-from runtime.backends.trt import ENGINE_FILES, sidecar_path
+from runtime.backends.trt import ENGINE_FILES, INT8_TRT_FILE, sidecar_path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -207,7 +207,7 @@ def test_the_files_the_docs_say_the_export_writes_are_written(tiny_checkpoint: P
 def test_the_calibration_and_engine_files_named_are_the_codes() -> None:
     table = _file_names(" ".join(row[0] for row in _table(TEXT[ROOT / "docs" / "calibration.md"], "| file | what |")))
     onnx = {n for n in table if n.endswith(".onnx")}
-    assert onnx == {MODEL_FILES["int8"], INT8_CPU_FILE}
+    assert onnx == {MODEL_FILES["int8"], INT8_TRT_FILE, INT8_CPU_FILE}
     engines = set(ENGINE_FILES.values())
     rows = _table(TEXT[README], "| command | writes |")
     engine_row = next(row[1] for row in rows if row[0].startswith("`python -m export.engines`"))

@@ -25,7 +25,7 @@ from benchmarks.serve import launch
 from runtime.backends import create
 from runtime.classify import ClassifyOptions, classify
 from runtime.predictor import Prediction, Predictor
-from runtime.preprocess import load_and_preprocess
+from runtime.decode import load_and_preprocess
 from runtime.serve import main
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def test_fp32_and_bytes_answers_equal_the_predictor(client: httpclient.Inference
     with create("ort-cpu", tiny_artifact, max_batch=4, threads=1) as backend:
         predictor = Predictor(backend, 5)
         expected: list[Prediction] = []
-        classify(files, predictor, ClassifyOptions(topk=5, workers=1), expected.append)
+        classify(files, predictor, ClassifyOptions(workers=1), expected.append)
         pixels = np.stack([load_and_preprocess(f, predictor.spec) for f in files])
         logits = backend.infer(pixels)["logits"]
     by_bytes = client.infer(NAME, [images_input([f.read_bytes() for f in files])])
@@ -146,7 +146,7 @@ def test_real_photos_give_runtime_infer_top1(client: httpclient.InferenceServerC
     files = sorted(SAMPLE_DIR.iterdir())[:8]
     with create("ort-cpu", tiny_artifact, max_batch=4, threads=1) as backend:
         expected: list[Prediction] = []
-        classify(files, Predictor(backend, 5), ClassifyOptions(topk=5, workers=1), expected.append)
+        classify(files, Predictor(backend, 5), ClassifyOptions(workers=1), expected.append)
     pending = [client.async_infer(NAME, [images_input([f.read_bytes()])]) for f in files]  # one photo a request
     got = [p.get_result().as_numpy("topk_indices")[0, 0] for p in pending]
     assert got == [p.top[0][0] for p in expected if p.top]

@@ -21,7 +21,7 @@ from benchmarks.serve import Launched, serve_process
 from runtime.backends import create
 from runtime.classify import ClassifyOptions, classify
 from runtime.predictor import Prediction, Predictor
-from runtime.preprocess import load_and_preprocess
+from runtime.decode import load_and_preprocess
 from runtime.serve import main
 
 if TYPE_CHECKING:

@@ -15,8 +15,14 @@ from typing import Any
 
 import numpy as np
 
-INSTALL_HINT = "run `make install-gpu` (installs tensorrt, cuda-python and onnxruntime-gpu)"
-CU12_HINT = "`make install-gpu GPU_EXTRA=gpu-cu12` (the CUDA 12 builds of cuda-python and TensorRT)"
+INSTALL_HINT = "run `make install-gpu` (onnxruntime-gpu, cuda-python and Polygraphy from PyPI, then TensorRT)"
+NVIDIA_INDEX = "https://pypi.nvidia.com"
+# TensorRT 10: the major that onnxruntime-gpu's TensorRT provider links (libnvinfer.so.10), so `trt` and `ort-trt`
+# share one install; 10.14 is the first that parses the ONNX Attention op. The Makefile's TENSORRT is the same.
+TENSORRT_REQUIREMENT = "tensorrt-cu13>=10.14,<11"
+TENSORRT_HINT = (f"TensorRT's libraries come only from NVIDIA's package index ({NVIDIA_INDEX}), not PyPI: "
+                 f"`make install-gpu` installs them last where that index answers (alone: `make install-tensorrt`, i.e. "
+                 f"`pip install --extra-index-url {NVIDIA_INDEX} '{TENSORRT_REQUIREMENT}'`)")
 # cudaGetDeviceCount statuses that mean "this machine has no usable NVIDIA GPU" rather than a bug.
 NO_GPU_STATUSES = ("cudaErrorInsufficientDriver", "cudaErrorNoDevice", "cudaErrorCompatNotSupportedOnDevice")
 # The oldest driver branch each CUDA major version runs on (CUDA's release notes, "minor version compatibility").
@@ -84,7 +90,9 @@ def _driver_too_old(rt: Any) -> str | None:
     """What to do when a driver is installed but older than the CUDA runtime cuda-python brings (None: no driver).
 
     cudaErrorInsufficientDriver means both "no driver" and "a driver too old for this runtime"; the
-    driver's own CUDA version (0 without a driver) tells them apart. cuda-python 13 needs driver R580+.
+    driver's own CUDA version (0 without a driver) tells them apart. Every GPU package this project pins is a
+    CUDA 13 build (torch 2.13 requires cuda-bindings 13, onnxruntime-gpu 1.31 links CUDA 13), so no CUDA 12
+    install resolves beside them: the only way on is a newer driver.
     """
     status, driver = rt.cudaDriverGetVersion()
     if status != rt.cudaError_t.cudaSuccess or not driver:
@@ -93,18 +101,23 @@ def _driver_too_old(rt: Any) -> str | None:
     major = runtime // 1000
     return (f"the NVIDIA driver supports CUDA {_cuda_version(int(driver))}, older than the CUDA {_cuda_version(runtime)} "
             f"runtime of cuda-python {_bindings_version()} (cudaGetDeviceCount: cudaErrorInsufficientDriver): update the "
-            f"driver to {MIN_DRIVER.get(major, 'a newer branch')} or newer, or install the cu12 extra: {CU12_HINT}")
+            f"driver to {MIN_DRIVER.get(major, 'a newer branch')} or newer (torch {_dist_version('torch')} and "
+            f"onnxruntime-gpu are CUDA {major} builds too)")
 
 
-def _bindings_version() -> str:
+def _dist_version(*dists: str) -> str:
     import importlib.metadata
 
-    for dist in ("cuda-bindings", "cuda-python"):
+    for dist in dists:
         try:
             return importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             continue
     return "(unknown version)"
+
+
+def _bindings_version() -> str:
+    return _dist_version("cuda-bindings", "cuda-python")
 
 
 def stream_handle(stream: Any) -> int:
@@ -158,9 +171,13 @@ def copy_to_host(dst_ptr: int, src: int, nbytes: int, stream: Any) -> None:
            rt.cudaMemcpyAsync(dst_ptr, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
 
 
-def stream_create() -> Any:
+def stream_create(*, blocking: bool = False) -> Any:
+    """A stream of our own. Non-blocking (the default) for work whose copies are all enqueued on it (TensorRT's);
+    `blocking=True` (cudaStreamDefault) for ONNX Runtime, whose OrtValue.update_inplace copies with a synchronous
+    cudaMemcpy on the legacy default stream: only a blocking stream waits for that copy before ORT's kernels read it."""
     rt = _rt()
-    return _check("cudaStreamCreateWithFlags", rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
+    flags = rt.cudaStreamDefault if blocking else rt.cudaStreamNonBlocking
+    return _check("cudaStreamCreateWithFlags", rt.cudaStreamCreateWithFlags(flags))
 
 
 def stream_synchronize(stream: Any) -> None:

@@ -13,11 +13,22 @@ subclasses, so a setting cannot leak from one provider to another.
   captured once into a CUDA graph and replayed (`gpu_graph_id`), falling back to plain runs, with a
   note, when capture is impossible.
 - ort-trt gets the standard-op files (TensorRT parses the ONNX `Attention` op) and, at int8, the
-  explicit Q/DQ file TensorRT needs.
+  explicit Q/DQ file TensorRT needs (its fp16 high-precision version, `model.int8-trt.onnx`, when present). ORT's TensorRT provider builds weakly typed networks (it has no
+  strongly typed option), so the precision is asked for with its flags: `trt_fp16_enable` for fp16,
+  `trt_int8_enable` (with fp16 for the layers left unquantized) for the Q/DQ file. Its shared library
+  links one TensorRT major (`libnvinfer.so.N`), which nothing puts on the loader path in a pip install:
+  the backend reads N from the provider library and loads TensorRT's libraries from pip's
+  `tensorrt_libs` before the session is created, or says which TensorRT to install.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import io
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +38,7 @@ import numpy as np
 from runtime.artifact import INT8_CPU_FILE, MODEL_FILES, ORT_FUSED_FILES, ArtifactError, file_sha256
 from runtime.backends import cudart
 from runtime.backends.base import Backend, BackendKind, BackendUnavailable, ModelSource
+from runtime.backends.trt import INT8_TRT_FILE
 from runtime.cpuinfo import usable_cores
 from runtime.errors import first_line
 
@@ -51,23 +63,97 @@ class OrtConfig:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
+# What onnxruntime's preload_dlls prints (to stdout, without raising) for a library it needed and could not load.
+PRELOAD_FAILURE = re.compile(r"^Failed to load (\S+?):? (.*)$")
+
+
 def preload_cuda_libraries() -> str | None:
     """Load CUDA and cuDNN before a CUDA session, as onnxruntime-gpu's `preload_dlls` does (from torch or pip's
     `nvidia-*` wheels); None when done, else a note saying why not.
 
     `make install-gpu` installs onnxruntime-gpu with --no-deps, so those libraries come from torch's wheels; a
     process that has not imported torch would otherwise get the CPU provider with only a log line.
+    `preload_dlls` reports a library it cannot load by printing to stdout, where it would land among
+    `runtime.infer`'s predictions and in front of `runtime.serve`'s banner: its output is captured, what is
+    not a failure goes to stderr, and a failed library is BackendUnavailable naming it (exit status 6).
     """
     import onnxruntime as ort
 
     preload = getattr(ort, "preload_dlls", None)
     if preload is None:
         return f"onnxruntime {ort.__version__} has no preload_dlls (1.21+): CUDA and cuDNN must be on the library path"
+    printed = io.StringIO()
     try:
-        preload()
+        with contextlib.redirect_stdout(printed):
+            preload()
     except Exception as err:  # a missing library is reported by the provider check that follows
         return f"onnxruntime.preload_dlls() failed ({first_line(err)})"
+    failed = []
+    for line in printed.getvalue().splitlines():
+        match = PRELOAD_FAILURE.match(line.strip())
+        if match:
+            failed.append(f"{match.group(1)} ({match.group(2)[:160]})")
+        elif line.strip() and not line.startswith("Please follow"):
+            print(line, file=sys.stderr)
+    if failed:
+        raise BackendUnavailable(f"onnxruntime {ort.__version__} cannot load the CUDA libraries it needs: "
+                                 f"{'; '.join(failed)}; {cudart.INSTALL_HINT}")
     return None
+
+
+def tensorrt_provider_major(capi_dir: Path | None = None) -> int | None:
+    """The TensorRT major that onnxruntime-gpu's TensorRT provider library links (`libnvinfer.so.N`), None when
+    this onnxruntime has no such library. Read from the library's bytes (its DT_NEEDED strings), like readelf."""
+    if capi_dir is None:
+        import onnxruntime as ort
+
+        capi_dir = Path(ort.__file__).parent / "capi"
+    library = capi_dir / "libonnxruntime_providers_tensorrt.so"
+    if not library.is_file():
+        return None
+    majors = {int(m) for m in re.findall(rb"libnvinfer\.so\.(\d+)", library.read_bytes())}
+    return max(majors) if majors else None
+
+
+def tensorrt_library_dirs() -> list[Path]:
+    """Where pip's TensorRT wheels put libnvinfer: the `tensorrt_libs` package (tensorrt-cu13-libs and kin)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("tensorrt_libs")
+    return [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+
+
+def tensorrt_provider_unavailable(capi_dir: Path | None = None, dirs: list[Path] | None = None) -> str | None:
+    """Why ORT's TensorRT provider cannot start here (None: the TensorRT major it links is installed), without
+    loading anything: ORT lists the provider whenever the library is in the wheel, TensorRT or not."""
+    major = tensorrt_provider_major(capi_dir)
+    if major is None:
+        return f"this onnxruntime has no TensorRT provider library; {cudart.INSTALL_HINT}"
+    name = f"libnvinfer.so.{major}"
+    dirs = tensorrt_library_dirs() if dirs is None else dirs
+    if any((d / name).is_file() for d in dirs) or ctypes.util.find_library("nvinfer") == name:
+        return None
+    return (f"onnxruntime's TensorRT provider links {name} (TensorRT {major}), which is not installed: "
+            f"`pip install --extra-index-url {cudart.NVIDIA_INDEX} 'tensorrt-cu13>={major},<{major + 1}'`; {cudart.TENSORRT_HINT}")
+
+
+def preload_tensorrt_libraries(major: int, dirs: list[Path] | None = None) -> list[str]:
+    """Load TensorRT `major`'s libraries (global symbols) so that ORT's TensorRT provider, which links them by
+    soname, finds them; returns the files loaded. BackendUnavailable saying what to install when they are absent."""
+    names = [f"libnvinfer.so.{major}", f"libnvinfer_plugin.so.{major}", f"libnvonnxparser.so.{major}"]
+    dirs = tensorrt_library_dirs() if dirs is None else dirs
+    loaded = []
+    for name in names:
+        candidates = [str(d / name) for d in dirs if (d / name).is_file()] or [name]  # else the loader's own path
+        try:
+            ctypes.CDLL(candidates[0], mode=ctypes.RTLD_GLOBAL)
+        except OSError as err:
+            raise BackendUnavailable(
+                f"onnxruntime's TensorRT provider links {name}, which cannot be loaded ({first_line(err, 160)}): install "
+                f"TensorRT {major} (`pip install --extra-index-url {cudart.NVIDIA_INDEX} 'tensorrt-cu13>={major},"
+                f"<{major + 1}'`); {cudart.TENSORRT_HINT}") from None
+        loaded.append(candidates[0])
+    return loaded
 
 
 class OrtKind(BackendKind):
@@ -86,7 +172,8 @@ class OrtKind(BackendKind):
         main = self.config.providers[0]
         if main not in ort.get_available_providers():
             return f"onnxruntime {ort.__version__} has no {main} (a CPU-only build?); {cudart.INSTALL_HINT}"
-        return cudart.gpu_unavailable_reason() if self.device == "cuda" else None
+        gpu = cudart.gpu_unavailable_reason() if self.device == "cuda" else None
+        return gpu or (tensorrt_provider_unavailable() if main == TRT_EP else None)
 
     def model_file_for(self, artifact_dir: Path, precision: str) -> Path:
         names = self.config.files.get(precision) or (MODEL_FILES.get(precision, f"model.{precision}.onnx"),)
@@ -112,6 +199,7 @@ class OrtBackend(Backend):
         self._bound: dict[int, tuple[Any, Any, list[Any], int]] = {}  # batch -> (IOBinding, input, outputs, graph id)
         self._stream: Any = None
         self.providers_used: list[str] = []  # what the session really got (ORT falls back silently)
+        self.tensorrt_libraries: list[str] = []  # ort-trt: the TensorRT libraries loaded for the provider
 
     def session_options(self) -> Any:
         import onnxruntime as ort
@@ -133,8 +221,10 @@ class OrtBackend(Backend):
         if self.device != "cuda":
             return {}
         opts: dict[str, Any] = {"device_id": 0, "use_tf32": "0" if self.precision == "fp32" else "1"}
-        if self.config.io_binding:  # ORT runs on our (non-blocking) stream, so CUDA events recorded there time it
-            self._stream = self._stream or cudart.stream_create()
+        if self.config.io_binding:  # ORT runs on our stream, so CUDA events recorded there time it
+            # A blocking stream (default flags): OrtValue.update_inplace copies the input with a synchronous
+            # cudaMemcpy on the legacy default stream, which a non-blocking stream would not wait for.
+            self._stream = self._stream or cudart.stream_create(blocking=True)
             opts["user_compute_stream"] = str(cudart.stream_handle(self._stream))
         if self.cuda_graphs:
             opts["enable_cuda_graph"] = "1"
@@ -150,7 +240,7 @@ class OrtBackend(Backend):
         def shape(batch: int) -> str:
             return f"{self.input.name}:{batch}x3x{h}x{w}"
 
-        return {
+        return self.precision_flags() | {
             "device_id": 0,
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(cache),
@@ -161,6 +251,11 @@ class OrtBackend(Backend):
             "trt_profile_opt_shapes": shape(self.max_batch),
             "trt_profile_max_shapes": shape(self.max_batch),
         }
+
+    def precision_flags(self) -> dict[str, bool]:
+        """ORT's TensorRT provider builds weakly typed networks: without these an "fp16" row runs fp32 kernels and
+        the Q/DQ file's int8 layers are not allowed. fp16 stays on at int8 for the layers left unquantized."""
+        return {"trt_fp16_enable": self.precision in ("fp16", "int8"), "trt_int8_enable": self.precision == "int8"}
 
     def activate(self) -> None:
         try:
@@ -177,6 +272,11 @@ class OrtBackend(Backend):
             note = preload_cuda_libraries()
             if note and note not in self.notes:
                 self.notes.append(note)
+        if TRT_EP in self.config.providers and not self.tensorrt_libraries:
+            major = tensorrt_provider_major()
+            if major is None:
+                raise BackendUnavailable(f"onnxruntime {ort.__version__} has no TensorRT provider library; {cudart.INSTALL_HINT}")
+            self.tensorrt_libraries = preload_tensorrt_libraries(major)
         try:
             self.session = ort.InferenceSession(str(self.model_file), sess_options=self.session_options(),
                                                 providers=self.provider_list())
@@ -275,6 +375,11 @@ class OrtBackend(Backend):
     def describe(self) -> dict[str, object]:
         info = super().describe() | {"providers": list(self.config.providers), "providers_used": self.providers_used,
                                      "cuda_graphs": self.cuda_graphs, "notes": self.notes}
+        if TRT_EP in self.config.providers:
+            flags = self.precision_flags()
+            built = "int8 Q/DQ layers + fp16" if flags["trt_int8_enable"] else "fp16" if flags["trt_fp16_enable"] else "fp32"
+            info["tensorrt"] = {"network": "weakly typed (ORT's TensorRT provider has no strongly typed option)",
+                                "kernels_allowed": built, **flags, "libraries": self.tensorrt_libraries}
         return info | ({"timing_note": HOST_SYNC_NOTE} if self.config.io_binding else {})
 
 
@@ -290,5 +395,5 @@ ORT_CUDA = OrtKind(OrtConfig(
 ))
 ORT_TRT = OrtKind(OrtConfig(
     name="ort-trt", device="cuda", providers=(TRT_EP, CUDA_EP, CPU_EP), default_precision="fp16",
-    files={"fp16": (MODEL_FILES["fp16"],), "fp32": (MODEL_FILES["fp32"],), "int8": (MODEL_FILES["int8"],)},
+    files={"fp16": (MODEL_FILES["fp16"],), "fp32": (MODEL_FILES["fp32"],), "int8": (INT8_TRT_FILE, MODEL_FILES["int8"])},
 ))

@@ -15,13 +15,14 @@ pycuda is source-only and needs the CUDA toolkit to install). TensorRT and CUDA 
 from __future__ import annotations
 
 import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from runtime.artifact import ArtifactError, ArtifactMeta, file_sha256
+from runtime.artifact import MODEL_FILES, ArtifactError, ArtifactMeta, file_sha256, write_json
 from runtime.backends import cudart
 from runtime.backends.base import Backend, BackendKind, BackendUnavailable, ModelSource
 from runtime.errors import UsageError
@@ -30,8 +31,14 @@ if TYPE_CHECKING:  # typed from tensorrt-stubs; imported for real only inside ac
     import tensorrt as trt
 
 ENGINE_FILES = {"fp16": "model.fp16.plan", "int8": "model.int8.plan"}
-SIDECAR_FORMAT = 1
-SIDECAR_KEYS = ("format", "tensorrt_version", "gpu", "precision", "profile", "engine_bytes", "engine_sha256", "artifact_meta")
+# The Q/DQ file the int8 engine is built from: `model.int8.onnx` with fp16, not fp32, as the high-precision type
+# (NVIDIA's recipe, ModelOpt's --high_precision_dtype fp16). A strongly typed network keeps every layer without
+# Q/DQ (attention, GELU, residual adds) in the graph's own type: from the fp32 Q/DQ file those would run in fp32.
+INT8_TRT_FILE = "model.int8-trt.onnx"
+# What each engine is built from.
+ENGINE_SOURCES = {"fp16": MODEL_FILES["fp16"], "int8": INT8_TRT_FILE}
+# 2: the engine's I/O tensors (`io`) are recorded, and source_sha256 is required (format 1 had neither for sure).
+SIDECAR_FORMAT = 2
 REBUILD = "rebuild it with `make engines`"
 
 
@@ -45,12 +52,109 @@ def engine_path(artifact_dir: str | Path, precision: str) -> Path:
     return Path(artifact_dir) / ENGINE_FILES[precision]
 
 
+def engine_source(artifact_dir: str | Path, precision: str) -> Path:
+    """The ONNX file the `precision` engine is built from."""
+    if precision not in ENGINE_SOURCES:
+        raise ArtifactError(f"no TensorRT engine for precision {precision!r}; choose one of {', '.join(ENGINE_SOURCES)}")
+    return Path(artifact_dir) / ENGINE_SOURCES[precision]
+
+
 def sidecar_path(plan: str | Path) -> Path:
     return Path(f"{plan}.json")
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
+def rebuild_command(plan: str | Path, precision: str | None = None) -> str:
+    """The exact command that rebuilds `plan` (its precision read from the file name when not given)."""
+    precision = precision or next((p for p, name in ENGINE_FILES.items() if Path(plan).name == name), None)
+    suffix = f" --precision {precision}" if precision else ""
+    return f"python -m export.engines --model {Path(plan).parent}{suffix}"
+
+
+@dataclass(frozen=True)
+class EngineTensor:
+    """One I/O tensor of an engine as TensorRT reports it: Triton's config must declare every one of them."""
+
+    name: str
+    mode: str  # "input" | "output"
+    dtype: str  # numpy's name: float32, float16, int64, ...
+    shape: tuple[int, ...]  # -1 for the dynamic batch axis
+
+
+@dataclass(frozen=True)
+class EngineSidecar:
+    """`model.<precision>.plan.json`: what `export.engines` knew when it built the engine, and what the
+    `trt` backend and `export.triton` need before they touch the plan. One schema, written and read here,
+    so the writer and the readers cannot drift apart."""
+
+    engine: str
+    engine_bytes: int
+    engine_sha256: str
+    source_onnx: str
+    source_sha256: str  # the ONNX file's hash at build time: a changed ONNX means a stale engine
+    precision: str
+    tensorrt_version: str
+    gpu: dict[str, Any]  # cudart.GpuInfo.to_dict()
+    profile: dict[str, Any]  # {"input": name, "min"/"opt"/"max": [b, 3, h, w]}
+    io: tuple[EngineTensor, ...]
+    artifact_meta: dict[str, Any]
+    cuda: dict[str, int] = field(default_factory=dict)
+    builder: dict[str, Any] = field(default_factory=dict)
+    build_time_s: float = 0.0
+    built_at: str = ""
+    attention: dict[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    format: int = SIDECAR_FORMAT
+
+    @property
+    def max_batch(self) -> int:
+        return int(self.profile["max"][0])
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["io"] = [asdict(t) | {"shape": list(t.shape)} for t in self.io]
+        data["warnings"] = list(self.warnings)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, path: Path) -> EngineSidecar:
+        """EngineError naming the file and the rebuild command for anything that is not this format."""
+        plan = Path(str(path).removesuffix(".json"))
+        rebuild = f"rebuild it with `{rebuild_command(plan)}`"
+        if not isinstance(data, dict):
+            raise EngineError(f"{path}: not an engine sidecar of this project; {rebuild}")
+        if data.get("format") != SIDECAR_FORMAT:
+            raise EngineError(f"{path}: sidecar format {data.get('format')} is not {SIDECAR_FORMAT}; {rebuild}")
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if not data.get(k)]
+        if missing:
+            raise EngineError(f"{path}: not an engine sidecar of this project (missing {', '.join(missing)}); {rebuild}")
+        known = {f.name for f in fields(cls)}
+        try:
+            io = tuple(EngineTensor(str(t["name"]), str(t["mode"]), str(t["dtype"]), tuple(int(d) for d in t["shape"]))
+                       for t in data["io"])
+            return cls(**{k: v for k, v in data.items() if k in known} | {"io": io, "warnings": tuple(data.get("warnings", ()))})
+        except (KeyError, TypeError, ValueError) as err:
+            raise EngineError(f"{path}: malformed engine sidecar ({type(err).__name__}: {err}); {rebuild}") from None
+
+
+def make_sidecar(plan: Path, onnx_path: Path, precision: str, *, tensorrt_version: str, gpu: cudart.GpuInfo,
+                 profile: dict[str, Any], io: tuple[EngineTensor, ...], meta: ArtifactMeta, **extra: Any) -> EngineSidecar:
+    """The sidecar of a plan that has just been written from `onnx_path`: sizes and hashes are taken here."""
+    return EngineSidecar(
+        engine=plan.name, engine_bytes=plan.stat().st_size, engine_sha256=file_sha256(plan),
+        source_onnx=onnx_path.name, source_sha256=file_sha256(onnx_path), precision=precision,
+        tensorrt_version=tensorrt_version, gpu=gpu.to_dict(), profile=profile, io=io,
+        artifact_meta=json.loads(meta.to_json()), **extra)
+
+
+def write_sidecar(plan: Path, sidecar: EngineSidecar) -> Path:
+    path = sidecar_path(plan)
+    write_json(path, sidecar.to_dict())
+    return path
 
 
 def require_tensorrt() -> str:
@@ -63,10 +167,10 @@ def require_tensorrt() -> str:
     try:
         import tensorrt
     except ImportError:
-        raise BackendUnavailable(f"TensorRT is not installed; {cudart.INSTALL_HINT}") from None
+        raise BackendUnavailable(f"TensorRT is not installed; {cudart.TENSORRT_HINT}") from None
     version = getattr(tensorrt, "__version__", None)
     if not isinstance(version, str):
-        raise BackendUnavailable(f"TensorRT is not installed (only its type stubs are); {cudart.INSTALL_HINT}")
+        raise BackendUnavailable(f"TensorRT is not installed (only its type stubs are); {cudart.TENSORRT_HINT}")
     return version
 
 
@@ -78,39 +182,28 @@ def tensorrt_unavailable_reason() -> str | None:
     return None
 
 
-def read_sidecar(plan: str | Path) -> dict[str, Any]:
+def read_sidecar(plan: str | Path) -> EngineSidecar:
     path = sidecar_path(plan)
+    rebuild = f"rebuild it with `{rebuild_command(plan)}`"
     if not path.is_file():
-        raise EngineError(f"{path}: engine sidecar is missing; {REBUILD}")
+        raise EngineError(f"{path}: engine sidecar is missing; {rebuild}")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise EngineError(f"{path}: unreadable engine sidecar ({err}); {REBUILD}") from None
-    missing = [k for k in SIDECAR_KEYS if not isinstance(data, dict) or k not in data]
-    if missing:
-        raise EngineError(f"{path}: not an engine sidecar of this project (missing {', '.join(missing)}); {REBUILD}")
-    if data["format"] != SIDECAR_FORMAT:
-        raise EngineError(f"{path}: sidecar format {data['format']} is not {SIDECAR_FORMAT}; {REBUILD}")
-    return data
+        raise EngineError(f"{path}: unreadable engine sidecar ({err}); {rebuild}") from None
+    return EngineSidecar.from_dict(data, path)
 
 
-def rebuild_command(plan: str | Path, precision: str) -> str:
-    return f"python -m export.engines --model {Path(plan).parent} --precision {precision}"
-
-
-def stale_reason(plan: str | Path, sidecar: dict[str, Any]) -> str | None:
+def stale_reason(plan: str | Path, sidecar: EngineSidecar) -> str | None:
     """Why the engine no longer matches the ONNX file it was built from (None: it does, or that file is gone)."""
-    source, recorded = sidecar.get("source_onnx"), sidecar.get("source_sha256")
-    if not source or not recorded:
-        return None
-    onnx_path = Path(plan).parent / str(source)
+    onnx_path = Path(plan).parent / sidecar.source_onnx
     if not onnx_path.is_file():
         return None
     stat = onnx_path.stat()
-    if _sha256_of(str(onnx_path), stat.st_size, stat.st_mtime_ns) == recorded:
+    if _sha256_of(str(onnx_path), stat.st_size, stat.st_mtime_ns) == sidecar.source_sha256:
         return None
     return (f"{plan} is stale: {onnx_path.name} changed after the engine was built from it; rebuild it with "
-            f"`{rebuild_command(plan, str(sidecar.get('precision', '')))}`")
+            f"`{rebuild_command(plan, sidecar.precision)}`")
 
 
 @lru_cache(maxsize=16)
@@ -119,7 +212,7 @@ def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     return file_sha256(Path(path))
 
 
-def check_engine(plan: str | Path, sidecar: dict[str, Any], trt_version: str, gpu: cudart.GpuInfo) -> list[str]:
+def check_engine(plan: str | Path, sidecar: EngineSidecar, trt_version: str, gpu: cudart.GpuInfo) -> list[str]:
     """Refuse (EngineError) an engine TensorRT must not deserialize here; returns warnings for lesser mismatches.
 
     TensorRT engines are specific to the TensorRT version and the GPU architecture; a truncated plan
@@ -129,14 +222,14 @@ def check_engine(plan: str | Path, sidecar: dict[str, Any], trt_version: str, gp
     if not plan.is_file():
         raise EngineError(f"{plan}: no such engine file; build it with `make engines`")
     size = plan.stat().st_size
-    if size != sidecar["engine_bytes"]:
-        raise EngineError(f"{plan}: truncated or replaced ({size} bytes, its sidecar says {sidecar['engine_bytes']}); {REBUILD}")
-    if file_sha256(plan) != sidecar["engine_sha256"]:
+    if size != sidecar.engine_bytes:
+        raise EngineError(f"{plan}: truncated or replaced ({size} bytes, its sidecar says {sidecar.engine_bytes}); {REBUILD}")
+    if file_sha256(plan) != sidecar.engine_sha256:
         raise EngineError(f"{plan}: contents differ from what its sidecar recorded (sha256 mismatch); {REBUILD}")
-    if sidecar["tensorrt_version"] != trt_version:
-        raise EngineError(f"{plan}: built with TensorRT {sidecar['tensorrt_version']}, this machine has "
+    if sidecar.tensorrt_version != trt_version:
+        raise EngineError(f"{plan}: built with TensorRT {sidecar.tensorrt_version}, this machine has "
                           f"TensorRT {trt_version}; {REBUILD}")
-    built = sidecar["gpu"]
+    built = sidecar.gpu
     if built.get("compute_capability") != gpu.compute_capability:
         raise EngineError(f"{plan}: built for {built.get('name')} (compute capability {built.get('compute_capability')}), "
                           f"this GPU is {gpu.name} ({gpu.compute_capability}); {REBUILD}")
@@ -182,13 +275,13 @@ class TensorRTKind(BackendKind):
         stale = stale_reason(file, sidecar)
         if stale:
             raise EngineError(stale)
-        return ArtifactMeta.from_json(json.dumps(sidecar["artifact_meta"]), str(sidecar_path(file)))
+        return ArtifactMeta.from_json(json.dumps(sidecar.artifact_meta), str(sidecar_path(file)))
 
     def open_file(self, file: Path, artifact_dir: Path, asked: str | None) -> tuple[str, ArtifactMeta]:
         if file.suffix != self.suffix:
             raise UsageError(f"{file}: the trt backend runs TensorRT engines (.plan files built by "
                              "`make engines`), not ONNX files; use --backend ort-trt for ONNX on TensorRT")
-        have = str(read_sidecar(file)["precision"])
+        have = read_sidecar(file).precision
         if asked is not None and asked != have:
             raise UsageError(f"{file} is a {have} engine, not {asked}")
         return have, self.read_meta(file)
@@ -198,10 +291,16 @@ class TensorRTKind(BackendKind):
 
 
 class TensorRTBackend(Backend):
-    """Device buffers sized once for the largest batch, page-locked host buffers, one stream.
+    """Device buffers sized once for the largest batch, page-locked host buffers, one stream, and one
+    execution context per batch size.
 
-    With `cuda_graphs` (the kind's setting, default on) the enqueue for each batch size is captured
-    once into a CUDA graph and replayed, which removes per-layer launch overhead from small batches.
+    Each batch size gets its own context, whose input shape is set once: TensorRT does shape-dependent setup
+    on the first enqueue after a shape change, in the context's own state, and a CUDA graph captured on a
+    context replays against that state. With one context switched between shapes, replaying batch n's graph
+    after batch m ran would use m's state (TensorRT's guidance: one context per captured shape). All contexts
+    share the I/O buffers (they run one at a time on the one stream); each has its own activation memory.
+    With `cuda_graphs` (the kind's setting, default on) each context's enqueue is captured once into a CUDA
+    graph and replayed, which removes per-layer launch overhead from small batches.
     """
 
     clock = "cuda-events"
@@ -216,12 +315,11 @@ class TensorRTBackend(Backend):
     def _reset(self) -> None:
         self._trt_runtime: trt.Runtime | None = None
         self._engine: trt.ICudaEngine | None = None
-        self._context: trt.IExecutionContext | None = None
+        self._contexts: dict[int, trt.IExecutionContext] = {}  # batch size -> its context (shape set once)
         self._stream: Any = None
         self._device: dict[str, int] = {}
         self._pinned: dict[str, tuple[int, np.ndarray]] = {}
         self._graphs: dict[int, Any] = {}
-        self._batch: int | None = None
         self.output_names: list[str] = []
 
     def activate(self) -> None:
@@ -242,7 +340,6 @@ class TensorRTBackend(Backend):
         if engine is None:
             raise EngineError(f"{self.model_file}: TensorRT {trt.__version__} could not deserialize it; {REBUILD}")
         self._engine = engine
-        context = self._context = engine.create_execution_context()
         self._stream = cudart.stream_create()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -250,48 +347,58 @@ class TensorRTBackend(Backend):
             raise EngineError(f"{self.model_file}: engine inputs {inputs}, expected ['{self.input.name}']; {REBUILD}")
         profile_max = engine.get_tensor_profile_shape(self.input.name, 0)[2]
         self.max_batch = min(self.max_batch, int(profile_max[0]))
-        self._set_batch(self.max_batch)
         self.output_names = [n for n in names if n not in inputs]
+        largest = self._new_context(self.max_batch)  # its shapes size the buffers every context shares
         for name in names:
-            shape = context.get_tensor_shape(name)
+            shape = largest.get_tensor_shape(name)
             dims = tuple(int(shape[i]) for i in range(len(shape)))
             dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
             self._pinned[name] = cudart.pinned_empty(dims, dtype)
             self._device[name] = cudart.device_alloc(self._pinned[name][1].nbytes)
-            if not context.set_tensor_address(name, self._device[name]):
-                raise EngineError(f"{self.model_file}: TensorRT refused the buffer for tensor {name!r}")
+        self._contexts[self.max_batch] = self._bind(largest)
 
-    @property
-    def _ctx(self) -> trt.IExecutionContext:
-        if self._context is None:
+    def _new_context(self, n: int) -> trt.IExecutionContext:
+        if self._engine is None:
             raise RuntimeError(f"backend {self.name!r} used outside its `with` block")
-        return self._context
+        context = self._engine.create_execution_context()
+        if context is None:
+            raise EngineError(f"{self.model_file}: TensorRT could not create an execution context for batch {n} "
+                              "(out of GPU memory?)")
+        if not context.set_input_shape(self.input.name, (n, *self.input.shape[1:])):
+            raise EngineError(f"{self.model_file}: TensorRT refused batch size {n} (engine profile max {self.max_batch})")
+        return context
 
-    def _set_batch(self, n: int) -> None:
-        if self._batch != n:
-            if not self._ctx.set_input_shape(self.input.name, (n, *self.input.shape[1:])):
-                raise EngineError(f"{self.model_file}: TensorRT refused batch size {n} (engine profile max {self.max_batch})")
-            self._batch = n
+    def _bind(self, context: trt.IExecutionContext) -> trt.IExecutionContext:
+        for name, ptr in self._device.items():
+            if not context.set_tensor_address(name, ptr):
+                raise EngineError(f"{self.model_file}: TensorRT refused the buffer for tensor {name!r}")
+        return context
+
+    def _context(self, n: int) -> trt.IExecutionContext:
+        """Batch `n`'s own context, made (shape set, buffers bound) the first time `n` runs."""
+        if n not in self._contexts:
+            self._contexts[n] = self._bind(self._new_context(n))
+        return self._contexts[n]
 
     def _execute(self, n: int) -> None:
         """Enqueue the engine for batch `n` on the stream: a CUDA graph replay when one is captured."""
-        self._set_batch(n)
+        context = self._context(n)
         if self.cuda_graphs and n not in self._graphs:
-            self._capture(n)
+            self._capture(n, context)
         if n in self._graphs:
             cudart.graph_launch(self._graphs[n], self._stream)
-        elif not self._ctx.execute_async_v3(cudart.stream_handle(self._stream)):
+        elif not context.execute_async_v3(cudart.stream_handle(self._stream)):
             raise EngineError(f"{self.model_file}: TensorRT execute_async_v3 failed at batch {n}")
 
-    def _capture(self, n: int) -> None:
+    def _capture(self, n: int, context: trt.IExecutionContext) -> None:
         # TensorRT does shape-dependent setup on the first enqueue after a shape change; that must
         # happen outside the capture.
-        if not self._ctx.execute_async_v3(cudart.stream_handle(self._stream)):
+        if not context.execute_async_v3(cudart.stream_handle(self._stream)):
             raise EngineError(f"{self.model_file}: TensorRT execute_async_v3 failed at batch {n}")
         cudart.stream_synchronize(self._stream)
         try:
             cudart.capture_begin(self._stream)
-            ok = self._ctx.execute_async_v3(cudart.stream_handle(self._stream))
+            ok = context.execute_async_v3(cudart.stream_handle(self._stream))
             graph = cudart.capture_end(self._stream)
         except cudart.CudaError as err:
             self.cuda_graphs, self.graph_error = False, f"CUDA graph capture failed, running without graphs ({err})"
@@ -331,6 +438,8 @@ class TensorRTBackend(Backend):
             cudart.stream_synchronize(self._stream)
         for graph in self._graphs.values():
             cudart.graph_destroy(graph)
+        self._graphs.clear()
+        self._contexts.clear()  # before the buffers they point at are freed
         for ptr in self._device.values():
             cudart.device_free(ptr)
         for ptr, _ in self._pinned.values():

@@ -87,6 +87,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    entry, argv = argv is None, sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    return run_cli("distributed", lambda: run(args, argv))
+    return run_cli("distributed", lambda: run(args, argv), entry=entry)

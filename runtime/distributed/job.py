@@ -28,17 +28,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from runtime.artifact import file_sha256, find_model
-from runtime.auto import choose
-from runtime.backends import BackendUnavailable, backend_kind, create
+from runtime.artifact import file_sha256
+from runtime.backends import BackendUnavailable
 from runtime.classify import Summary
 from runtime.console import progress_bar
 from runtime.cpuinfo import usable_cores
 from runtime.distributed.sources import Listing, decode_batch, is_uri, list_inputs
 from runtime.distributed.writer import MAX_LISTED_FAILURES, Output, Part, output_schema, write_part
 from runtime.errors import DeitError, Interrupted, Unavailable, UsageError, signals_raise_interrupted
-from runtime.predictor import Prediction, Predictor
-from runtime.preprocess import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, Preprocessing
+from runtime.decode import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, DecodeFailure
+from runtime.predictor import ModelOptions, Prediction, Settled, open_predictor, settle
+from runtime.preprocess import Preprocessing
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -78,10 +78,7 @@ def import_ray() -> Any:
 class Plan:
     """What the actors run, settled once on a worker (where the model and the GPUs are)."""
 
-    backend: str
-    precision: str | None  # None: the named model file's own
-    artifact: str
-    model_file: str | None  # as named by --model (None: the artifact's file for the backend)
+    settled: Settled  # what every actor opens alike
     device: str
     resolved_precision: str
     spec: Preprocessing
@@ -89,7 +86,19 @@ class Plan:
     synthetic: bool
     loaded: str  # the file the backend loads
     sha256: str | None  # of that file (None for a folder)
-    choice: str | None = None  # what `auto` chose and why
+
+    @property
+    def backend(self) -> str:
+        return self.settled.backend
+
+    @property
+    def artifact(self) -> str:
+        return str(self.settled.artifact)
+
+    @property
+    def choice(self) -> str | None:
+        """What `auto` chose and why."""
+        return self.settled.choice
 
 
 class Counter:
@@ -114,19 +123,18 @@ class Classifier:
     the node (see `actor_threads`).
     """
 
-    def __init__(self, plan: Plan, batch_size: int, threads: int | None, topk: int, counter: Any = None) -> None:
+    def __init__(self, plan: Plan, counter: Any = None) -> None:
         import ray
 
         self._context = contextlib.ExitStack()
         context = ray.get_runtime_context()
+        threads = plan.settled.options.threads
         if threads is None and plan.device == "cpu":
             node = next(n for n in ray.nodes() if n["NodeID"] == context.get_node_id())
             threads = actor_threads(node["Resources"]["CPU"], context.get_assigned_resources().get("CPU", 1), usable_cores())
-        model_file = Path(plan.model_file) if plan.model_file else None
-        backend = create(plan.backend, plan.artifact, precision=plan.precision, max_batch=batch_size,
-                         threads=threads, model_file=model_file)
-        backend.shares_cores = plan.device == "cpu"
-        self.predictor = Predictor(self._context.enter_context(backend), topk)
+        self.predictor = open_predictor(plan.settled, threads=threads)
+        self.predictor.backend.shares_cores = plan.device == "cpu"
+        self._context.enter_context(self.predictor.backend)
         self.node, self.counter = context.get_node_id(), counter
 
     def __del__(self) -> None:
@@ -136,8 +144,9 @@ class Classifier:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import pyarrow as pa
 
-        decoded = [str(e) if e else pixels for e, pixels in zip(batch["error"], batch["pixels"])]
-        rows = self.predictor.predict([str(p) for p in batch["path"]], decoded)
+        paths = [str(p) for p in batch["path"]]
+        decoded = [DecodeFailure(p, str(e)) if e else pixels for p, e, pixels in zip(paths, batch["error"], batch["pixels"])]
+        rows = self.predictor.predict(paths, decoded)
         if self.counter is not None:
             self.counter.add.remote(len(rows))
         return pa.table({
@@ -159,23 +168,13 @@ def actor_threads(node_cpus: float, reserved: float, cores: int) -> int:
     return max(1, int(min(node_cpus, cores) // actors))
 
 
-def make_plan(backend: str, model: str | None, artifacts: str, precision: str | None, batch_size: int,
-              threads: int | None, topk: int) -> Plan:
+def make_plan(options: ModelOptions) -> Plan:
     """Find the model, settle `auto`, check the model classifies with `topk` classes, hash it; runs on a worker."""
-    artifact, model_file = find_model(model, artifacts)
-    choice = None
-    if backend == "auto":
-        picked = choose(artifact, precision, batch_size, threads, model_file)
-        backend, precision, choice = picked.backend, (None if model_file else picked.precision), picked.describe()
-    be = Predictor(create(backend, artifact, precision=precision, max_batch=batch_size, threads=threads,
-                          model_file=model_file), topk).backend
-    reason = backend_kind(backend).unavailable_reason()
-    if reason:
-        raise BackendUnavailable(f"backend {backend!r} is unavailable on the Ray workers: {reason}")
+    settled = settle(options, "on the Ray workers")
+    be = open_predictor(settled).backend
     loaded = Path(be.model_file)
-    return Plan(backend, precision, str(artifact), str(model_file) if model_file else None, be.device, be.precision,
-                be.meta.preprocessing, be.meta.checkpoint, be.meta.synthetic, str(loaded),
-                file_sha256(loaded) if loaded.is_file() else None, choice)
+    return Plan(settled, be.device, be.precision, be.meta.preprocessing, be.meta.checkpoint, be.meta.synthetic,
+                str(loaded), file_sha256(loaded) if loaded.is_file() else None)
 
 
 # ---------------------------------------------------------------------------------------------- settling
@@ -315,7 +314,8 @@ def _remote_plan(ray: Any, job: JobOptions, model: str | None, artifacts: str) -
     gpus = ray.cluster_resources().get("GPU", 0)
     task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(make_plan)
     try:
-        return ray.get(task.remote(job.backend, model, artifacts, job.precision, job.batch_size, job.threads, job.topk))
+        return ray.get(task.remote(ModelOptions(model, artifacts, job.backend, job.precision, job.batch_size, job.threads,
+                                                job.topk)))
     except Exception as err:
         raise _unwrapped(err) from None
 
@@ -469,8 +469,7 @@ class Job:
                                         "max_file_bytes": opts.max_file_bytes})
                 .map_batches(Classifier, batch_size=opts.batch_size, batch_format="numpy",
                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
-                             fn_constructor_kwargs={"plan": plan, "batch_size": opts.batch_size,
-                                                    "threads": opts.threads, "topk": opts.topk, "counter": counter},
+                             fn_constructor_kwargs={"plan": plan, "counter": counter},
                              **resources)
                 .map_batches(write_part, batch_size=opts.rows_per_file, batch_format="pyarrow", num_cpus=0,
                              fn_kwargs={"output": self.output.output, "fmt": opts.fmt, "run": self.output.run,

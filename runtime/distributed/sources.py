@@ -22,8 +22,9 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from runtime.errors import UsageError
-from runtime.predictor import decode_bytes, decode_file
-from runtime.preprocess import DEFAULT_MAX_FILE_BYTES, IMAGE_SUFFIXES, Preprocessing, find_images, size_error
+from runtime.decode import DEFAULT_MAX_FILE_BYTES, IMAGE_SUFFIXES, DecodeFailure, decode_bytes, decode_file, size_error
+from runtime.inputs import find_images
+from runtime.preprocess import Preprocessing
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -192,7 +193,7 @@ def walk_batch(batch: pa.Table, template: str | None, pattern: list[str] | None)
 def _walk_one(folder: str, recursive: bool, template: str | None, pattern: list[str] | None) -> pa.Table:
     if template is None and pattern is None:  # runtime.infer's own walk: symlinked folders followed once, unreadable ones reported
         listing = find_images([Path(folder)], recursive=recursive)
-        errors = [(os.fsencode(str(d)), f"{key_of(os.fsencode(str(d)))}: {why}") for d, why in listing.errors]
+        errors = [(os.fsencode(str(d)), why) for d, why in listing.errors]
         return _listed([os.fsencode(str(f)) for f in listing.files], errors)
     if template is None:
         return _listed([os.fsencode(f) for f in sorted(_local_files(folder, recursive))
@@ -259,9 +260,9 @@ def names_batch(batch: pa.Table, column: str, cwd: str) -> pa.Table:
 # ------------------------------------------------------------------------------------------------ reading
 
 def decode_source(source: bytes, spec: Preprocessing, draft: bool, max_pixels: int,
-                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> np.ndarray | str:
-    """One input -> pixels, or "<path>: <reason>" (runtime.classify's loader and messages; URIs read via
-    pyarrow.fs, their size checked before they are read)."""
+                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> np.ndarray | DecodeFailure:
+    """One input -> pixels, or why not (runtime.classify's loader and reasons; URIs read via pyarrow.fs,
+    their size checked before they are read)."""
     name = os.fsdecode(source)
     if not is_uri(name):
         return decode_file(Path(name), spec, draft, max_pixels, max_file_bytes)
@@ -270,20 +271,21 @@ def decode_source(source: bytes, spec: Preprocessing, draft: bool, max_pixels: i
         with fs.open_input_file(path) as f:
             too_big = size_error(f.size(), max_file_bytes)
             if too_big:
-                return f"{name}: {too_big}"
+                return DecodeFailure(name, too_big)
             data = f.read()
     except FileNotFoundError:
-        return f"{name}: no such file"
+        return DecodeFailure(name, "no such file")
     except PermissionError:
-        return f"{name}: permission denied"
+        return DecodeFailure(name, "permission denied")
     except (OSError, ValueError) as err:  # pyarrow's network and protocol errors
-        return f"{name}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        return DecodeFailure(name, f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
     return decode_bytes(data, name, spec, draft, max_pixels, max_file_bytes)
 
 
 def decode_batch(batch: dict[str, np.ndarray], spec: Preprocessing, draft: bool, max_pixels: int,
                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> dict[str, np.ndarray]:
-    """The CPU stage: (source, key, error) -> (path, pixels, error); a failed input keeps zero pixels and its message."""
+    """The CPU stage: (source, key, error) -> (path, pixels, error); a failed input keeps zero pixels and the
+    reason (the inference stage names it by its path)."""
     h, w = spec.input_size
     n = len(batch["key"])
     pixels = np.zeros((n, 3, h, w), dtype=np.float32)
@@ -292,8 +294,8 @@ def decode_batch(batch: dict[str, np.ndarray], spec: Preprocessing, draft: bool,
         if errors[i]:
             continue
         result = decode_source(bytes(source), spec, draft, max_pixels, max_file_bytes)
-        if isinstance(result, str):
-            errors[i] = result
+        if isinstance(result, DecodeFailure):
+            errors[i] = result.reason
         else:
             pixels[i] = result
     return {"path": np.asarray(batch["key"], dtype=object), "pixels": pixels, "error": errors}
