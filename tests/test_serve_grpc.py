@@ -114,7 +114,7 @@ def test_fp32_and_bytes_answers_equal_the_predictor(server: Launched, client: gr
     with create("ort-cpu", tiny_artifact, max_batch=4, threads=1) as backend:
         predictor = Predictor(backend, 5)
         expected: list[Prediction] = []
-        classify(files, predictor, ClassifyOptions(topk=5, workers=1), expected.append)
+        classify(files, predictor, ClassifyOptions(workers=1), expected.append)
         pixels = np.stack([load_and_preprocess(f, predictor.spec) for f in files])
         logits = backend.infer(pixels)["logits"]
     tops = [p.top or [] for p in expected]
