@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import queue
 import signal
 import socket
 import time
@@ -225,6 +226,36 @@ def test_a_full_queue_is_unavailable_over_grpc(tiny_artifact: Path) -> None:
         sock.close()
         assert answer.startswith(b"HTTP/1.1 200")
         assert client.infer(NAME, [pixels_input(pixels)]).as_numpy("logits").shape == (1, 10)
+
+
+def test_sigterm_answers_a_grpc_request_in_flight_then_exits_143(tiny_artifact: Path) -> None:
+    """A gRPC request queued for a batch (an HTTP request still arriving keeps the batcher waiting) is answered
+    when SIGTERM drains the server, which then refuses new gRPC requests with UNAVAILABLE and exits 143."""
+    with serve_process(tiny_artifact, "--backend", "ort-cpu", "--threads", "1", "--max-queue-delay-ms", "600000") as server:
+        assert server.grpc_url is not None
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        http = httpclient.InferenceServerClient(server.url)
+        pixels = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
+        sock, body = held_http_request(server.url, pixels)
+        answers: queue.Queue[object] = queue.Queue()
+        client.async_infer(NAME, [pixels_input(pixels)], lambda result, error: answers.put(error or result))
+        deadline = time.monotonic() + 60
+        while http.get_inference_statistics(NAME)["model_stats"][0]["queue_now"]["in_flight"] != 2:  # a sign, polled
+            assert time.monotonic() < deadline, "the server never held both requests"
+            time.sleep(0.02)
+        assert answers.empty()  # queued: the batcher waits for the HTTP request on its way
+        server.proc.send_signal(signal.SIGTERM)
+        result = answers.get(timeout=60)
+        assert isinstance(result, grpcclient.InferResult), result
+        with create("ort-cpu", tiny_artifact, max_batch=1, threads=1) as backend:
+            np.testing.assert_allclose(result.as_numpy("logits"), backend.infer(pixels)["logits"], rtol=1e-5, atol=1e-5)
+        status, message = refused(client.infer, NAME, [pixels_input(pixels)])
+        assert status == "StatusCode.UNAVAILABLE" and "shutting down" in message
+        sock.sendall(body[len(body) // 2 :])  # the HTTP request it still holds
+        while sock.recv(65536):
+            pass
+        sock.close()
+        assert server.proc.wait(timeout=60) == 143
 
 
 def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
