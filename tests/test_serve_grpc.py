@@ -187,6 +187,35 @@ def test_bad_requests_get_invalid_argument_with_the_http_message(server: Launche
     assert client.infer(NAME, [images_input([photo_bytes(2)])]).as_numpy("logits").shape == (1, 10)  # serves on
 
 
+def test_grpc_refusals_show_in_the_metrics_and_statistics(server: Launched, client: grpcclient.InferenceServerClient) -> None:
+    """A refused gRPC inference counts as a failure, by Triton's reason and by ours, as an HTTP one does: a bad
+    request refused by the data plane, and a streaming call refused by the endpoint itself."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    from test_serve import scrape
+
+    labels = (("model", NAME), ("version", "1"))
+    other = ("nv_inference_request_failure", (labels[0], ("reason", "OTHER"), labels[1]))
+
+    def ours(reason: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+        return "deit_serve_rejected_requests_total", (labels[0], ("reason", reason), labels[1])
+
+    http = httpclient.InferenceServerClient(server.url)
+    before, stats_before = scrape(server.url), http.get_inference_statistics(NAME)["model_stats"][0]
+    assert refused(client.infer, NAME, [pixels_input(np.zeros((1, 3, 16, 32), np.float32))])[0] == "StatusCode.INVALID_ARGUMENT"
+    assert server.grpc_url is not None
+    with grpc.insecure_channel(server.grpc_url) as channel, pytest.raises(grpc.RpcError) as info:
+        list(service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+            iter([service_pb2.ModelInferRequest(model_name=NAME)]), timeout=60))
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+    after, stats_after = scrape(server.url), http.get_inference_statistics(NAME)["model_stats"][0]
+    assert after[other] == before[other] + 2
+    assert after[ours("bad_request")] == before.get(ours("bad_request"), 0) + 1
+    assert after[ours("unsupported")] == before.get(ours("unsupported"), 0) + 1
+    assert stats_after["inference_stats"]["fail"]["count"] == stats_before["inference_stats"]["fail"]["count"] + 2
+
+
 def test_a_message_over_max_request_bytes_is_resource_exhausted(client: grpcclient.InferenceServerClient) -> None:
     status, message = refused(client.infer, NAME, [images_input([b"x" * 2_500_000])])
     assert status == "StatusCode.RESOURCE_EXHAUSTED", message
