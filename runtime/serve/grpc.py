@@ -32,7 +32,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from runtime.errors import UsageError
 from runtime.serve.dataplane import VERSION, DataPlane
-from runtime.serve.failures import (GRPC_STATUS, BadRequest, Internal, RequestFailure, Unsupported, status_of)
+from runtime.serve.failures import GRPC_STATUS, BadRequest, Internal, RequestFailure, Unsupported, status_of
 from runtime.serve.protocol import DTYPES, InferRequest, Output, RequestedOutput, Tensor, binary_tensor, raw_tensor
 from runtime.serve.server import bind
 
