@@ -34,21 +34,21 @@ from runtime.errors import UsageError
 from runtime.serve.dataplane import VERSION, DataPlane
 from runtime.serve.failures import GRPC_STATUS, BadRequest, Internal, RequestFailure, Unsupported, status_of
 from runtime.serve.protocol import DTYPES, InferRequest, Output, RequestedOutput, Tensor, binary_tensor, raw_tensor
+from runtime.serve.rest import UNSUPPORTED as ROUTES
 from runtime.serve.server import bind
 
 # Typed `InferTensorContents` field of each datatype (FP16 has none: it travels only as raw contents).
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
             "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
-SHARED_MEMORY = "shared memory is not supported; send the tensor in the body"
-REPOSITORY = "model repository control is not supported: this server holds the one model given by --model"
-UNSUPPORTED = {  # Triton's methods for extensions this server does not have -> what the answer says
+SHARED_MEMORY, REPOSITORY = ROUTES["/v2/systemsharedmemory"], ROUTES["/v2/repository"]
+UNSUPPORTED = {  # Triton's methods for extensions this server does not have -> what the answer says, as over HTTP
     "ModelStreamInfer": "streaming inference is not supported; use ModelInfer",
     "RepositoryIndex": REPOSITORY, "RepositoryModelLoad": REPOSITORY, "RepositoryModelUnload": REPOSITORY,
     "SystemSharedMemoryStatus": SHARED_MEMORY, "SystemSharedMemoryRegister": SHARED_MEMORY,
     "SystemSharedMemoryUnregister": SHARED_MEMORY, "CudaSharedMemoryStatus": SHARED_MEMORY,
     "CudaSharedMemoryRegister": SHARED_MEMORY, "CudaSharedMemoryUnregister": SHARED_MEMORY,
-    "TraceSetting": "trace settings are not supported", "LogSettings": "log settings are not supported",
+    "TraceSetting": ROUTES["/v2/trace"], "LogSettings": ROUTES["/v2/logging"],
 }
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 HANDSHAKE_S = 10  # a connection that has not finished its HTTP/2 handshake by then is closed
