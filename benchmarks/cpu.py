@@ -22,7 +22,7 @@ import numpy as np
 
 from runtime.cpuinfo import has_bf16, has_int8_dot_product, usable_cores
 from runtime.errors import first_line
-from runtime.timing import host_ms, measure
+from runtime.backends.timing import host_ms, measure
 
 DTYPE_CLASS = {"fp32": "fp32", "fp16": "fp32", "bf16": "bf16", "int8": "int8"}
 ENGINES = {"ort": "onnxruntime", "openvino": "openvino", "torch": "torch"}  # backend name prefix -> ceiling engine
@@ -263,7 +263,7 @@ def auto_picks(artifact_dir: Path, results: dict[str, Any], threads: int | None)
     `slower_by` compares the pick with the fastest row auto could have picked (registry backends);
     `fastest_row` names the fastest fp32 CPU row of all (benchmark-only anchors included).
     """
-    from runtime.auto import choose
+    from runtime.backends.auto import choose
     from runtime.backends import BACKENDS
 
     rows = [r for r in results["backends"] if r["status"] == "ok" and r.get("device") == "cpu" and r["precision"] == "fp32"]

@@ -9,7 +9,7 @@ into a fresh output folder, on a local Ray started once. A Ray job also pays a f
 first rows (a task opens the model, the actors start and load it, the first block is decoded), so its
 rate is measured from its first rows to its last; that fixed cost (the time to the first rows), Ray's
 start and the job's end-to-end rate are reported beside it. Every figure is the best of `--repeats` passes from
-the one timing core (`runtime.timing.measure`), re-measured when other processes loaded the machine
+the one timing core (`runtime.backends.timing.measure`), re-measured when other processes loaded the machine
 (the local Ray's daemons and workers count as this benchmark's own load).
 """
 
@@ -29,7 +29,7 @@ from runtime.classify import ClassifyOptions, classify, default_workers
 from runtime.predictor import Predictor
 from runtime.errors import ArgumentParser, UsageError, run_cli
 from runtime.inputs import list_images
-from runtime.timing import Timing, host_ms, measure
+from runtime.backends.timing import Timing, host_ms, measure
 
 
 def _others_cpu() -> dict[int, int]:
@@ -54,7 +54,7 @@ def _others_cpu() -> dict[int, int]:
 
 
 class OthersLoad:
-    """Cores other processes kept busy (a `runtime.timing.LoadMeter`): with Ray the work runs in processes of our
+    """Cores other processes kept busy (a `runtime.backends.timing.LoadMeter`): with Ray the work runs in processes of our
     own, which the default meter (the machine's load minus this process's) would count as someone else's."""
 
     def start(self) -> None:

@@ -6,7 +6,7 @@ say what is missing (TensorRT cannot be installed everywhere; the rest still run
 is compared with ONNX Runtime CPU fp32 on the photos given (else random inputs): on photos through
 trained weights top-1 agreement >= 99.5% (int8 98%); on random inputs or synthetic weights, whose
 near-tied logits a correct fp16 run flips, per-sample cosine (fp16 >= 0.999) and top-1 on the inputs
-whose margin exceeds the measured error (`runtime.compare`). The TensorRT engines are also checked by NVIDIA's own Polygraphy
+whose margin exceeds the measured error (`export.compare`). The TensorRT engines are also checked by NVIDIA's own Polygraphy
 (`polygraphy run`), so the hand-written TensorRT code is checked by code nobody here wrote.
 
 Exit status (the README's table): 0 every step passed or was skipped, 1 a step failed, 6 no GPU step
@@ -33,7 +33,7 @@ from runtime.backends.onnxruntime import ORT_CPU, ORT_CUDA
 from runtime.backends.pytorch import cuda_available
 from runtime.backends.trt import engine_path, engine_source, read_sidecar, tensorrt_unavailable_reason
 from runtime.checkpoints import HubUnreachable
-from runtime.compare import check, compare
+from export.compare import check, compare
 from runtime.errors import SOME_FAILED, ArgumentParser, Unavailable, first_line, run_cli
 
 DEFAULT_MODEL = "facebook/deit-small-distilled-patch16-224"
@@ -90,7 +90,7 @@ def _run_cli(args: list[str]) -> str:
 
 
 def _agreement(artifact: Path, backend: str, precision: str, images: Path | None, limit: int) -> str:
-    """A GPU backend against ONNX Runtime CPU fp32 on the photos (or random inputs), gated by `runtime.compare.check`:
+    """A GPU backend against ONNX Runtime CPU fp32 on the photos (or random inputs), gated by `export.compare.check`:
     plain top-1 agreement on photos through trained weights, cosine and decided top-1 otherwise."""
     meta = read_onnx_meta(model_path(artifact, "fp32"))
     x, photos = verification_inputs(meta.preprocessing, images, limit, n_random=0 if images else 64)

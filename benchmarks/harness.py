@@ -5,7 +5,7 @@ also runs one shared input batch whose outputs are compared with the fp32 refere
 default, on the GPU when there is one); the report shows top-1 agreement next to the latency and
 flags backends below a threshold.
 
-Timing goes through the one core (`runtime.timing.measure`). Each backend says which clock it is
+Timing goes through the one core (`runtime.backends.timing.measure`). Each backend says which clock it is
 timed with: CPU backends on the host clock around `Backend.run`; GPU backends (`clock ==
 "cuda-events"`) on CUDA events around runs on a device-resident input (`time_runs`), optionally
 with a second host-clock column that includes the copies. A table never mixes the two clocks. A
@@ -28,11 +28,11 @@ import numpy as np
 from export.verify import verification_inputs
 from runtime.artifact import MODEL_FILES, SYNTHETIC_WARNING, ArtifactMeta, read_onnx_meta
 from runtime.backends import BACKENDS, PRECISIONS, Backend, BackendKind, backend_kind
-from runtime.compare import compare
+from export.compare import compare
 from runtime.console import progress_bar
 from runtime.cpuinfo import describe_cpu, usable_cores
 from runtime.errors import DeitError, UsageError, first_line
-from runtime.timing import LoadMeter, host_ms, measure
+from runtime.backends.timing import LoadMeter, host_ms, measure
 
 # Backends that exist only to be compared against (not part of the runtime registry).
 BENCH_ONLY: dict[str, str] = {

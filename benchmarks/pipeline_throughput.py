@@ -5,7 +5,7 @@
 Model-only: the folder is decoded once into memory, then only `Backend.infer` is timed, in batches.
 End-to-end: `runtime.classify.classify` on the files (decode + preprocess in the worker pool,
 inference, top-k), timed from the first file to the last result. Both use the same warm session and
-the one timing core (`runtime.timing.measure`: `repeats` passes each, the best kept, re-measured
+the one timing core (`runtime.backends.timing.measure`: `repeats` passes each, the best kept, re-measured
 when other processes loaded the machine).
 Draft mode (reduced-scale JPEG decoding) is measured the same way, and how far it moves the
 preprocessed pixels is reported (max/mean absolute difference against the exact path).
@@ -29,7 +29,7 @@ from runtime.errors import ArgumentParser, UsageError, run_cli
 from runtime.decode import DecodeFailure
 from runtime.inputs import list_images
 from runtime.preprocess import Preprocessing
-from runtime.timing import host_ms, measure
+from runtime.backends.timing import host_ms, measure
 
 
 def _decode_all(files: list[Path], spec: Preprocessing, draft: bool, workers: int = 1) -> tuple[list[Path], np.ndarray, float]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.artifact import atomic_path, write_json
-from runtime.timing import CONTENDED
+from runtime.backends.timing import CONTENDED
 
 BASELINE = "torch-eager"
 FILES = {"json": "results.json", "markdown": "results.md", "plot": "latency.png"}

@@ -47,7 +47,7 @@ from runtime.errors import ArgumentParser, UsageError, doc_parser, run_cli
 from runtime.predictor import Prediction, Predictor
 from runtime.decode import load_and_preprocess
 from runtime.inputs import list_images
-from runtime.timing import _machine_busy_s, host_ms, measure
+from runtime.backends.timing import _machine_busy_s, host_ms, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {"json": "serving.json", "markdown": "serving.md", "plot": "serving.png"}

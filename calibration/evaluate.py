@@ -1,4 +1,4 @@
-"""Logits of candidate int8 models before they are written (compared with fp32 by `runtime.compare`)."""
+"""Logits of candidate int8 models before they are written (compared with fp32 by `export.compare`)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from calibration.quantize import METHODS, amax_table, collect_stats, insert_qdq,
 from runtime.artifact import INT8_CPU_FILE, MODEL_FILES, ArtifactMeta, atomic_path, read_onnx_meta, set_onnx_meta, write_json
 from export.fp16 import convert_to_fp16
 from runtime.backends.trt import INT8_TRT_FILE, engine_path, sidecar_path
-from runtime.compare import compare
+from export.compare import compare
 from runtime.errors import UsageError
 from runtime.paths import check_output_dir
 

@@ -22,7 +22,7 @@ from runtime.artifact import (MODEL_FILES, ORT_FP16_SLN_FILE, ORT_FUSED_FILES, R
                               write_hf_configs, write_json)
 from runtime.backends.onnxruntime import ORT_CPU
 from runtime.checkpoints import load_checkpoint, model_outputs, parameter_count
-from runtime.compare import compare
+from export.compare import compare
 from runtime.console import progress_bar
 from runtime.errors import GateFailed
 from runtime.paths import check_output_dir

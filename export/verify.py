@@ -1,4 +1,4 @@
-"""The inputs an exported model is checked on: random tensors and real photos (compared by `runtime.compare`)."""
+"""The inputs an exported model is checked on: random tensors and real photos (compared by `export.compare`)."""
 
 from __future__ import annotations
 

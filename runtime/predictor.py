@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.artifact import ArtifactError, find_model
-from runtime.auto import choose
+from runtime.backends.auto import choose
 from runtime.backends import Backend, BackendUnavailable, backend_kind, create
 from runtime.decode import DecodeFailure, display_path
 from runtime.errors import UsageError

@@ -16,7 +16,7 @@ import pytest
 from conftest import SAMPLE_DIR
 from export.verify import verification_inputs
 from runtime.backends import BACKENDS, PRECISIONS, Backend, BackendUnavailable, ModelSource, backend_kind, create
-from runtime.compare import MIN_COSINE, compare
+from export.compare import MIN_COSINE, compare
 
 MAX_BATCH = 3
 

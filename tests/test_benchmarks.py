@@ -18,7 +18,7 @@ from benchmarks.report import markdown, write_report
 from conftest import SAMPLE_DIR, needs_sample
 from runtime.backends import ModelSource
 from runtime.backends.onnxruntime import ORT_CPU, OrtBackend, OrtKind
-from runtime.timing import CONTENDED, Timing, measure
+from runtime.backends.timing import CONTENDED, Timing, measure
 
 
 class FakeLoad:

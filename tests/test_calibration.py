@@ -24,7 +24,7 @@ from calibration.pipeline import CalibrationOptions, calibrate
 from calibration.quantize import AbsHistogram, insert_qdq, plan_qdq
 from conftest import TINY, TINY_PREPROCESSOR, pattern_wnids
 from runtime.artifact import INT8_CPU_FILE, MODEL_FILES, read_onnx_meta
-from runtime.auto import int8_gate_passed
+from runtime.backends.auto import int8_gate_passed
 from runtime.backends.onnxruntime import ORT_CPU, ORT_TRT
 from runtime.backends.trt import INT8_TRT_FILE
 from runtime.errors import UsageError

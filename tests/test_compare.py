@@ -1,10 +1,10 @@
-"""runtime.compare: the one output comparison, and the gate that must not fail a correct fp16 run on near-ties."""
+"""export.compare: the one output comparison, and the gate that must not fail a correct fp16 run on near-ties."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from runtime.compare import MIN_COSINE, check, compare
+from export.compare import MIN_COSINE, check, compare
 
 
 def logits_with_near_ties(n: int = 64, classes: int = 1000, ties: int = 3, seed: int = 0) -> np.ndarray:

@@ -21,17 +21,15 @@ import pytest
 
 from export.engines import attention_note, count_fused_attention, missing_prerequisites, plan_engines
 from runtime.artifact import ArtifactError, file_sha256, model_path, read_onnx_meta
-from runtime.auto import choose
+from runtime.backends.auto import choose
 from runtime.backends import BackendUnavailable, create, cudart
 from runtime.backends.onnxruntime import ORT_TRT
 from runtime.backends.trt import (
     EngineError,
-    EngineTensor,
     TRT,
     TensorRTKind,
     check_engine,
     engine_path,
-    make_sidecar,
     read_sidecar,
     require_tensorrt,
     sidecar_path,

@@ -232,12 +232,12 @@ def test_export_and_benchmarks_refuse_an_output_that_is_a_file(tiny_artifact: Pa
 
 SPLIT_RECORD = """
 import signal, sys, threading
-import runtime.output
+import runtime.infer.output
 from runtime.errors import leave
 from runtime.infer import main
 
 at, signum = int(sys.argv[1]), int(sys.argv[2])
-write = runtime.output.PredictionWriter.write
+write = runtime.infer.output.PredictionWriter.write
 
 
 class Halves:  # record `at` reaches the file in two writes, the signal delivered to this thread between them
@@ -264,7 +264,7 @@ def split(self, pred):
         self.out = out
 
 
-runtime.output.PredictionWriter.write = split
+runtime.infer.output.PredictionWriter.write = split
 leave(main(sys.argv[3:]))
 """
 
@@ -357,7 +357,7 @@ def test_a_second_run_on_the_same_output_is_refused_before_work(tiny_artifact: P
 def test_every_file_name_is_one_record_fresh_and_resumed(tiny_artifact: Path, tmp_path: Path, fmt: str) -> None:
     """Line breaks of every kind in names, and a non-UTF-8 byte beside a name spelling its escape: one record each,
     read back by the format's own reader, and --resume after an interrupt gives the uninterrupted file."""
-    from runtime.output import escape_name
+    from runtime.infer.output import escape_name
 
     folder = photos(tmp_path / "images", 6)
     names = [b"cr\rname.png", b"ff\x0cname.png", "ls\u2028name.png".encode(), b"nl\nname.png", b"a\xff.png", b"a\\xff.png"]
@@ -390,7 +390,7 @@ def test_every_file_name_is_one_record_fresh_and_resumed(tiny_artifact: Path, tm
 
 FULL_DISK = """
 import errno, io, os, sys
-import runtime.infer
+import runtime.infer.cli
 from runtime.errors import leave
 
 room = int(sys.argv[1])
@@ -403,8 +403,8 @@ class Full(io.FileIO):  # the disk fills up once this file reaches `room` bytes
         return super().write(data)
 
 
-runtime.infer.open = lambda file, mode="r", buffering=-1, **kw: Full(file, mode.replace("b", ""))
-leave(runtime.infer.main(sys.argv[2:]))
+runtime.infer.cli.open = lambda file, mode="r", buffering=-1, **kw: Full(file, mode.replace("b", ""))
+leave(runtime.infer.cli.main(sys.argv[2:]))
 """
 
 
@@ -640,7 +640,7 @@ def test_a_folder_reads_every_format_pillow_decodes_and_counts_what_it_skips(tin
 
 
 def test_a_calibration_report_of_another_shape_is_no_int8_gate(tiny_artifact: Path, tmp_path: Path) -> None:
-    from runtime.auto import int8_gate_passed
+    from runtime.backends.auto import int8_gate_passed
 
     images = photos(tmp_path / "images", 1)
     artifact = shutil.copytree(tiny_artifact, tmp_path / "artifact")

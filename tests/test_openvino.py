@@ -15,7 +15,7 @@ import pytest
 
 from runtime.artifact import MODEL_FILES, read_onnx_meta
 from runtime.backends import BackendUnavailable, create
-from runtime.compare import compare
+from export.compare import compare
 from runtime.errors import UsageError
 
 pytest.importorskip("openvino", reason="openvino is not installed (pip install openvino, or `make install`)")

@@ -28,7 +28,7 @@ CLIS = {
     "export.engines": "export.engines",
     "export.triton": "export.triton",
     "calibration": "calibration.__main__",
-    "runtime.infer": "runtime.infer",
+    "runtime.infer": "runtime.infer.cli",
     "runtime.distributed": "runtime.distributed.cli",
     "runtime.serve": "runtime.serve.cli",
     "benchmarks": "benchmarks.__main__",

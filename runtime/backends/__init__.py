@@ -22,7 +22,7 @@ BACKENDS: dict[str, str] = {
     "torch-sdpa-graph": "runtime.backends.pytorch:TORCH_SDPA_GRAPH",
     "torch-compile": "runtime.backends.pytorch:TORCH_COMPILE",
 }
-# What `auto` tries on a GPU, fastest first; on a CPU it measures (runtime.auto).
+# What `auto` tries on a GPU, fastest first; on a CPU it measures (runtime.backends.auto).
 GPU_ORDER = ("trt", "ort-cuda")
 
 

@@ -22,7 +22,7 @@ from runtime.artifact import read_onnx_meta, write_json
 from runtime.backends import GPU_ORDER, BackendUnavailable, backend_kind
 from runtime.cpuinfo import cpu_features, cpu_model
 from runtime.errors import UsageError
-from runtime.timing import host_ms, measure
+from runtime.backends.timing import host_ms, measure
 
 CPU_CANDIDATES = ("ort-cpu", "openvino-cpu", "torch-sdpa")
 CACHE_FILE = "auto-choice.json"

@@ -31,7 +31,7 @@ from runtime.classify import ClassifyOptions, Summary, classify, default_decode_
 from runtime.cli import add_classify_arguments, check_classify_arguments, check_thread_count, settle_model
 from runtime.console import progress_bar
 from runtime.errors import ArgumentParser, Interrupted, UsageError, run_cli, signals_deferred
-from runtime.output import (FORMATS, DoneRecord, PredictionWriter, RecordFormat, check_resumable, escape_name,
+from runtime.infer.output import (FORMATS, DoneRecord, PredictionWriter, RecordFormat, check_resumable, escape_name,
                             partial_path, read_written)
 from runtime.paths import check_output_file, output_lock
 from runtime.decode import display_path
@@ -237,7 +237,3 @@ def describe_change(before: str, now: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run_cli("infer", lambda: run(args), entry=argv is None)
-
-
-if __name__ == "__main__":
-    main()

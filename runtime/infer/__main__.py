@@ -1,0 +1,5 @@
+"""`python -m runtime.infer`."""
+
+from runtime.infer.cli import main
+
+main()
