@@ -20,7 +20,7 @@ COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --s
 	--unsafe-package torch $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) pyproject.toml
 comma := ,
 
-.PHONY: install lock check-lock test export bench install-gpu install-tensorrt engines gpu-check calibrate serve
+.PHONY: install lock check-lock test export bench install-gpu install-tensorrt engines gpu-check calibrate serve install-mlserver
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -109,3 +109,10 @@ calibrate:
 SERVE_ARGS ?=
 serve:
 	$(PY) -m runtime.serve --model $(ARTIFACT) $(SERVE_ARGS)
+
+# MLServer for `python -m benchmarks.serve --peer mlserver`, in a virtual environment of its own (it pins its own
+# FastAPI, uvicorn and protobuf); the same ONNX Runtime as the lock; uvloop 0.22+ stops MLServer 1.7.1's workers.
+MLSERVER_VENV ?= .venv-mlserver
+install-mlserver:
+	$(PYTHON) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/pip install --quiet mlserver==1.7.1 'uvloop<0.22' $$(grep '^onnxruntime==' $(LOCK))

@@ -39,6 +39,7 @@ import numpy as np
 from benchmarks.export_time import _vm_hwm_kib
 from benchmarks.harness import environment
 from benchmarks.report import write_report
+from benchmarks.serve_peer import DEFAULT_VENV, run_peer, write_peer_report
 from runtime.artifact import SYNTHETIC_WARNING, find_model
 from runtime.backends import create
 from runtime.classify import ClassifyOptions, classify
@@ -52,9 +53,17 @@ ROOT = Path(__file__).resolve().parents[1]
 FILES = {"json": "serving.json", "markdown": "serving.md", "plot": "serving.png"}
 
 
+@dataclass
+class Launched:
+    proc: subprocess.Popen[str]
+    url: str  # host:port of HTTP
+    model: str
+    grpc_url: str | None  # host:port of gRPC (None from a server that does not say, such as Ray Serve's)
+
+
 @contextmanager
-def launch(artifact: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
-    """`python -m runtime.serve` on a free port; yields the process, its host:port and model name once it printed that it is ready."""
+def serve_process(artifact: Path, *args: str) -> Iterator[Launched]:
+    """`python -m runtime.serve` on free ports, once it printed that it is ready (with the model loaded)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", str(artifact), "--port", "0", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -65,11 +74,19 @@ def launch(artifact: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], 
         if not match:
             proc.kill()
             raise RuntimeError(f"the server did not start: {line.strip()} {proc.communicate()[1].strip()}")
-        yield proc, match.group(1), match.group(2)
+        grpc = re.search(r"gRPC (\S+?),?$", line.strip())
+        yield Launched(proc, match.group(1), match.group(2), grpc.group(1) if grpc else None)
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+@contextmanager
+def launch(artifact: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
+    """`serve_process` as (the process, its HTTP host:port, the model's name)."""
+    with serve_process(artifact, *args) as server:
+        yield server.proc, server.url, server.model
 
 
 @dataclass
@@ -114,9 +131,19 @@ class NeighbourLoad:
         return round(max(0.0, (busy - self._busy) - (self._ours_s() - self._ours)) / wall_s, 2)
 
 
-def _inputs(kind: str, photo: bytes | np.ndarray) -> list[Any]:
-    import tritonclient.http.aio as aioclient
+def _client_module(protocol: str) -> Any:
+    """Triton's asyncio client of a protocol ("http" or "grpc")."""
+    if protocol == "grpc":
+        import tritonclient.grpc.aio as grpc_aio
 
+        return grpc_aio
+    import tritonclient.http.aio as http_aio
+
+    return http_aio
+
+
+def _inputs(kind: str, photo: bytes | np.ndarray, protocol: str = "http") -> list[Any]:
+    aioclient = _client_module(protocol)
     if kind == "BYTES":
         x = aioclient.InferInput("images", [1], "BYTES")
         x.set_data_from_numpy(np.array([photo], dtype=np.object_))
@@ -127,14 +154,17 @@ def _inputs(kind: str, photo: bytes | np.ndarray) -> list[Any]:
 
 
 async def _drive(url: str, model: str, requests: list[list[Any]], concurrency: int, seconds: float | None,
-                 total: int | None = None) -> tuple[list[float], int, int, float, dict[int, int]]:
-    """`concurrency` clients sending `requests` in turn, for `seconds`, or until `total` requests were sent:
-    (latencies of the 200s in ms, 503 count, other failures, wall seconds, top-1 per answered request index)."""
-    import tritonclient.http.aio as aioclient
+                 total: int | None = None, protocol: str = "http", output: str = "topk_indices",
+                 ) -> tuple[list[float], int, int, float, dict[int, int]]:
+    """`concurrency` clients sending `requests` (built for `protocol`) in turn, for `seconds`, or until `total`
+    requests were sent, asking for `output` (topk_indices, or logits: MLServer's peer has only those):
+    (latencies of the answered in ms, 503/UNAVAILABLE count, other failures, wall seconds, top-1 per answered index)."""
     from tritonclient.utils import InferenceServerException
 
-    client = aioclient.InferenceServerClient(url, conn_limit=concurrency)
-    outputs = [aioclient.InferRequestedOutput("topk_indices")]
+    aioclient = _client_module(protocol)
+    client = (aioclient.InferenceServerClient(url) if protocol == "grpc"
+              else aioclient.InferenceServerClient(url, conn_limit=concurrency))
+    outputs = [aioclient.InferRequestedOutput(output)]
     latencies: list[float] = []
     counts = {"refused": 0, "errors": 0, "next": 0}
     top1: dict[int, int] = {}
@@ -149,13 +179,14 @@ async def _drive(url: str, model: str, requests: list[list[Any]], concurrency: i
             try:
                 result = await client.infer(model, requests[index % len(requests)], outputs=outputs)
             except InferenceServerException as err:
-                counts["refused" if str(err.status()) == "503" else "errors"] += 1
+                counts["refused" if str(err.status()) in ("503", "StatusCode.UNAVAILABLE") else "errors"] += 1
                 continue
             except Exception:  # a reset connection or a timeout: the overload check counts these as failures
                 counts["errors"] += 1
                 continue
             latencies.append((time.perf_counter() - t0) * 1000)
-            top1[index] = int(np.asarray(result.as_numpy("topk_indices"))[0, 0])
+            row = np.asarray(result.as_numpy(output))[0]
+            top1[index] = int(row.argmax() if output == "logits" else row[0])
 
     try:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -348,22 +379,34 @@ def add_server_arguments(p: ArgumentParser, backend_help: str) -> None:
 def build_parser() -> ArgumentParser:
     p = doc_parser("python -m benchmarks.serve", __doc__)
     add_server_arguments(p, "the backend of the server and of the offline run")
-    p.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64], help="concurrent clients per cell (default 1,4,16,64)")
+    p.add_argument("--concurrency", type=_ints, help="concurrent clients per cell (default 1,4,16,64; with --peer 1,16)")
     p.add_argument("--seconds", type=float, default=10.0, help="length of each cell (default 10)")
     p.add_argument("--max-batch-size", type=int, default=8, help="the server's and the offline batch (default 8)")
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0, help="the server's queue delay (default 5)")
     p.add_argument("--overload", type=int, default=640, help="clients at once in the overload check (default 640)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where serving.{json,md,png} go")
+    p.add_argument("--peer", choices=["mlserver"], help="instead: this server over gRPC and binary HTTP against MLServer "
+                   "over gRPC on the same ONNX file, FP32 inputs, interleaved rounds (serving-peer.{json,md})")
+    p.add_argument("--mlserver-venv", type=Path, default=DEFAULT_VENV,
+                   help="with --peer mlserver: MLServer's own virtual environment (default .venv-mlserver in the checkout)")
+    p.add_argument("--rounds", type=int, default=3, help="with --peer: interleaved rounds, the median is shown (default 3)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    if args.seconds <= 0 or args.max_batch_size < 1 or args.overload < 1:
-        p.error("--seconds, --max-batch-size and --overload must be positive")
+    if args.seconds <= 0 or args.max_batch_size < 1 or args.overload < 1 or args.rounds < 1:
+        p.error("--seconds, --max-batch-size, --overload and --rounds must be positive")
+    args.concurrency = args.concurrency or ([1, 16] if args.peer else [1, 4, 16, 64])
     if not args.images.is_dir():
         p.error(f"--images {args.images}: no such folder")
+
+    def peer() -> int:
+        results = run_peer(args)
+        if results is not None:
+            print(write_peer_report(results, args.out).read_text())
+        return 0
 
     def work() -> int:
         results = run_benchmark(args)
@@ -373,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             print(SYNTHETIC_WARNING, file=sys.stderr)
         return 0
 
-    return run_cli("serve-bench", work, entry=argv is None)
+    return run_cli("serve-bench", peer if args.peer else work, entry=argv is None)
 
 
 if __name__ == "__main__":

@@ -545,7 +545,7 @@ def test_the_serve_package_keeps_its_shape() -> None:
                 assert node.end_lineno is not None and node.end_lineno - node.lineno + 1 <= 60, f"{path.name}: {node.name}"
         imports[path.stem] = {n.module.rsplit(".", 1)[1] for n in ast.walk(tree)
                               if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("runtime.serve.")}
-    assert {"protocol", "dataplane", "rest", "server", "cli", "ray_serve", "failures"} <= set(imports)
+    assert {"protocol", "dataplane", "rest", "grpc", "server", "cli", "ray_serve", "failures"} <= set(imports)
 
     def reaches(start: str, seen: set[str]) -> set[str]:
         for nxt in imports.get(start, set()) - seen:

@@ -14,7 +14,9 @@ requests get 400, oversized ones 413, a body slower than --body-timeout 408, a f
 server 503, each with a one-line `error`; Prometheus metrics on /metrics. SIGTERM or Ctrl-C drains:
 requests already received are answered for at most --drain-timeout, new ones get 503, then the server
 exits 143 / 130 (at once on a second signal). Exit status otherwise: the README's table (2 usage, e.g. port in use).
-With --address the same application runs as Ray Serve replicas behind Ray Serve's proxy (runtime.serve.ray_serve).
+The same process speaks the KServe v2 / Triton gRPC API on --grpc-port (runtime.serve.grpc), through the
+same queue and batcher. With --address the HTTP application runs as Ray Serve replicas behind Ray
+Serve's proxy (runtime.serve.ray_serve), without gRPC.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def build_parser() -> ArgumentParser:
     add_classify_arguments(p, "", batch_flag="--max-batch-size")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the URL printed says which)")
+    p.add_argument("--grpc-port", type=int, help="port of the KServe v2 / Triton gRPC API (default 8001; with --port 0, "
+                   "any free one too; the ready line says which)")
     p.add_argument("--name", help="the model's name on the wire (default: the artifact folder's name)")
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0,
                    help="how long the oldest queued request may wait for others to fill a batch (default 5)")
@@ -74,6 +78,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be more than 0")
     if not 0 <= args.port <= 65535:
         p.error(f"--port {args.port}: must be between 0 and 65535")
+    if args.grpc_port is not None and not 0 <= args.grpc_port <= 65535:
+        p.error(f"--grpc-port {args.grpc_port}: must be between 0 and 65535")
+    if args.grpc_port is not None and args.address:
+        p.error("--grpc-port: gRPC is served by the one-process server, not on Ray Serve (--address)")
     if args.max_queue_delay_ms < 0:
         p.error("--max-queue-delay-ms must be at least 0")
     if args.replicas < 1:
@@ -89,11 +97,13 @@ def run(args: argparse.Namespace) -> int:
 
         return run_on_ray(args)
     try:
+        from runtime.serve.grpc import GrpcEndpoint, address, reserve_port
         from runtime.serve.rest import build_app
         from runtime.serve.server import DrainingServer, Guard, ServeConfig, bind, connection_limits
     except ImportError as err:
         raise Unavailable(f"runtime.serve needs the serve extra: pip install -e '.[serve]' ({err})") from None
     sock = bind(args.host, args.port)
+    grpc_port = reserve_port(args.host, args.grpc_port if args.grpc_port is not None else 0 if args.port == 0 else 8001)
     warn_if_exposed(args.host)
     predictor = open_predictor(settle_model(args, PROG))
     backend = predictor.backend
@@ -107,9 +117,11 @@ def run(args: argparse.Namespace) -> int:
         guard = Guard(args.header_timeout, connections, plane.count_failure)
         config = ServeConfig(build_app(plane), guard, log_level="warning", access_log=False, lifespan="off",
                              timeout_keep_alive=min(5, args.header_timeout), backlog=backlog)
-        server = DrainingServer(config, plane, banner(opts, predictor, host, port), args.drain_timeout)
+        ready = banner(opts, predictor, host, port, f", gRPC {address(host, grpc_port)}")
+        server = DrainingServer(config, plane, ready, args.drain_timeout)
+        grpc = GrpcEndpoint(plane, host, grpc_port)
         try:
-            asyncio.run(server.serve(sockets=[sock]))
+            asyncio.run(grpc.beside(lambda: server.serve(sockets=[sock]), server.time_left))
         finally:
             plane.close(wait=server.second is None)
             sock.close()

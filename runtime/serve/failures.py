@@ -1,14 +1,17 @@
-"""Why a request gets no answer but an error: one exception class per reason, and the one table that maps
-each to its HTTP status.
+"""Why a request gets no answer but an error: one exception class per reason, and the tables that map each
+to its HTTP status and its gRPC status code.
 
-The data plane raises these; every endpoint (HTTP here, gRPC beside it) turns them into its protocol's
-status with the same one-line message, so a client sees the same reason whichever protocol it speaks.
-A new endpoint adds its own code per class beside `HTTP_STATUS` and looks it up with `status_of`.
+The data plane raises these; every endpoint (HTTP, gRPC) turns them into its protocol's status with the
+same one-line message, so a client sees the same reason whichever protocol it speaks. Each endpoint
+looks its code up with `status_of` in its table here, so the two tables are read side by side.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import ClassVar, TypeVar
+
+from grpc import StatusCode
 
 
 class RequestFailure(Exception):
@@ -83,7 +86,7 @@ class Internal(RequestFailure):
     reason = "internal"
 
 
-# Failure type -> HTTP status. The one table: an endpoint for another protocol keeps its codes beside it.
+# Failure type -> HTTP status.
 HTTP_STATUS: dict[type[RequestFailure], int] = {
     BadRequest: 400,
     NotFound: 404,
@@ -98,7 +101,23 @@ HTTP_STATUS: dict[type[RequestFailure], int] = {
 }
 
 
-def status_of(failure: type[RequestFailure], table: dict[type[RequestFailure], int]) -> int:
+# Failure type -> gRPC status code, the codes Triton and KServe answer the same cases with; the rest (a failed
+# inference, a fault of the server's own) is INTERNAL. Header limits are HTTP's alone.
+GRPC_STATUS: dict[type[RequestFailure], StatusCode] = {
+    BadRequest: StatusCode.INVALID_ARGUMENT,
+    NotFound: StatusCode.NOT_FOUND,
+    Unsupported: StatusCode.UNIMPLEMENTED,
+    BodyTimeout: StatusCode.DEADLINE_EXCEEDED,
+    TooLarge: StatusCode.RESOURCE_EXHAUSTED,
+    Overloaded: StatusCode.UNAVAILABLE,
+    ShuttingDown: StatusCode.UNAVAILABLE,
+    RequestFailure: StatusCode.INTERNAL,
+}
+
+Code = TypeVar("Code")
+
+
+def status_of(failure: type[RequestFailure], table: Mapping[type[RequestFailure], Code]) -> Code:
     """The code `table` gives the failure class (or its nearest listed base)."""
     for kind in failure.__mro__:
         if kind in table:

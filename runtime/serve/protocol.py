@@ -201,7 +201,7 @@ def _input(raw: Any, binary: memoryview, at: int) -> tuple[Tensor, int]:
             raise BadRequest(f"input {name!r}: binary_data_size {size!r} runs past the request's binary part")
         if "data" in raw:
             raise BadRequest(f"input {name!r} has both 'data' and binary_data_size")
-        data = _binary_data(binary[at : at + size], datatype, shape, name)
+        data = binary_tensor(binary[at : at + size], name, datatype, shape)
         at += size
     elif "data" in raw:
         data = _json_data(raw["data"], datatype, count, name, params)
@@ -212,15 +212,23 @@ def _input(raw: Any, binary: memoryview, at: int) -> tuple[Tensor, int]:
     return Tensor(name, datatype, shape, data), at
 
 
-def _binary_data(chunk: memoryview, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray | list[bytes]:
+def binary_tensor(raw: bytes | memoryview, name: str, datatype: str, shape: tuple[int, ...]) -> np.ndarray | list[bytes]:
+    """A tensor's raw bytes (the binary extension's, or gRPC's `raw_input_contents`) -> its elements, flattened."""
     if datatype == "BYTES":
-        return deserialize_bytes(chunk, name)
+        return deserialize_bytes(raw, name)
     itemsize = np.dtype(DTYPES[datatype]).itemsize
     count = math.prod(shape)
-    if len(chunk) != count * itemsize:
-        raise BadRequest(f"input {name!r}: {len(chunk)} bytes for shape {list(shape)} of {datatype} "
+    if len(raw) != count * itemsize:
+        raise BadRequest(f"input {name!r}: {len(raw)} bytes for shape {list(shape)} of {datatype} "
                          f"({count * itemsize} expected)")
-    return np.frombuffer(chunk, dtype=DTYPES[datatype])
+    return np.frombuffer(raw, dtype=DTYPES[datatype])
+
+
+def raw_tensor(datatype: str, array: np.ndarray) -> bytes:
+    """An output's raw bytes, as the binary extension and gRPC's `raw_output_contents` carry them."""
+    if datatype == "BYTES":
+        return serialize_bytes(list(array.reshape(-1)))
+    return np.ascontiguousarray(array, dtype=DTYPES[datatype]).tobytes()
 
 
 def _outputs(req: dict[str, Any], default_binary: bool) -> list[RequestedOutput] | None:
@@ -250,8 +258,7 @@ def encode_response(model: str, request_id: str | None, outputs: list[Output]) -
     for name, datatype, array, binary in outputs:
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary:
-            raw = (serialize_bytes(list(array.reshape(-1))) if datatype == "BYTES"
-                   else np.ascontiguousarray(array, dtype=DTYPES[datatype]).tobytes())
+            raw = raw_tensor(datatype, array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         elif datatype == "BYTES":

@@ -36,7 +36,7 @@ MAX_HEADER_FIELDS = 100  # as Apache's LimitRequestFields
 REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, flag: str = "--port") -> socket.socket:
     """The listening socket, bound before the model loads, so a taken port is a usage error at once."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -49,7 +49,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as err:
         sock.close()
-        hint = " (another server runs there: choose another --port)" if err.errno == errno.EADDRINUSE else ""
+        hint = f" (another server runs there: choose another {flag})" if err.errno == errno.EADDRINUSE else ""
         raise UsageError(f"{host}:{port}: {err.strerror}{hint}") from None
     sock.set_inheritable(True)
     return sock
@@ -206,7 +206,7 @@ class DrainingServer(uvicorn.Server):
         self.signum: int | None = None  # the signal that started the drain
         self.second: int | None = None  # a signal that ended it at once
         self.deadline = float("inf")
-        self.cut = 0  # requests held when the drain ended
+        self.cut = 0  # requests held when the drain ended, HTTP and gRPC
 
     @contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -232,7 +232,8 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        """Requests still held now are cut: their connections are closed, so nothing waits for their clients."""
+        """Requests still held now (of either protocol) are cut: their HTTP connections are closed here and their gRPC
+        calls cancelled when gRPC stops (`time_left` is then 0), so nothing waits for their clients."""
         self.cut = self.plane.in_flight + self.plane.receiving
         if self.cut or self.force_exit:
             for connection in list(self.server_state.connections):
@@ -244,6 +245,13 @@ class DrainingServer(uvicorn.Server):
         await super().startup(sockets)
         if not self.should_exit:
             print(self.banner, flush=True)
+
+    def time_left(self) -> float:
+        """Seconds of the drain left to what serves beside HTTP: none once the drain cut requests or a second signal
+        came; unbounded before a signal."""
+        if self.cut or self.force_exit:
+            return 0.0
+        return max(0.0, self.deadline - time.monotonic())
 
     def outcome(self) -> str:
         """How the drain ended, for the exit message."""
