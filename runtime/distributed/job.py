@@ -33,7 +33,7 @@ from runtime.backends import BackendUnavailable
 from runtime.classify import Summary
 from runtime.console import progress_bar
 from runtime.cpuinfo import usable_cores
-from runtime.distributed.sources import Listing, decode_batch, is_uri, list_inputs
+from runtime.distributed.sources import InputsDataset, decode_batch, is_uri, list_inputs
 from runtime.distributed.writer import MAX_LISTED_FAILURES, Output, Part, output_schema, write_part
 from runtime.errors import DeitError, Interrupted, Unavailable, UsageError, signals_raise_interrupted
 from runtime.decode import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, DecodeFailure
@@ -450,7 +450,7 @@ class Job:
         self.model = os.path.abspath(model) if model and not is_uri(model) else model
         self.artifacts = os.path.abspath(artifacts)
         self.input = input
-        self.listing: Listing = list_inputs(input)
+        self.listing: InputsDataset = list_inputs(input)
         self.output = Output(output, opts.fmt, opts.shard)
         self.settled: tuple[Plan, int, dict[str, Any]] | None = None
 

@@ -97,10 +97,10 @@ def _listed(sources: list[bytes], errors: list[tuple[bytes, str]] = ()) -> pa.Ta
 
 # ------------------------------------------------------------------------------------------------ listing
 
-Listing = Callable[[Any], "ray.data.Dataset"]  # given the ray module, the dataset of (source, key, error)
+InputsDataset = Callable[[Any], "ray.data.Dataset"]  # given the ray module, the dataset of (source, key, error)
 
 
-def list_inputs(spec: str) -> Listing:
+def list_inputs(spec: str) -> InputsDataset:
     """INPUT (a folder, a glob, a list file or one image; local or a URI), checked now and listed later
     as a dataset of (source, key, error).
 
@@ -121,12 +121,12 @@ def list_inputs(spec: str) -> Listing:
         else:
             base_path = os.path.abspath(base or ("/" if spec.startswith("/") else "."))
             pattern = _segments(os.path.abspath(spec))
-        return _walk(fs, base_path, spec if uri else None, pattern, shown=spec)
+        return _folder_dataset(fs, base_path, spec if uri else None, pattern, shown=spec)
     info = _info(fs, path)
     import pyarrow.fs as pafs
 
     if info.type == pafs.FileType.Directory:
-        return _walk(fs, path, spec if uri else None, None, shown=spec)
+        return _folder_dataset(fs, path, spec if uri else None, None, shown=spec)
     if info.type != pafs.FileType.File:
         raise UsageError(f"no such file or folder: {spec}")
     suffix = os.path.splitext(path)[1].lower()
@@ -158,7 +158,7 @@ def _glob_match(parts: list[str], pattern: list[str]) -> bool:
     return bool(parts) and fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
 
 
-def _walk(fs: Any, root: str, template: str | None, pattern: list[str] | None, shown: str) -> Listing:
+def _folder_dataset(fs: Any, root: str, template: str | None, pattern: list[str] | None, shown: str) -> InputsDataset:
     """A folder's images (or a glob's matches under `root`): the driver lists the first level, one task
     walks each subfolder, one more lists the files of the first level itself."""
     import pyarrow as pa
@@ -220,7 +220,7 @@ def _local_files(folder: str, recursive: bool) -> list[str]:
     return [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
 
 
-def _parquet_list(fs: Any, path: str, shown: str, cwd: str) -> Listing:
+def _parquet_list(fs: Any, path: str, shown: str, cwd: str) -> InputsDataset:
     """A Parquet list's `path` column (else its first text column), read in blocks by tasks."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -234,7 +234,7 @@ def _parquet_list(fs: Any, path: str, shown: str, cwd: str) -> Listing:
                         .map_batches(names_batch, batch_format="pyarrow", fn_kwargs={"column": column, "cwd": cwd}))
 
 
-def _text_list(fs: Any, path: str, shown: str, cwd: str) -> Listing:
+def _text_list(fs: Any, path: str, shown: str, cwd: str) -> InputsDataset:
     """A text list (one name a line; blank lines and `#` comments skipped), read in blocks by tasks.
     Its start is checked here, so a binary file is refused before any work."""
     with fs.open_input_stream(path) as f:
@@ -313,7 +313,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec: Preprocessing, draft: bool,
     h, w = spec.input_size
     n = len(batch["key"])
     pixels = np.zeros((n, 3, h, w), dtype=np.float32)
-    errors = np.array([e if isinstance(e, str) else "" for e in batch["error"]], dtype=object)
+    errors = np.array([e or "" for e in batch["error"]], dtype=object)  # the listing's reason, or None
     for i, source in enumerate(batch["source"]):
         if errors[i]:
             continue
