@@ -120,7 +120,7 @@ def requirements(model: RepoModel) -> list[str]:
 
 
 def preferred_sizes(max_batch: int) -> list[int]:
-    """The batch sizes Triton should aim for: the largest two powers of two up to max_batch (the max itself)."""
+    """The batch sizes Triton should aim for: the largest power of two below max_batch, and max_batch itself."""
     sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length())} | {max_batch})
     return sizes[-2:]
 
