@@ -29,15 +29,16 @@ HF_DOCS_A100 = "transformers docs, deit-base-distilled, A100-40GB fp32, PyTorch 
 def write_report(results: dict[str, Any], out_dir: str | Path, files: dict[str, str] = FILES,
                  to_markdown: Callable[[dict[str, Any]], str] | None = None,
                  to_plot: Callable[[dict[str, Any], Path], None] | None = None) -> dict[str, Path]:
-    """Write the json, markdown and plot files (each atomically) and return their paths; other benchmarks
-    pass their own file names and writers."""
+    """Write the json, markdown and (when `files` names one) plot files, each atomically, and return their
+    paths; other benchmarks pass their own file names and writers."""
     out = Path(out_dir)
     paths = {kind: out / name for kind, name in files.items()}
     write_json(paths["json"], results)
     with atomic_path(paths["markdown"]) as tmp:
         tmp.write_text((to_markdown or markdown)(results))
-    with atomic_path(paths["plot"]) as tmp:
-        (to_plot or plot)(results, tmp)
+    if "plot" in paths:
+        with atomic_path(paths["plot"]) as tmp:
+            (to_plot or plot)(results, tmp)
     return paths
 
 

@@ -26,7 +26,8 @@ import numpy as np
 
 from benchmarks.harness import environment
 from benchmarks.serve import _drive, _inputs, add_server_arguments, launch
-from runtime.artifact import MODEL_FILES, SYNTHETIC_WARNING, atomic_path, find_model, read_onnx_meta, write_json
+from benchmarks.report import write_report
+from runtime.artifact import MODEL_FILES, SYNTHETIC_WARNING, find_model, read_onnx_meta
 from runtime.errors import ArgumentParser, UsageError, doc_parser, run_cli
 from runtime.decode import load_and_preprocess
 from runtime.inputs import list_images
@@ -120,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         results = run_benchmark(args)
-        write_json(args.out / FILES["json"], results)
-        with atomic_path(args.out / FILES["markdown"]) as tmp:
-            tmp.write_text(markdown(results))
+        write_report(results, args.out, FILES, markdown)
         print(markdown(results))
         if results["synthetic"]:
             print(SYNTHETIC_WARNING, file=sys.stderr)

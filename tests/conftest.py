@@ -3,6 +3,7 @@ tiny DeiT trained (in seconds) on a synthetic 4-class image task, for tests that
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -208,3 +209,12 @@ def first_record(partial: Path, proc: subprocess.Popen[str]) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"the run ended before writing a record: {proc.communicate()}")
+
+
+def photo_bytes(seed: int, fmt: str = "PNG") -> bytes:
+    """A small encoded photo, different for each seed: what a client uploads."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (8, 6, 3), dtype=np.uint8)).resize((60, 45), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()

@@ -4,7 +4,6 @@ the readiness endpoint), never a fixed sleep."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -18,9 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import SAMPLE_DIR, needs_sample
+from conftest import SAMPLE_DIR, needs_sample, photo_bytes
 from benchmarks.serve import launch
 from runtime.backends import create
 from runtime.classify import ClassifyOptions, classify
@@ -54,14 +52,6 @@ def server(tiny_artifact: Path) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def client(server: str) -> httpclient.InferenceServerClient:
     return httpclient.InferenceServerClient(server, concurrency=4)
-
-
-def photo_bytes(seed: int, fmt: str = "PNG") -> bytes:
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 256, (8, 6, 3), dtype=np.uint8)).resize((60, 45), Image.Resampling.BILINEAR)
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
 
 
 def images_input(items: list[bytes]) -> httpclient.InferInput:

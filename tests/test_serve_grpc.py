@@ -4,7 +4,6 @@ sign (the ready line, a statistic), never a fixed sleep."""
 
 from __future__ import annotations
 
-import io
 import json
 import queue
 import signal
@@ -16,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from benchmarks.serve import Launched, serve_process
+from conftest import photo_bytes
 from runtime.backends import create
 from runtime.classify import ClassifyOptions, classify
 from runtime.predictor import Prediction, Predictor
@@ -48,14 +47,6 @@ def server(tiny_artifact: Path) -> Iterator[Launched]:
 def client(server: Launched) -> grpcclient.InferenceServerClient:
     assert server.grpc_url is not None, "the ready line names no gRPC address"
     return grpcclient.InferenceServerClient(server.grpc_url)
-
-
-def photo_bytes(seed: int, fmt: str = "PNG") -> bytes:
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 256, (8, 6, 3), dtype=np.uint8)).resize((60, 45), Image.Resampling.BILINEAR)
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
 
 
 def images_input(items: list[bytes]) -> grpcclient.InferInput:
