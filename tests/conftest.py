@@ -218,3 +218,24 @@ def photo_bytes(seed: int, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
+
+
+def predictor_answers(artifact: Path, folder: Path) -> tuple[list[Path], list[Any], np.ndarray, np.ndarray]:
+    """Three photos (PNG, JPEG, WebP) written to `folder`, and what the project's predictor answers for them
+    (records, pixels, logits): the reference a server's answers must equal, whatever the protocol."""
+    from runtime.backends import create
+    from runtime.classify import ClassifyOptions, classify
+    from runtime.decode import load_and_preprocess
+    from runtime.predictor import Predictor
+
+    files = []
+    for i, fmt in enumerate(["PNG", "JPEG", "WEBP"]):
+        files.append(folder / f"p{i}.{fmt.lower()}")
+        files[-1].write_bytes(photo_bytes(i, fmt))
+    with create("ort-cpu", artifact, max_batch=4, threads=1) as backend:
+        predictor = Predictor(backend, 5)
+        expected: list[Any] = []
+        classify(files, predictor, ClassifyOptions(workers=1), expected.append)
+        pixels = np.stack([load_and_preprocess(f, predictor.spec) for f in files])
+        logits = backend.infer(pixels)["logits"]
+    return files, expected, pixels, logits

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from conftest import SAMPLE_DIR, needs_sample, photo_bytes
+from conftest import SAMPLE_DIR, needs_sample, photo_bytes, predictor_answers
 from benchmarks.serve import launch
 from runtime.backends import create
 from runtime.classify import ClassifyOptions, classify
@@ -90,16 +90,7 @@ def test_health_metadata_and_config(client: httpclient.InferenceServerClient, ti
 
 def test_fp32_and_bytes_answers_equal_the_predictor(client: httpclient.InferenceServerClient, tiny_artifact: Path,
                                                     tmp_path: Path) -> None:
-    files = []
-    for i, fmt in enumerate(["PNG", "JPEG", "WEBP"]):
-        files.append(tmp_path / f"p{i}.{fmt.lower()}")
-        files[-1].write_bytes(photo_bytes(i, fmt))
-    with create("ort-cpu", tiny_artifact, max_batch=4, threads=1) as backend:
-        predictor = Predictor(backend, 5)
-        expected: list[Prediction] = []
-        classify(files, predictor, ClassifyOptions(workers=1), expected.append)
-        pixels = np.stack([load_and_preprocess(f, predictor.spec) for f in files])
-        logits = backend.infer(pixels)["logits"]
+    files, expected, pixels, logits = predictor_answers(tiny_artifact, tmp_path)
     by_bytes = client.infer(NAME, [images_input([f.read_bytes() for f in files])])
     for binary in (True, False):  # the binary-tensor extension and plain JSON tensors
         by_pixels = client.infer(NAME, [pixels_input(pixels, binary)],

@@ -17,11 +17,8 @@ import numpy as np
 import pytest
 
 from benchmarks.serve import Launched, serve_process
-from conftest import photo_bytes
+from conftest import photo_bytes, predictor_answers
 from runtime.backends import create
-from runtime.classify import ClassifyOptions, classify
-from runtime.predictor import Prediction, Predictor
-from runtime.decode import load_and_preprocess
 from runtime.serve import main
 
 if TYPE_CHECKING:
@@ -99,16 +96,7 @@ def test_health_metadata_config_and_statistics(server: Launched, client: grpccli
 
 def test_fp32_and_bytes_answers_equal_the_predictor(server: Launched, client: grpcclient.InferenceServerClient,
                                                     tiny_artifact: Path, tmp_path: Path) -> None:
-    files = []
-    for i, fmt in enumerate(["PNG", "JPEG", "WEBP"]):
-        files.append(tmp_path / f"p{i}.{fmt.lower()}")
-        files[-1].write_bytes(photo_bytes(i, fmt))
-    with create("ort-cpu", tiny_artifact, max_batch=4, threads=1) as backend:
-        predictor = Predictor(backend, 5)
-        expected: list[Prediction] = []
-        classify(files, predictor, ClassifyOptions(workers=1), expected.append)
-        pixels = np.stack([load_and_preprocess(f, predictor.spec) for f in files])
-        logits = backend.infer(pixels)["logits"]
+    files, expected, pixels, logits = predictor_answers(tiny_artifact, tmp_path)
     tops = [p.top or [] for p in expected]
 
     by_pixels = client.infer(NAME, [pixels_input(pixels)], request_id="r1",
