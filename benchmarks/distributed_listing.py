@@ -1,14 +1,15 @@
 """Driver memory of a Ray job's listing and resume, against the input count: it should stay flat.
 
-    python -m benchmarks.distributed_listing --counts 100000 1000000 --kinds list folder
+    python -m benchmarks.distributed_listing --model artifacts/<model> --counts 100000 1000000 --kinds list folder
 
 For each kind of INPUT (a text list of names, a folder tree of empty `.jpg` files) and each count N,
 the inputs and an output folder whose committed parts already hold half of them (so resume has work
-to do) are made, then a fresh process starts a local Ray and runs what a job does before its first
-image: check INPUT and the output, list INPUT and settle it against the output (`Job.settle`: each
-input once, those done left out, counts back). That driver's resident memory is sampled every 20 ms;
-the figure is its peak above the resident memory it had just before (Ray connected, modules imported). The slope is the growth per million inputs between the
-smallest and the largest count.
+to do) are made, then a fresh process starts a local Ray and runs the job's stages up to decoding:
+check INPUT and the output, load what the output holds into the ledgers, list INPUT and claim every
+input (`Job.settle`, streamed to the end: each input once, those done left out). That driver's resident
+memory is sampled every 20 ms; the figure is its peak above the resident memory it had just before
+(Ray connected, modules imported). Beside it, what the ledgers hold (on the driver's node, in their own
+processes). The slope is the growth per million inputs between the smallest and the largest count.
 """
 
 from __future__ import annotations
@@ -71,11 +72,12 @@ def make_done(inp: str, kind: str, n: int, out: Path) -> None:
         pq.write_table(table, out / f"part-earlier-{p:05d}.parquet")
 
 
-def measure_one(inp: str, out: str) -> dict[str, Any]:
-    """In this process: Ray connected, then the peak driver memory of the job's checks, listing and settling."""
+def measure_one(inp: str, out: str, model: str) -> dict[str, Any]:
+    """In this process: Ray connected, then the peak driver memory of the job's checks, listing and claims."""
     import ray
 
     from runtime.distributed import Job, JobOptions, connect
+    from runtime.distributed.job import ledger_totals
 
     connect()
     baseline, peak, stop = _rss_bytes(), [0], threading.Event()
@@ -88,18 +90,26 @@ def measure_one(inp: str, out: str) -> dict[str, Any]:
     sampler.start()
     t = time.perf_counter()
     try:
-        _, counts = Job(inp, out, opts=JobOptions(progress=False)).settle(ray)
+        job = Job(inp, out, model, JobOptions(backend="ort-cpu", progress=False))
+        todo, ledgers, _ = job.settle(ray)
+        listed = sum(block.num_rows for block in todo.iter_batches(batch_format="pyarrow", batch_size=None))
+        counts = ledger_totals(ray, ledgers)
+        held = sum(ray.get([ledger.held_bytes.remote() for ledger in ledgers]))
     finally:
         stop.set()
         sampler.join()
     seconds = time.perf_counter() - t
+    job.close()
     ray.shutdown()
+    assert listed == counts.todo, (listed, counts)
     return {"todo": counts.todo, "done": counts.done, "seconds": round(seconds, 1),
-            "baseline_mb": round(baseline / 2**20, 1), "peak_above_baseline_mb": round((peak[0] - baseline) / 2**20, 1)}
+            "baseline_mb": round(baseline / 2**20, 1), "peak_above_baseline_mb": round((peak[0] - baseline) / 2**20, 1),
+            "ledgers_mb": round(held / 2**20, 1)}
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m benchmarks.distributed_listing", description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--model", required=True, help="artifact folder or model file (the job's plan needs one; never run)")
     p.add_argument("--counts", type=int, nargs="+", default=[100_000, 1_000_000], help="input counts to measure")
     p.add_argument("--kinds", nargs="+", choices=["list", "folder"], default=["list", "folder"])
     p.add_argument("--one", nargs=2, metavar=("INPUT", "OUTPUT"), help=argparse.SUPPRESS)  # one measurement, here
@@ -109,7 +119,7 @@ def build_parser() -> ArgumentParser:
 
 def report(args: Any) -> int:
     if args.one:
-        print(json.dumps(measure_one(*args.one)))
+        print(json.dumps(measure_one(*args.one, args.model)))
         return 0
     rows = []
     for kind in args.kinds:
@@ -118,11 +128,12 @@ def report(args: Any) -> int:
                 inp = make_inputs(kind, n, Path(tmp))
                 make_done(inp, kind, n, Path(tmp) / "out")
                 done = subprocess.run([sys.executable, "-m", "benchmarks.distributed_listing", "--one", inp,
-                                       str(Path(tmp) / "out")], capture_output=True, text=True, check=True)
+                                       str(Path(tmp) / "out"), "--model", args.model], capture_output=True, text=True,
+                                      check=True)
             rows.append({"kind": kind, "inputs": n, **json.loads(done.stdout.strip().splitlines()[-1])})
             r = rows[-1]
             print(f"{kind:6} {n:>9,} inputs ({r['done']:,} done earlier): driver peak +{r['peak_above_baseline_mb']} MB "
-                  f"above {r['baseline_mb']} MB, {r['seconds']} s", flush=True)
+                  f"above {r['baseline_mb']} MB, ledgers {r['ledgers_mb']} MB, {r['seconds']} s", flush=True)
         mine = [r for r in rows if r["kind"] == kind]
         if len(mine) > 1:
             lo, hi = mine[0], mine[-1]

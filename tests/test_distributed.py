@@ -274,6 +274,45 @@ def test_a_hung_decode_becomes_that_inputs_error_row(photos: Path, monkeypatch: 
     assert out["pixels"][0].any() and out["pixels"][2].any() and not out["pixels"][1].any()
 
 
+def test_the_ledger_claims_each_key_once_and_knows_what_earlier_runs_did(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim stage's record, without Ray: a key is TODO the first time it is listed (in one call or
+    across calls, before and after the recent claims are folded into the sorted array), DONE or
+    DONE_FAILED the first time when an earlier run did it, REPEATED after that; the counts add up."""
+    import runtime.distributed.ledger as ledger
+    from runtime.distributed.ledger import DONE, DONE_FAILED, REPEATED, TODO, Ledger, digests
+
+    monkeypatch.setattr(ledger, "FOLD_AT", 4)
+    book = Ledger()
+    book.add_done(digests(["d0", "d1"]), np.array([False, True]))
+    book.add_done(digests(["d0"]), np.array([False]))  # a load task that ran twice
+    assert book.seal() == 2
+    first = book.claim(digests(["a", "b", "a", "d0", "d1", "c"]))
+    assert first.tolist() == [TODO, TODO, REPEATED, DONE, DONE_FAILED, TODO]
+    assert len(book.seen) == 5 and not book.recent  # five claimed: folded
+    second = book.claim(digests(["c", "e", "d0", "f", "e"]))
+    assert second.tolist() == [REPEATED, TODO, REPEATED, TODO, REPEATED]
+    assert book.claim(digests(["e", "f", "g"])).tolist() == [REPEATED, REPEATED, TODO]
+    assert book.totals() == {"todo": 6, "done": 1, "done_failed": 1, "repeated": 6}
+    assert ledger.ledger_of(digests([f"k{i}" for i in range(1000)]), 2).tolist().count(0) in range(420, 580)
+
+
+def test_a_list_naming_files_twice_gives_each_one_row_and_a_resume_skips_them(
+        ray_session: Any, tiny_artifact: Path, photos: Path, tmp_path: Path) -> None:
+    """A list that names every file twice (two lists concatenated) through the streaming claims: one row a
+    file; run again into the same output, nothing is redone and the summary counts them as earlier."""
+    files = images(photos)
+    twice = tmp_path / "twice.txt"
+    twice.write_text("".join(f"{f}\n" for f in files) * 2)
+    out = tmp_path / "out"
+    first = run_job(twice, out, tiny_artifact, rows_per_file=7)
+    assert (first.images, first.resumed) == (len(files), 0)
+    table = rows(out)
+    assert len(table) == table["path"].nunique() == len(files)
+    again = run_job(twice, out, tiny_artifact, rows_per_file=7)
+    assert (again.images, again.resumed) == (len(files), len(files))
+    assert len(rows(out)) == len(files)
+
+
 def test_resume_skips_what_the_output_holds(ray_session: Any, tiny_artifact: Path, photos: Path,
                                             tmp_path: Path) -> None:
     files = images(photos)
@@ -327,7 +366,7 @@ def test_two_shard_jobs_write_every_input_once_into_one_output(ray_session: Any,
     """`--shard 0/2` and `1/2` (one by one here; each locks only its own shard, so the other shard's lock
     held meanwhile does not stop it) write disjoint rows whose union is an unsharded run's rows; a
     re-run of a shard resumes it."""
-    from runtime.distributed.job import job_shard
+    from runtime.distributed.ledger import job_shard
     from runtime.distributed.writer import LOCK
     from runtime.paths import output_lock
 
@@ -539,6 +578,86 @@ def test_two_shard_jobs_at_once_on_two_one_cpu_nodes_both_finish(ray_start_clust
     assert len(table) == table["path"].nunique() == len(images(photos))
 
 
+def test_admission_queues_a_job_that_does_not_fit_beside_the_running_ones(ray_session: Any) -> None:
+    """First come, first served: a job is admitted alone, or when the running jobs' actors and its own
+    leave a CPU to decode; one that waits says why and stays in line; a job whose driver died (its lease
+    gone) frees its room."""
+    from runtime.distributed.admission import Admission, Claim
+    from runtime.distributed.job import Counter
+
+    ray = ray_session
+    book = ray.remote(num_cpus=0)(Admission).remote()  # its own, not the cluster's named one
+    a, b, c = (ray.remote(num_cpus=0)(Counter).remote() for _ in range(3))
+    assert ray.get(book.admit.remote(Claim("a", 1.0, 0.0, "job a"), a)) is None
+    assert ray.get(book.admit.remote(Claim("b", 0.5, 0.0, "job b"), b)) == (
+        "1 running job(s) hold 1 CPUs for their actors, and this one needs 0.5 CPUs beside a CPU to decode, of 2 "
+        "CPUs; running: job a")
+    assert "; 1 job(s) ahead in line;" in ray.get(book.admit.remote(Claim("c", 0.0, 0.0, "job c"), c))
+    ray.kill(a)  # job a's driver is gone, and its counter with it
+    assert ray.get(book.admit.remote(Claim("c", 0.0, 0.0, "job c"), c)) is not None  # b came first
+    assert ray.get(book.admit.remote(Claim("b", 0.5, 0.0, "job b"), b)) is None
+    assert ray.get(book.admit.remote(Claim("c", 0.0, 0.0, "job c"), c)) is None  # 0.5 + 0 and a decoder fit in 2
+    ray.get(book.release.remote("b"))
+    for actor in (book, b, c):
+        ray.kill(actor)
+
+
+def test_a_job_that_cannot_fit_beside_a_running_one_queues_and_then_finishes(
+        ray_start_cluster: Any, tiny_artifact: Path, photos: Path, big_photos: Path, tmp_path: Path) -> None:
+    """Two jobs whose actors take a CPU each on two 1-CPU nodes cannot both run (no CPU would be left to
+    decode): the second says it is queued, naming the first, and finishes once the first has ended."""
+    import threading
+
+    def job(inp: Path, out: str, *extra: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "runtime.distributed", str(inp), "--output", str(tmp_path / out),
+                                 "--model", str(tiny_artifact), "--backend", "ort-cpu", "--topk", "3", "--no-progress",
+                                 "--num-cpus-per-worker", "1", "--address", ray_start_cluster.address, *extra],
+                                env=ray_start_cluster.env, stderr=subprocess.PIPE, text=True,
+                                cwd=Path(__file__).parents[1])
+
+    def lines(proc: subprocess.Popen[str], log: list[str], sign: str, seen: threading.Event) -> threading.Thread:
+        def read() -> None:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                log.append(line)
+                if line.startswith(sign):
+                    seen.set()
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        return reader
+
+    long = tmp_path / "long"  # the big photo 600 times (links): a minute of decoding on the one CPU left to it
+    long.mkdir()
+    for i in range(600):
+        os.link(images(big_photos)[0], long / f"{i:03d}.jpg")
+    first_log: list[str] = []
+    second_log: list[str] = []
+    running, queued = threading.Event(), threading.Event()
+    first = job(long, "first", "--rows-per-file", "8")
+    second = None
+    try:
+        readers = [lines(first, first_log, "distributed: committed", running)]
+        assert running.wait(180), "".join(first_log)[-3000:]
+        second = job(photos, "second")
+        readers.append(lines(second, second_log, "distributed: queued:", queued))
+        assert queued.wait(180), "".join(first_log + second_log)[-3000:]
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=120) == 130, "".join(first_log)[-3000:]
+        assert second.wait(timeout=300) == 0, "".join(second_log)[-3000:]
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    for reader in readers:
+        reader.join(timeout=30)
+    text = "".join(second_log)
+    assert "distributed: queued: 1 running job(s) hold 1 CPUs for their actors, and this one needs 1 CPUs beside a " \
+           "CPU to decode, of 2 CPUs; running: `python -m runtime.distributed " in text, text[-3000:]
+    assert "distributed: admitted: the job starts" in text
+    table = rows(tmp_path / "second")
+    assert len(table) == table["path"].nunique() == len(images(photos))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the raylet's process in /proc")
 def test_a_raylet_killed_mid_job_leaves_exactly_one_row_per_input(ray_start_cluster: Any,
                                                                    tiny_artifact: Path, big_photos: Path,
@@ -594,27 +713,30 @@ def test_the_stall_watchdog_interrupts_a_job_that_makes_no_progress() -> None:
     class Stuck:  # the counter actor's handle: `get.remote()` is a reference that `ray.get` resolves
         class get:  # noqa: N801
             @staticmethod
-            def remote() -> int:
-                return 7
+            def remote() -> tuple[int, int]:
+                return 40, 7  # listed to do, classified
 
     class NoRay:
-        def get(self, ref: int, timeout: float) -> int:
+        def get(self, ref: tuple[int, int], timeout: float) -> tuple[int, int]:
             return ref
 
     class Bar:
         disable = False  # a bar shows the progress: the watchdog does not say it
 
         def __init__(self) -> None:
-            self.n = 0
+            self.n, self.total = 0, None
 
         def update(self, n: int) -> None:
             self.n += n
+
+        def refresh(self) -> None:
+            pass
 
     watch, bar = Watchdog(NoRay(), Stuck(), stall_s=0.5, poll_s=0.05), Bar()
     # The CLI's own handler, as in a job: a process started in the background (`cmd &`) inherits SIGINT ignored.
     with pytest.raises(Interrupted), signals_raise_interrupted(), watch.running(bar):
         time.sleep(60)  # the driver waiting inside Ray for a row that never comes
-    assert bar.n == 7 and watch.stalled is not None
+    assert (bar.n, bar.total) == (7, 40) and watch.stalled is not None
     assert watch.stalled.startswith("no input classified for 0.5 s (")
 
 
@@ -634,11 +756,11 @@ def test_the_watchdog_says_when_a_node_leaves_and_ends_a_job_no_node_can_run() -
     class Counter:
         class get:  # noqa: N801
             @staticmethod
-            def remote() -> int:
-                return 3
+            def remote() -> tuple[int, int]:
+                return 40, 3
 
     class Ray:
-        def get(self, ref: int, timeout: float) -> int:
+        def get(self, ref: tuple[int, int], timeout: float) -> tuple[int, int]:
             return ref
 
         def nodes(self) -> list[dict[str, Any]]:
@@ -647,6 +769,10 @@ def test_the_watchdog_says_when_a_node_leaves_and_ends_a_job_no_node_can_run() -
     class Bar:
         disable = True  # no bar: the watchdog says where the job stands
         lines: list[str] = []
+        total = None
+
+        def refresh(self) -> None:
+            pass
 
         def update(self, n: int) -> None:
             if n and not lost.is_set():

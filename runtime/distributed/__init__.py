@@ -9,10 +9,11 @@ anything pyarrow.fs reads: s3://, gs://, ...). Without --address a local Ray sta
 with one, the job joins a running cluster (`ray start --head`, KubeRay). Every node needs this
 package installed and the model at the same path (local inputs too; URIs are read where they run).
 
-One Ray Data pipeline; the driver holds neither the listing nor the rows (docs/distributed.md):
-listing and settling (each input once, those the output holds left out) run as tasks, decode tasks
-feed an autoscaling pool of inference actors (runtime.predictor's records), write tasks write whole
-part files on the workers, and the driver commits each by a rename. `_manifest.json` records the
+One Ray Data pipeline, streamed from the first input; the driver holds neither the listing nor the
+rows (docs/distributed.md): listing tasks, claims against two ledger actors (each input once, those
+the output holds left out), decode tasks feeding an autoscaling pool of inference actors
+(runtime.predictor's records), write tasks writing whole part files on the workers, and the driver
+committing each by a rename. Jobs that cannot fit beside the running ones on a cluster queue. `_manifest.json` records the
 model's sha256, backend, precision and top-k; a run with other settings into the same output is
 refused, and so is a second job while one holds the output's lock. Exactly once: a part counts only
 once committed, so a lost node or actor costs time, never a lost or doubled row; a re-run with the
@@ -24,7 +25,8 @@ what is missing and the command that resumes.
 Exit status as runtime.infer: 0 all predicted, 1 some files failed, 2 usage, 5 model, 6 unavailable
 (Ray missing too), 7 failed or stalled.
 
-    package layout: sources (INPUT -> listing, decoding), writer (parts, manifest), job (the pipeline), cli
+    package layout: sources (INPUT -> listing, decoding), ledger (claims), admission (the queue),
+    writer (parts, manifest), job (the pipeline), cli
 """
 
 from runtime.distributed.cli import main

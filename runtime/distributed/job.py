@@ -1,26 +1,28 @@
 """One job on a connected Ray: the plan settled on a worker, the Ray Data pipeline, and the driver's commits.
 
-    listing (tasks) -> settle: one row per key, what the output holds left out (a hash-sharded group-by)
+    what the output holds -> the ledgers (tasks; before anything is listed)
+    listing (tasks) -> claims: each key once, those the output holds left out (tasks asking the ledgers)
       -> decode tasks (1 CPU each) -> inference actors (an autoscaling pool) -> write tasks (parts)
       -> the driver renames each finished part into place
 
-The driver holds no listing and no rows: only the names and counts of finished parts. A progress
-counter (a small actor) hears from the inference actors as they go; it feeds the progress bar and a
-stall watchdog, which ends a job that makes no progress for `stall_s` (a node lost and its demand
-unmet) with the cluster's pending demand and the command that resumes it.
+Everything streams: the first inputs are decoded while the listing goes on, whatever its size. The
+driver holds no listing and no rows: only the names and counts of finished parts. A progress counter
+(a small actor) hears from the claims and the inference actors as they go; it feeds the progress bar
+and a watchdog, which says when the job waits for room other jobs hold, and ends a job that makes
+no progress for `stall_s` (a node lost and its demand unmet) with the cluster's pending demand and
+the command that resumes it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-import zlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,9 @@ from runtime.backends import BackendUnavailable
 from runtime.classify import Summary
 from runtime.console import progress_bar
 from runtime.cpuinfo import usable_cores
-from runtime.distributed.sources import InputsDataset, decode_batch, is_uri, list_inputs
+from runtime.distributed.admission import Claim, wait_for_admission
+from runtime.distributed.ledger import Ledger, claim_batch, load_done
+from runtime.distributed.sources import LIST_CPUS, InputsDataset, decode_batch, is_uri, list_inputs
 from runtime.distributed.writer import MAX_LISTED_FAILURES, Output, Part, output_schema, write_part
 from runtime.errors import DeitError, Interrupted, Unavailable, UsageError, signals_raise_interrupted
 from runtime.decode import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, DecodeFailure
@@ -51,9 +55,12 @@ DECODE_BYTES_PER_PIXEL = 6
 # Decoded pixels travel in blocks of at most this size (~50 DeiT inputs), so inference starts early
 # and the object store holds only a few blocks per actor.
 PIXEL_BLOCK_BYTES = 32 * 2**20
-# Keys per settle shard at most (about 100 bytes each in the group-by); more inputs, more shards.
-SHARD_KEYS = 2_000_000
-TODO, DONE, DONE_FAILED, LISTED = 0, 1, 2, -1  # a settled row's state; LISTED before settling
+# Ledger actors beside the driver (each input's digest is held by one); claims ask them in parallel.
+LEDGERS = 2
+CLAIM_TASKS = 2  # at once: they ask the ledgers, a few milliseconds each; more would only take CPU shares
+# Listed inputs a claim asks the ledgers about at once: a few milliseconds of hashing, so the first
+# decode blocks leave the claim stage at once, and few enough calls that the ledgers keep up.
+CLAIM_ROWS = 4096
 
 
 class Stalled(DeitError):
@@ -102,16 +109,20 @@ class Plan:
 
 
 class Counter:
-    """Rows the inference actors have classified (a Ray actor on the driver's node; progress, not accounting)."""
+    """Inputs the claims found to do and rows classified (a Ray actor on the driver's node; progress, not
+    accounting). It lives as long as the driver, so it is also the job's lease on its admission."""
 
     def __init__(self) -> None:
-        self.rows = 0
+        self.todo = self.rows = 0
+
+    def listed(self, n: int) -> None:
+        self.todo += n
 
     def add(self, n: int) -> None:
         self.rows += n
 
-    def get(self) -> int:
-        return self.rows
+    def get(self) -> tuple[int, int]:
+        return self.todo, self.rows
 
 
 class Classifier:
@@ -176,85 +187,6 @@ def make_plan(options: ModelOptions) -> Plan:
                 str(loaded), file_sha256(loaded) if loaded.is_file() else None)
 
 
-# ---------------------------------------------------------------------------------------------- settling
-
-def _shard(keys: pa.Array, shards: int) -> pa.Array:
-    import pyarrow as pa
-
-    return pa.array([zlib.crc32(k.encode("utf-8", "surrogatepass")) % shards for k in keys.to_pylist()], pa.int32())
-
-
-def job_shard(key: str, count: int) -> int:
-    """Which of `count` shard jobs (`--shard i/count`) takes the input whose output `path` is `key`: a hash
-    that every process and machine computes alike (Python's `hash` of a str is salted per process), and
-    independent of the settle shards' crc32."""
-    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % count
-
-
-def in_job_shard(batch: pa.Table, job: tuple[int, int] | None) -> pa.Table:
-    """The rows of `batch` (listed or done) whose key falls in shard `job` = (i, n); all of them without one."""
-    if job is None:
-        return batch
-    import pyarrow as pa
-
-    index, count = job
-    return batch.filter(pa.array([job_shard(k, count) == index for k in batch["key"].to_pylist()], pa.bool_()))
-
-
-def tag_listed(batch: pa.Table, shards: int, job: tuple[int, int] | None = None) -> pa.Table:
-    import pyarrow as pa
-
-    batch = in_job_shard(batch, job)
-    n = batch.num_rows
-    return pa.table({"shard": _shard(batch["key"], shards), "key": batch["key"], "source": batch["source"],
-                     "error": batch["error"], "state": pa.array([LISTED] * n, pa.int8())})
-
-
-def tag_done(batch: pa.Table, shards: int, job: tuple[int, int] | None = None) -> pa.Table:
-    import pyarrow as pa
-
-    batch = in_job_shard(batch, job)
-    failed = batch["error"].is_valid().to_pylist()
-    return pa.table({"shard": _shard(batch["key"], shards), "key": batch["key"],
-                     "source": pa.nulls(batch.num_rows, pa.binary()), "error": pa.nulls(batch.num_rows, pa.string()),
-                     "state": pa.array([DONE_FAILED if f else DONE for f in failed], pa.int8())})
-
-
-def settle_shard(group: pa.Table) -> pa.Table:
-    """One shard of keys: each listed key once (its first listing), TODO unless the output holds it."""
-    import pyarrow as pa
-
-    states = group["state"].to_pylist()
-    keys = group["key"].to_pylist()
-    done = {k: s for k, s in zip(keys, states) if s != LISTED}
-    keep, state, seen = [], [], set()
-    for i, (k, s) in enumerate(zip(keys, states)):
-        if s == LISTED and k not in seen:
-            seen.add(k)
-            keep.append(i)
-            state.append(done.get(k, TODO))
-    out = group.take(pa.array(keep, pa.int64())).drop_columns(["shard", "state"])
-    return out.append_column("state", pa.array(state, pa.int8()))
-
-
-def only_todo(batch: pa.Table) -> pa.Table:
-    import pyarrow.compute as pc
-
-    return batch.filter(pc.equal(batch["state"], TODO)).drop_columns(["state"])
-
-
-def state_counts(batch: pa.Table) -> pa.Table:
-    """One row of counts for a settled block: to do, done earlier, of those failed."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    states = pc.value_counts(batch["state"]).to_pylist()
-    n = {s["values"]: s["counts"] for s in states}
-    return pa.table({"todo": [n.get(TODO, 0)], "done": [n.get(DONE, 0) + n.get(DONE_FAILED, 0)],
-                     "done_failed": [n.get(DONE_FAILED, 0)]})
-
-
 # ---------------------------------------------------------------------------------------------- Ray
 
 def connect(address: str | None = None, num_cpus: int | None = None, object_store_bytes: int | None = None) -> bool:
@@ -288,10 +220,11 @@ def connect(address: str | None = None, num_cpus: int | None = None, object_stor
     ctx.enable_progress_bars = False  # ours counts rows classified, which is what a user waits for
     ctx.print_on_execution_start = False
     ctx.target_max_block_size = PIXEL_BLOCK_BYTES
-    # Settling's group-by as tasks (sample, map, reduce): the default hash shuffle first starts a pool of
-    # aggregator actors, which costs a small job 10-20 s on 2 cores (0.2 s this way, measured).
-    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # A stage capped at a few tasks (listing, claims) that gets fewer inputs than its cap is no news.
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
+    # Task options without a named parameter yet (a node to run on, retries) still go as `ray_remote_args`.
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
     _no_block_stats()
     return started
 
@@ -355,6 +288,37 @@ def _remote_plan(ray: Any, job: JobOptions, model: str | None, artifacts: str) -
                                                 job.topk)))
     except Exception as err:
         raise _unwrapped(err) from None
+
+
+def _on_this_node(ray: Any) -> Any:
+    """The driver's node, for the actors and tasks whose state must not be lost with another node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def _cut(claimed: ray.data.Dataset, rows: int, claims: dict[str, Any]) -> ray.data.Dataset:
+    """`claimed` in blocks of `rows`, one decode task each, cut by the claim tasks themselves.
+
+    A map stage's output is merged into blocks of up to 32 MB, so the claims' small blocks would reach
+    the decoders as one block of thousands of names, which one task would decode alone. Ray Data's
+    streaming repartition cuts them, and runs inside the claim tasks only when its task options are
+    theirs; it has no parameter for them (as of Ray 2.60), so they are set on its logical operator.
+    Run apart, it would hold a whole CPU for the listing's length and starve the decoders.
+    """
+    cut = claimed.repartition(target_num_rows_per_block=rows)
+    cut._logical_plan.dag.ray_remote_args.update(claims)  # pyright: ignore[reportAttributeAccessIssue]
+    return cut
+
+
+def ledger_totals(ray: Any, ledgers: list[Any]) -> Counts:
+    """What the ledgers counted, summed."""
+    counts = Counts()
+    for totals in ray.get([ledger.totals.remote() for ledger in ledgers]):
+        counts.todo += totals["todo"]
+        counts.done += totals["done"] + totals["done_failed"]
+        counts.done_failed += totals["done_failed"]
+    return counts
 
 
 def _cpu_nodes(ray: Any) -> list[float]:
@@ -432,7 +396,7 @@ class JobOptions:
 
 @dataclass
 class Counts:
-    """What settling found: inputs left to do, and those the output already holds (ok and failed)."""
+    """What the ledgers found: inputs claimed to do, and those the output already held (ok and failed)."""
 
     todo: int = 0
     done: int = 0
@@ -475,30 +439,29 @@ class Job:
                 "precision": plan.resolved_precision, "topk": self.opts.topk, "format": self.opts.fmt,
                 "draft": self.opts.draft, "max_pixels": self.opts.max_pixels, "max_file_bytes": self.opts.max_file_bytes}
 
-    def settle(self, ray: Any) -> tuple[ray.data.Dataset, Counts]:
-        """The inputs left to do, each key once, and the counts: a group-by over hash shards of the listing
-        and of what the output holds, on the workers, kept in the object store (spilled to disk when large).
-        Only one small row of counts a block comes back to the driver."""
-        listed = self.listing(ray)
+    def settle(self, ray: Any, counter: Any = None) -> tuple[ray.data.Dataset, list[Any], int]:
+        """The inputs left to do, each key once, as a stream; the ledgers; how many inputs earlier runs did.
+
+        What the output holds is loaded into the ledgers first (a pass over its parts' `path` and
+        `error` columns, by tasks); then each listed block is claimed as it is listed, by tasks on the
+        driver's node, which cut what is left to do into one decode task's blocks. Nothing waits for
+        the whole listing, and the driver holds none of it.
+        """
+        here = _on_this_node(ray)
+        ledgers = [ray.remote(num_cpus=0)(Ledger).options(scheduling_strategy=here).remote() for _ in range(LEDGERS)]
         done = self.output.done(ray)
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        shards = max(2 * cpus, (len(self.output.done_parts) * self.opts.rows_per_file) // SHARD_KEYS + 1)
-        sharding = {"shards": shards, "job": self.opts.shard}
-        tagged = listed.map_batches(tag_listed, batch_format="pyarrow", fn_kwargs=sharding)
         if done is not None:
-            tagged = tagged.union(done.map_batches(tag_done, batch_format="pyarrow", fn_kwargs=sharding))
-        settled = tagged.groupby("shard").map_groups(settle_shard, batch_format="pyarrow").materialize()
-        counts = Counts()
-        for row in settled.map_batches(state_counts, batch_format="pyarrow", batch_size=None, num_cpus=0).iter_rows():
-            counts.todo += row["todo"]
-            counts.done += row["done"]
-            counts.done_failed += row["done_failed"]
-        # Cut into one decode task's blocks here, while nothing else runs: a task cutting in the pipeline
-        # would wait on the stages after it and hold its CPU meanwhile, starving the decoders (and a decode
-        # task's pixels reach the actors only when it ends, so a task is one batch).
-        todo = settled.map_batches(only_todo, batch_format="pyarrow").repartition(
-            target_num_rows_per_block=self.decode_rows()).materialize()
-        return todo, counts
+            done.map_batches(load_done, batch_format="pyarrow", num_cpus=LIST_CPUS,
+                             fn_kwargs={"ledgers": ledgers, "job": self.opts.shard}).materialize()
+        done_earlier = sum(ray.get([ledger.seal.remote() for ledger in ledgers]))
+        claims = {"num_cpus": 0, "scheduling_strategy": here,  # light (hashing names): never short of room
+                  "max_retries": 0}  # a second try would find its own keys claimed (runtime.distributed.ledger)
+        claimed = self.listing(ray).map_batches(
+            claim_batch, batch_size=CLAIM_ROWS, batch_format="pyarrow", concurrency=CLAIM_TASKS,
+            fn_kwargs={"ledgers": ledgers, "rows": self.decode_rows(), "job": self.opts.shard, "counter": counter},
+            **claims)
+        todo = _cut(claimed, self.decode_rows(), claims)
+        return todo, ledgers, done_earlier
 
     def pipeline(self, ray: Any, todo: ray.data.Dataset, counter: Any) -> ray.data.Dataset:
         """Decode tasks (1 CPU each, a block of `settle`'s each), the autoscaling actor pool, write tasks,
@@ -545,43 +508,30 @@ class Job:
     def _run(self, report: bool, on_part: Callable[[Part], None] | None) -> Summary:
         ray = import_ray()
         plan, workers, resources = self.plan()
-        todo, counts = self.settle(ray)
-        s = Summary(plan.backend, plan.resolved_precision, plan.artifact, plan.synthetic, workers=workers,
-                    images=counts.done, more_failed=counts.done_failed, resumed=counts.done - counts.done_failed)
-        if counts.todo + counts.done == 0 and self.opts.shard is None:  # a shard of a short list may hold none
-            raise UsageError(f"no images found in {self.input}")
-        if report and counts.done:
-            print(f"distributed: resuming: {counts.done} inputs done earlier, {counts.todo} to go", file=sys.stderr)
-        start = time.perf_counter()
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        counter = ray.remote(num_cpus=0)(Counter).options(scheduling_strategy=here).remote()
+        counter = ray.remote(num_cpus=0)(Counter).options(scheduling_strategy=_on_this_node(ray)).remote()
+        claim = Claim(self.output.run, workers * resources["num_cpus"], workers * resources.get("num_gpus", 0.0),
+                      self.opts.command)
+        s = Summary(plan.backend, plan.resolved_precision, plan.artifact, plan.synthetic, workers=workers)
+        ledgers: list[Any] = []
+        admission = None
         watch = Watchdog(ray, counter, self.opts.stall_s, need=Need(resources["num_cpus"], resources.get("num_gpus", 0.0)))
         try:
-            with progress_bar(total=counts.todo, unit="img", enabled=self.opts.progress) as bar, watch.running(bar):
-                if counts.todo:
-                    stream = iter(self.pipeline(ray, todo, counter).iter_batches(batch_format="pyarrow",
-                                                                                 batch_size=None))
-                    with contextlib.closing(stream):  # pyright: ignore[reportArgumentType]
-                        for table in stream:
-                            for row in table.to_pylist():
-                                part = Part(**row)
-                                name = self.output.commit(part)
-                                if report:
-                                    bar.write(f"distributed: committed {name}: {part.rows} rows "
-                                              f"({self.output.committed} this run)", file=sys.stderr)
-                                watch.committed = self.output.committed
-                                if s.first_row_s is None:
-                                    s.first_row_s = time.perf_counter() - start
-                                s.images += part.rows
-                                kept = max(0, min(part.failed, len(part.failures), MAX_LISTED_FAILURES - len(s.failed)))
-                                s.failed.extend(Prediction(m.split(": ", 1)[0], error=m) for m in part.failures[:kept])
-                                s.more_failed += part.failed - kept
-                                for message in part.failures if report else ():
-                                    bar.write(f"distributed: error: {message}", file=sys.stderr)
-                                if on_part is not None:
-                                    on_part(part)
+            admission = wait_for_admission(ray, claim, counter)
+            todo, ledgers, done_earlier = self.settle(ray, counter)
+            s.images = done_earlier
+            if report and done_earlier:
+                print(f"distributed: resuming: {done_earlier} inputs done earlier are skipped", file=sys.stderr)
+            start = time.perf_counter()
+            with progress_bar(unit="img", enabled=self.opts.progress) as bar, watch.running(bar):
+                stream = iter(self.pipeline(ray, todo, counter).iter_batches(batch_format="pyarrow", batch_size=None))
+                with contextlib.closing(stream):  # pyright: ignore[reportArgumentType]
+                    for table in stream:
+                        for row in table.to_pylist():
+                            part = Part(**row)
+                            self._commit(part, s, watch, bar, report, start)
+                            if on_part is not None:
+                                on_part(part)
+            counts = ledger_totals(ray, ledgers)
         except KeyboardInterrupt as err:
             if watch.stalled:
                 raise Stalled(f"{watch.stalled}; {self._kept(s)}; run {self.opts.command} again to resume "
@@ -593,19 +543,43 @@ class Job:
         finally:
             with contextlib.suppress(Exception):
                 self.output.remove_uncommitted()
-                ray.kill(counter)
+                if admission is not None:
+                    admission.release.remote(claim.job)
+                for actor in (counter, *ledgers):
+                    ray.kill(actor)
+        if counts.todo + counts.done == 0 and self.opts.shard is None:  # a shard of a short list may hold none
+            raise UsageError(f"no images found in {self.input}")
+        s.images += counts.done - done_earlier  # those of the output listed again
+        s.more_failed += counts.done_failed
+        s.resumed = counts.done - counts.done_failed
         s.seconds = time.perf_counter() - start
         return s
+
+    def _commit(self, part: Part, s: Summary, watch: Watchdog, bar: Any, report: bool, start: float) -> None:
+        """Commit a part the pipeline wrote, and count it."""
+        name = self.output.commit(part)
+        if report:
+            bar.write(f"distributed: committed {name}: {part.rows} rows ({self.output.committed} this run)",
+                      file=sys.stderr)
+        watch.committed = self.output.committed
+        if s.first_row_s is None:
+            s.first_row_s = time.perf_counter() - start
+        s.images += part.rows
+        kept = max(0, min(part.failed, len(part.failures), MAX_LISTED_FAILURES - len(s.failed)))
+        s.failed.extend(Prediction(m.split(": ", 1)[0], error=m) for m in part.failures[:kept])
+        s.more_failed += part.failed - kept
+        for message in part.failures if report else ():
+            bar.write(f"distributed: error: {message}", file=sys.stderr)
 
     def _kept(self, s: Summary) -> str:
         return f"{self.output.committed} rows of this run committed to {self.output.output} ({s.images} inputs done)"
 
 
 class Watchdog:
-    """Watches the job from a thread: moves the progress bar from the actors' counter, says when a node
-    leaves or joins, says where the job stands every `say_s` when no bar shows it, and ends the job (it
-    interrupts the main thread, which waits inside Ray; the job turns that into `Stalled`) when no node
-    can hold an actor and a decode task for `room_s`, or nothing is classified for `stall_s`."""
+    """Watches the job from a thread: moves the progress bar from the counter, says when a node leaves or
+    joins, says where the job stands every `say_s` when no bar shows it, and ends the job (it interrupts
+    the main thread, which waits inside Ray; the job turns that into `Stalled`) when no node can hold an
+    actor and a decode task for `room_s`, or nothing is classified for `stall_s`."""
 
     def __init__(self, ray: Any, counter: Any, stall_s: float, poll_s: float = 1.0, need: Need | None = None,
                  say_s: float = 30.0, room_s: float = 45.0) -> None:
@@ -630,13 +604,16 @@ class Watchdog:
                 thread.join()
 
     def _watch(self, bar: Any) -> None:
-        seen, last, moved = 0, (0, 0), time.monotonic()
-        said, room_since, nodes = time.monotonic(), None, self._nodes({})
+        listed, seen, last, moved = 0, 0, (0, 0), time.monotonic()
+        said, room_since, nodes = moved, None, self._nodes({})
         while not self._stop.wait(self.poll_s):
             try:
-                rows = self.ray.get(self.counter.get.remote(), timeout=30)
+                todo, rows = self.ray.get(self.counter.get.remote(), timeout=30)
             except Exception:  # the counter's node is the driver's: if it is gone, so are we
-                rows = seen
+                todo, rows = listed, seen
+            if todo != listed:  # the total grows as the listing streams
+                listed = bar.total = todo
+                bar.refresh()
             bar.update(max(0, rows - seen))
             seen = max(seen, rows)
             now = time.monotonic()
@@ -662,8 +639,8 @@ class Watchdog:
                                    "cluster cannot run a decode task and an actor (other jobs hold it?)")
             if bar.disable and now - said >= self.say_s:
                 said = now
-                bar.write(f"distributed: {seen} inputs classified, {self.committed} rows committed"
-                          + ("" if now - moved < self.say_s else f"; waiting: {pending_demand(self.ray)}"),
+                bar.write(f"distributed: {seen} inputs classified of {listed} listed to do, {self.committed} rows "
+                          "committed" + ("" if now - moved < self.say_s else f"; waiting: {pending_demand(self.ray)}"),
                           file=sys.stderr)
 
     def _nodes(self, known: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:

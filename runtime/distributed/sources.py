@@ -35,6 +35,11 @@ GLOB_CHARS = "*?["
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Bytes of a text list the driver reads to check, before any work, that it is a list of names.
 LIST_PROBE_BYTES = 64 * 2**10
+# What a listing (or claim) task reserves, and how many list at once: little, so that listing a million
+# names never holds a CPU that decoding needs (it reads names, not images, and it waits whenever the
+# decoders are behind). A 2-CPU node holds an actor (0.5), the listing and claims (0.4) and a decoder.
+LIST_CPUS = 0.1
+LIST_TASKS = 2
 
 
 def is_uri(name: str) -> bool:
@@ -178,7 +183,7 @@ def _folder_dataset(fs: Any, root: str, template: str | None, pattern: list[str]
     todo = pa.table({"folder": [os.fsencode(root), *folders], "recursive": [False] + [True] * len(folders)},
                     schema=pa.schema([("folder", pa.binary()), ("recursive", pa.bool_())]))
     return lambda r: r.data.from_arrow(todo).map_batches(
-        walk_batch, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+        walk_batch, batch_size=1, batch_format="pyarrow", num_cpus=LIST_CPUS, concurrency=LIST_TASKS,
         fn_kwargs={"template": template, "pattern": pattern})
 
 
@@ -230,8 +235,9 @@ def _parquet_list(fs: Any, path: str, shown: str, cwd: str) -> InputsDataset:
     if not columns:
         raise UsageError(f"{shown}: a Parquet list needs a `path` column of strings")
     column = "path" if "path" in columns else columns[0]
-    return lambda r: (r.data.read_parquet(path, filesystem=fs, columns=[column])
-                        .map_batches(names_batch, batch_format="pyarrow", fn_kwargs={"column": column, "cwd": cwd}))
+    return lambda r: (r.data.read_parquet(path, filesystem=fs, columns=[column], num_cpus=LIST_CPUS)
+                        .map_batches(names_batch, batch_format="pyarrow", num_cpus=LIST_CPUS, concurrency=LIST_TASKS,
+                                     fn_kwargs={"column": column, "cwd": cwd}))
 
 
 def _text_list(fs: Any, path: str, shown: str, cwd: str) -> InputsDataset:
@@ -245,8 +251,9 @@ def _text_list(fs: Any, path: str, shown: str, cwd: str) -> InputsDataset:
         raise UsageError(f"{shown}: not an image, a .parquet list or a text list of paths") from None
     if len(head) < LIST_PROBE_BYTES and not _names(head.decode("utf-8").splitlines()):
         raise UsageError(f"{shown}: the list names no files")
-    return lambda r: (r.data.read_text(path, filesystem=fs)
-                        .map_batches(names_batch, batch_format="pyarrow", fn_kwargs={"column": "text", "cwd": cwd}))
+    return lambda r: (r.data.read_text(path, filesystem=fs, num_cpus=LIST_CPUS)
+                        .map_batches(names_batch, batch_format="pyarrow", num_cpus=LIST_CPUS, concurrency=LIST_TASKS,
+                                     fn_kwargs={"column": "text", "cwd": cwd}))
 
 
 def _names(lines: list[str | None]) -> list[str]:
