@@ -245,6 +245,28 @@ def test_a_large_list_starts_classifying_on_a_two_cpu_ray(ray_session: Any, tiny
     assert "200 rows of this run committed" in str(info.value.saved)
 
 
+def test_the_claim_tasks_cut_the_decode_blocks_themselves(ray_session: Any, tiny_artifact: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The cut into decode blocks runs inside the claim tasks (no CPU reserved, two at a time): run as a
+    stage of its own, it would hold a CPU for as long as the listing lasts and starve the decoders."""
+    from runtime.distributed import Job, JobOptions
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"/missing/{i}.jpg\n" for i in range(100)))
+    job = Job(str(listing), str(tmp_path / "out"), str(tiny_artifact), JobOptions(backend="ort-cpu", progress=False))
+    ledgers: list[Any] = []
+    try:
+        todo, ledgers, done = job.settle(ray_session)
+        todo.explain()
+        optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+        assert "TaskPoolMapOperator[MapBatches(claim_batch)->StreamingRepartition[num_rows_per_block=32," in optimized
+        assert done == 0 and sum(len(block) for block in todo.iter_batches(batch_size=None, batch_format="pyarrow")) == 100
+    finally:
+        job.close()
+        for actor in ledgers:
+            ray_session.kill(actor)
+
+
 def test_a_hung_decode_becomes_that_inputs_error_row(photos: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An input whose read never returns (a hung network mount, here a decoder that waits forever) is an
     error row naming it after the deadline; the other inputs of its batch are decoded."""
@@ -272,6 +294,25 @@ def test_a_hung_decode_becomes_that_inputs_error_row(photos: Path, monkeypatch: 
         never.set()  # the thread left behind ends with the test
     assert list(out["error"]) == ["", "not read and decoded within 0.5 s (--decode-timeout); skipped", ""]
     assert out["pixels"][0].any() and out["pixels"][2].any() and not out["pixels"][1].any()
+
+
+def test_a_text_list_read_in_chunks_gives_each_line_once_wherever_the_chunks_cut(tmp_path: Path) -> None:
+    """Each line belongs to the chunk its first byte is in: every chunk size, from one byte (cutting
+    every line) to more than the file, yields the list's names once each, in order, non-UTF-8 bytes kept."""
+    import pyarrow.fs as pafs
+
+    from runtime.distributed.sources import _chunk_lines, _names
+
+    names = ["/a/1.jpg", "# a comment", "", "/b/long-" + "x" * 40 + ".jpg", "rel/2.png", "/c/\udcff.jpg", "  /d/3.jpg  "]
+    listing = tmp_path / "list.txt"
+    listing.write_bytes("\r\n".join(names).encode("utf-8", "surrogateescape") + b"\n\n/e/4.jpg")
+    expected = _names(["/a/1.jpg", "/b/long-" + "x" * 40 + ".jpg", "rel/2.png", "/c/\udcff.jpg", "/d/3.jpg", "/e/4.jpg"])
+    size = listing.stat().st_size
+    fs = pafs.LocalFileSystem()
+    for chunk in (1, 2, 3, 5, 7, 16, 49, 64, size - 1, size, 10 * size):
+        with fs.open_input_file(str(listing)) as f:
+            got = [n for start in range(0, size, chunk) for n in _names(_chunk_lines(f, start, chunk))]
+        assert got == expected, chunk
 
 
 def test_the_ledger_claims_each_key_once_and_knows_what_earlier_runs_did(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -302,12 +302,17 @@ def _cut(claimed: ray.data.Dataset, rows: int, claims: dict[str, Any]) -> ray.da
 
     A map stage's output is merged into blocks of up to 32 MB, so the claims' small blocks would reach
     the decoders as one block of thousands of names, which one task would decode alone. Ray Data's
-    streaming repartition cuts them, and runs inside the claim tasks only when its task options are
-    theirs; it has no parameter for them (as of Ray 2.60), so they are set on its logical operator.
-    Run apart, it would hold a whole CPU for the listing's length and starve the decoders.
+    streaming repartition cuts them, and runs inside the claim tasks only when its task options and
+    task count are theirs; it has no parameter for them (as of Ray 2.60), so they are set on its logical
+    operator. Run apart, it would hold a whole CPU for the listing's length and starve the decoders
+    (`tests/test_distributed.py` checks that it runs inside them).
     """
+    import ray.data
+
     cut = claimed.repartition(target_num_rows_per_block=rows)
-    cut._logical_plan.dag.ray_remote_args.update(claims)  # pyright: ignore[reportAttributeAccessIssue]
+    op = cut._logical_plan.dag  # pyright: ignore[reportAttributeAccessIssue]
+    op.ray_remote_args.update(claims)
+    object.__setattr__(op, "compute", ray.data.TaskPoolStrategy(size=CLAIM_TASKS))  # a frozen dataclass
     return cut
 
 

@@ -40,6 +40,8 @@ LIST_PROBE_BYTES = 64 * 2**10
 # decoders are behind). A 2-CPU node holds an actor (0.5), the listing and claims (0.4) and a decoder.
 LIST_CPUS = 0.1
 LIST_TASKS = 2
+# A text list is read in chunks of this many bytes, one task each (about 50,000 names).
+TEXT_CHUNK_BYTES = 4 * 2**20
 
 
 def is_uri(name: str) -> bool:
@@ -241,8 +243,12 @@ def _parquet_list(fs: Any, path: str, shown: str, cwd: str) -> InputsDataset:
 
 
 def _text_list(fs: Any, path: str, shown: str, cwd: str) -> InputsDataset:
-    """A text list (one name a line; blank lines and `#` comments skipped), read in blocks by tasks.
-    Its start is checked here, so a binary file is refused before any work."""
+    """A text list (one name a line; blank lines and `#` comments skipped), read in chunks of
+    TEXT_CHUNK_BYTES by tasks, so the first names are claimed while the rest is read, and no task holds
+    more than a chunk however long the list. Its start is checked here, so a binary file is refused
+    before any work."""
+    import pyarrow as pa
+
     with fs.open_input_stream(path) as f:
         head = f.read(LIST_PROBE_BYTES)
     try:
@@ -251,9 +257,43 @@ def _text_list(fs: Any, path: str, shown: str, cwd: str) -> InputsDataset:
         raise UsageError(f"{shown}: not an image, a .parquet list or a text list of paths") from None
     if len(head) < LIST_PROBE_BYTES and not _names(head.decode("utf-8").splitlines()):
         raise UsageError(f"{shown}: the list names no files")
-    return lambda r: (r.data.read_text(path, filesystem=fs, num_cpus=LIST_CPUS)
-                        .map_batches(names_batch, batch_format="pyarrow", num_cpus=LIST_CPUS, concurrency=LIST_TASKS,
-                                     fn_kwargs={"column": "text", "cwd": cwd}))
+    starts = pa.table({"start": list(range(0, max(1, _info(fs, path).size), TEXT_CHUNK_BYTES))})
+    return lambda r: r.data.from_arrow(starts).map_batches(
+        text_chunk_batch, batch_size=1, batch_format="pyarrow", num_cpus=LIST_CPUS, concurrency=LIST_TASKS,
+        fn_kwargs={"fs": fs, "path": path, "cwd": cwd, "chunk": TEXT_CHUNK_BYTES})
+
+
+def text_chunk_batch(batch: pa.Table, fs: Any, path: str, cwd: str, chunk: int) -> pa.Table:
+    """Runs on a worker: the names of the lines that start in each chunk [start, start + chunk) of a list
+    file (the last of them read to its end). Undecodable bytes are kept (a local name need not be UTF-8)."""
+    import pyarrow as pa
+
+    tables = []
+    with fs.open_input_file(path) as f:
+        for start in batch["start"].to_pylist():
+            lines = _chunk_lines(f, start, chunk)
+            tables.append(_listed([_source(n, cwd) for n in _names(lines)]))
+    return pa.concat_tables(tables)
+
+
+def _chunk_lines(f: Any, start: int, chunk: int) -> list[str | None]:
+    """The lines of a seekable file `f` whose first byte lies in [start, start + chunk)."""
+    f.seek(max(0, start - 1))
+    data = f.read(chunk + (1 if start else 0))
+    if start:  # the byte before the chunk: a line starts at `start` only after a newline
+        first = data.find(b"\n")
+        if first < 0:
+            return []  # no line starts in this chunk (one line spans it)
+        data = data[first + 1:]
+    while data and not data.endswith(b"\n"):  # the last line runs past the chunk: read it to its end
+        more = f.read(2**16)
+        if not more:
+            break
+        cut = more.find(b"\n")
+        data += more if cut < 0 else more[: cut + 1]
+        if cut >= 0:
+            break
+    return list(data.decode("utf-8", "surrogateescape").split("\n"))
 
 
 def _names(lines: list[str | None]) -> list[str]:
@@ -261,7 +301,8 @@ def _names(lines: list[str | None]) -> list[str]:
 
 
 def names_batch(batch: pa.Table, column: str, cwd: str) -> pa.Table:
-    """Runs on a worker: the names of a list block -> sources (relative local names against the driver's folder)."""
+    """Runs on a worker: the names of a Parquet list's block -> sources (relative local names against the
+    driver's folder)."""
     return _listed([_source(n, cwd) for n in _names(batch[column].to_pylist())])
 
 
