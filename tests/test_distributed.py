@@ -247,8 +247,9 @@ def test_a_large_list_starts_classifying_on_a_two_cpu_ray(ray_session: Any, tiny
 
 def test_the_claim_tasks_cut_the_decode_blocks_themselves(ray_session: Any, tiny_artifact: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    """The cut into decode blocks runs inside the claim tasks (no CPU reserved, two at a time): run as a
-    stage of its own, it would hold a CPU for as long as the listing lasts and starve the decoders."""
+    """The cuts (of the listing into claims' blocks, of the claims into decode blocks) run inside the
+    listing and claim tasks: run as stages of their own, they would hold a CPU for as long as the
+    listing lasts and starve the decoders."""
     from runtime.distributed import Job, JobOptions
 
     listing = tmp_path / "list.txt"
@@ -260,6 +261,7 @@ def test_the_claim_tasks_cut_the_decode_blocks_themselves(ray_session: Any, tiny
         todo.explain()
         optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
         assert "TaskPoolMapOperator[MapBatches(claim_batch)->StreamingRepartition[num_rows_per_block=32," in optimized
+        assert "TaskPoolMapOperator[MapBatches(text_chunk_batch)->StreamingRepartition[num_rows_per_block=4096," in optimized
         assert done == 0 and sum(len(block) for block in todo.iter_batches(batch_size=None, batch_format="pyarrow")) == 100
     finally:
         job.close()

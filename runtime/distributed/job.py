@@ -57,9 +57,12 @@ DECODE_BYTES_PER_PIXEL = 6
 PIXEL_BLOCK_BYTES = 32 * 2**20
 # Ledger actors beside the driver (each input's digest is held by one); claims ask them in parallel.
 LEDGERS = 2
+# Inputs claimed and not yet classified at most (more on a cluster of many CPUs: a few rounds of decode
+# blocks for each): the listing keeps ahead of the decoders, and no further.
+CLAIM_AHEAD = 16_384
 CLAIM_TASKS = 2  # at once: they ask the ledgers, a few milliseconds each; more would only take CPU shares
-# Listed inputs a claim asks the ledgers about at once: a few milliseconds of hashing, so the first
-# decode blocks leave the claim stage at once, and few enough calls that the ledgers keep up.
+# Listed inputs a claim task asks the ledgers about: a few milliseconds of hashing, so its decode
+# blocks leave it at once, and few enough calls that the ledgers keep up.
 CLAIM_ROWS = 4096
 
 
@@ -297,22 +300,24 @@ def _on_this_node(ray: Any) -> Any:
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def _cut(claimed: ray.data.Dataset, rows: int, claims: dict[str, Any]) -> ray.data.Dataset:
-    """`claimed` in blocks of `rows`, one decode task each, cut by the claim tasks themselves.
+def _cut(ds: ray.data.Dataset, rows: int) -> ray.data.Dataset:
+    """`ds` in blocks of `rows`, cut by the tasks of its last stage themselves.
 
-    A map stage's output is merged into blocks of up to 32 MB, so the claims' small blocks would reach
-    the decoders as one block of thousands of names, which one task would decode alone. Ray Data's
-    streaming repartition cuts them, and runs inside the claim tasks only when its task options and
-    task count are theirs; it has no parameter for them (as of Ray 2.60), so they are set on its logical
-    operator. Run apart, it would hold a whole CPU for the listing's length and starve the decoders
-    (`tests/test_distributed.py` checks that it runs inside them).
+    A map stage's output is merged into blocks of up to 32 MB, and a task's output leaves it only in
+    whole blocks: the claims would reach the decoders as one block of thousands of names (which one
+    task would decode alone), and the listing would reach the claims only when a whole folder or
+    chunk is listed. Ray Data's streaming repartition cuts them, and runs inside the stage's own tasks
+    only when its task options and task count are theirs; it has no parameter for them (as of Ray
+    2.60), so they are copied onto its logical operator. Run apart, it would hold a whole CPU for as
+    long as the listing lasts and starve the decoders (`tests/test_distributed.py` checks the fusion).
     """
-    import ray.data
-
-    cut = claimed.repartition(target_num_rows_per_block=rows)
+    stage = ds._logical_plan.dag  # pyright: ignore[reportAttributeAccessIssue]
+    if not hasattr(stage, "ray_remote_args"):
+        return ds  # not a map stage (one image): nothing to cut
+    cut = ds.repartition(target_num_rows_per_block=rows)
     op = cut._logical_plan.dag  # pyright: ignore[reportAttributeAccessIssue]
-    op.ray_remote_args.update(claims)
-    object.__setattr__(op, "compute", ray.data.TaskPoolStrategy(size=CLAIM_TASKS))  # a frozen dataclass
+    op.ray_remote_args.update(stage.ray_remote_args)
+    object.__setattr__(op, "compute", stage.compute)  # a frozen dataclass
     return cut
 
 
@@ -461,11 +466,12 @@ class Job:
         done_earlier = sum(ray.get([ledger.seal.remote() for ledger in ledgers]))
         claims = {"num_cpus": 0, "scheduling_strategy": here,  # light (hashing names): never short of room
                   "max_retries": 0}  # a second try would find its own keys claimed (runtime.distributed.ledger)
-        claimed = self.listing(ray).map_batches(
+        claimed = _cut(self.listing(ray), CLAIM_ROWS).map_batches(
             claim_batch, batch_size=CLAIM_ROWS, batch_format="pyarrow", concurrency=CLAIM_TASKS,
-            fn_kwargs={"ledgers": ledgers, "rows": self.decode_rows(), "job": self.opts.shard, "counter": counter},
+            fn_kwargs={"ledgers": ledgers, "rows": self.decode_rows(), "job": self.opts.shard, "counter": counter,
+                       "ahead": max(CLAIM_AHEAD, 8 * self.decode_rows() * int(ray.cluster_resources().get("CPU", 1)))},
             **claims)
-        todo = _cut(claimed, self.decode_rows(), claims)
+        todo = _cut(claimed, self.decode_rows())
         return todo, ledgers, done_earlier
 
     def pipeline(self, ray: Any, todo: ray.data.Dataset, counter: Any) -> ray.data.Dataset:

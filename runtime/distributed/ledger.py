@@ -13,6 +13,7 @@ drop them); if one fails the job fails, keeping its committed parts, and a re-ru
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -114,17 +115,31 @@ def claim_states(keys: list[str], ledgers: list[Any]) -> np.ndarray:
 
 
 def claim_batch(batch: pa.Table, ledgers: list[Any], rows: int, job: tuple[int, int] | None = None,
-                counter: Any = None) -> Iterator[pa.Table]:
+                counter: Any = None, ahead: int | None = None) -> Iterator[pa.Table]:
     """The claim stage (a task on the driver's node): a listed block's inputs to do (of shard `job`), in
-    blocks of `rows` (one decode task's), as soon as each is known; `counter` hears how many there were."""
+    blocks of `rows` (one decode task's), as soon as each is known. `counter` hears how many there were;
+    with `ahead`, the claims wait while that many inputs claimed are not yet classified: every block
+    waiting between the stages costs the driver a few KB, so the listing must not run far ahead."""
     import pyarrow as pa
 
+    if counter is not None and ahead is not None:
+        _wait_for_room(counter, ahead)
     batch = in_job_shard(batch, job)
     todo = batch.filter(pa.array(claim_states(batch["key"].to_pylist(), ledgers) == TODO))
     if counter is not None:
         counter.listed.remote(todo.num_rows)
     for start in range(0, todo.num_rows, rows):
         yield todo.slice(start, rows)
+
+
+def _wait_for_room(counter: Any, ahead: int, poll_s: float = 0.2) -> None:
+    import ray
+
+    while True:
+        listed, classified = ray.get(counter.get.remote(), timeout=60)
+        if listed - classified < ahead:
+            return
+        time.sleep(poll_s)
 
 
 def load_done(batch: pa.Table, ledgers: list[Any], job: tuple[int, int] | None = None) -> pa.Table:
