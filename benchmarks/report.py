@@ -9,11 +9,12 @@ the model achieved and what share of the best MatMul ceiling measured in the sam
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runtime.artifact import atomic_path, write_json
+from runtime.artifact import SYNTHETIC_WARNING, atomic_path, write_json
 from runtime.backends.timing import CONTENDED
 
 BASELINE = "torch-eager"
@@ -24,6 +25,17 @@ CLOCKS = {
 }
 # The transformers docs' DeiT table (deit-base-distilled, A100-40GB, fp32, PyTorch 2.3), for context.
 HF_DOCS_A100 = "transformers docs, deit-base-distilled, A100-40GB fp32, PyTorch 2.3: eager 8/9/9/8 ms, SDPA 6/6/6/6 ms at batch 1/2/4/8"
+
+
+def publish(results: dict[str, Any], out_dir: str | Path, files: dict[str, str],
+            to_markdown: Callable[[dict[str, Any]], str]) -> int:
+    """A benchmark's last step: its report written, its table printed, and synthetic weights said on stderr
+    (their timings stand, their answers do not)."""
+    write_report(results, out_dir, files, to_markdown)
+    print(to_markdown(results))
+    if results["synthetic"]:
+        print(SYNTHETIC_WARNING, file=sys.stderr)
+    return 0
 
 
 def write_report(results: dict[str, Any], out_dir: str | Path, files: dict[str, str] = FILES,

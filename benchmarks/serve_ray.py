@@ -26,8 +26,8 @@ import numpy as np
 
 from benchmarks.harness import environment
 from benchmarks.serve import _drive, _inputs, add_server_arguments, launch
-from benchmarks.report import write_report
-from runtime.artifact import MODEL_FILES, SYNTHETIC_WARNING, find_model, read_onnx_meta
+from benchmarks.report import publish
+from runtime.artifact import MODEL_FILES, find_model, read_onnx_meta
 from runtime.errors import ArgumentParser, UsageError, doc_parser, run_cli
 from runtime.decode import load_and_preprocess
 from runtime.inputs import list_images
@@ -119,15 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.images.is_dir():
         p.error(f"--images {args.images}: no such folder")
 
-    def work() -> int:
-        results = run_benchmark(args)
-        write_report(results, args.out, FILES, markdown)
-        print(markdown(results))
-        if results["synthetic"]:
-            print(SYNTHETIC_WARNING, file=sys.stderr)
-        return 0
-
-    return run_cli("serve-ray-bench", work, entry=argv is None)
+    return run_cli("serve-ray-bench", lambda: publish(run_benchmark(args), args.out, FILES, markdown), entry=argv is None)
 
 
 if __name__ == "__main__":
